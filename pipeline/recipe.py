@@ -102,7 +102,7 @@ class Recipe:
     select: SelectSpec = field(default_factory=SelectSpec)
     score: ScoreSpec = field(default_factory=ScoreSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
-    path: str = ""  # where it was loaded from (not a recipe key)
+    path: str = field(default="", compare=False)  # where it was loaded from (not a recipe key)
     locations: dict = field(default_factory=dict, compare=False, repr=False)
 
     def variant(self, name: str) -> VariantSpec:
@@ -180,7 +180,8 @@ def _type_name(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = _type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {item}s"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
