@@ -177,4 +177,15 @@ class Runner:
         self.echo(f"{step.key}: done in {seconds:.1f} s")
 
     def status(self, steps: list[Step]) -> list[Verdict]:
-        return [self.verdict(s) for s in steps]
+        """Each step's verdict; a step fed by a step that must rerun is stale too, since its
+        input will change when the run gets there."""
+        verdicts, pending = [], {}
+        for step in steps:
+            v = self.verdict(step)
+            waits = [pending[i] for i in step.inputs if i in pending]
+            if v.state == "done" and waits:
+                v = Verdict(step, "stale", f"waits on {waits[0]}")
+            if v.state != "done":
+                pending.update({out: step.key for out in step.outputs})
+            verdicts.append(v)
+        return verdicts
