@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SQUEEZE := $(VENV)/bin/squeeze
+# Optional dependency groups: `convert` (torch CPU, transformers, sentencepiece) converts Hugging
+# Face checkpoints and the tests need it; `make setup EXTRAS=gemma270m,test` skips it.
+EXTRAS ?= gemma270m,convert,test
 # Where the public datasets live (wikitext-2, calibration text, task sets); users point it at
 # their own copies, and known datasets are downloaded when online.
 SQUEEZE_DATA ?= $(abspath ../shared/datasets)
@@ -20,7 +23,7 @@ $(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/build_flag
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install_engine.sh $(PY)
-	$(PY) -m pip install -q -e '.[gemma270m,test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 status: setup

@@ -94,19 +94,98 @@ def status(recipe, results):
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--variant", "variants", multiple=True, metavar="NAME", help="Only these variants.")
+@click.option("--reference", metavar="NAME", help="Variant the others are measured against (one run).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV.")
+@_errors_as_one_line
+def compare(runs, variants, reference, csv_path):
+    """Put variants of a run (a results folder or recipe), or the same variants across several
+    runs, side by side with deltas and better/worse arrows."""
+    from pipeline.compare import compare as compare_runs
+    from pipeline.fsutil import atomic_path
+
+    table = compare_runs(list(runs), tuple(variants), reference)
+    click.echo(table.to_markdown(index=False, disable_numparse=True))
+    if csv_path:
+        with atomic_path(csv_path) as tmp:
+            table.to_csv(tmp, index=False)
+
+
+@main.command()
+@recipe_arg
+@results_opt
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write (default: <results>/README.md).")
+@_errors_as_one_line
+def card(recipe, results, output):
+    """Write a Hugging Face model card (README.md) from a scored run."""
+    from pipeline.card import write_card
+    from pipeline.plan import open_run
+
+    path = write_card(open_run(recipe, results, check_model=False), output)
+    click.echo(f"model card: {path}")
+
+
+@main.command()
 @click.option("--fetch", is_flag=True, help="Download the matching llama.cpp source (llama-cpp-python sdist).")
 @click.option("--build", is_flag=True, help="Build the reference CLI tools (llama-quantize, -imatrix, -perplexity, -bench).")
+@click.option("--bin", "bin_dir", type=click.Path(file_okay=False), envvar="SQUEEZE_LLAMA_CPP_BIN",
+              help="Your own llama.cpp build's bin folder (CUDA, Metal), used instead of the reference "
+                   "tools [env: SQUEEZE_LLAMA_CPP_BIN].")
 @_errors_as_one_line
-def toolchain(fetch, build):
+def toolchain(fetch, build, bin_dir):
     """Print the llama.cpp versions squeeze runs; fetch its source or build the reference tools."""
     from pipeline import toolchain as tc
 
-    if fetch or build:
-        tc.fetch_source(echo=click.echo)
-    if build:
-        click.echo(f"reference tools: {tc.build_reference(echo=click.echo)}")
-    for key, value in tc.describe().items():
-        click.echo(f"{key:<18} {value}")
+    with tc.using_bin(bin_dir):
+        if fetch or build:
+            tc.fetch_source(echo=click.echo)
+        if fetch:
+            click.echo(f"converter: {tc.convert_script(echo=click.echo)}")
+        if build:
+            click.echo(f"reference tools: {tc.build_reference(echo=click.echo)}")
+        for key, value in tc.describe().items():
+            click.echo(f"{key:<18} {value}")
+
+
+@main.command("imatrix-combine")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--chunk-size", default=512, show_default=True,
+              help="Tokens per chunk a legacy .dat file counts as (llama-imatrix's -c).")
+@_errors_as_one_line
+def imatrix_combine(output, inputs, chunk_size):
+    """Add imatrix files (GGUF or legacy .dat) into one GGUF imatrix, as llama-imatrix --in-file does."""
+    from pathlib import Path
+
+    from pipeline.fsutil import atomic_path
+    from pipeline.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
+
+    combined = combine_imatrices([read_imatrix(Path(p)) for p in inputs], chunk_size)
+    with atomic_path(Path(output)) as tmp:
+        write_imatrix(tmp, combined)
+    click.echo(f"{output}: {len(combined.entries)} entries, {combined.chunk_count} chunks of {chunk_size}")
+
+
+@main.command("imatrix-stats")
+@click.argument("imatrix", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for stats.csv, stats-layers.csv, stats.md and stats.png.")
+@_errors_as_one_line
+def imatrix_stats(imatrix, out_dir):
+    """The statistics of `llama-imatrix --show-statistics` for an imatrix file, as tables and a heatmap."""
+    from pathlib import Path
+
+    from pipeline.fsutil import atomic_path
+    from pipeline.imatrix_file import read_imatrix
+    from pipeline.statistics import write_statistics
+
+    src, out = Path(imatrix), Path(out_dir)
+    names = ("stats.csv", "stats-layers.csv", "stats.md", "stats.png")
+    with atomic_path(out / names[0]) as a, atomic_path(out / names[1]) as b, atomic_path(out / names[2]) as c, \
+            atomic_path(out / names[3]) as d:
+        rows, layers = write_statistics(src, read_imatrix(src), a, b, c, d)
+    click.echo(f"{len(rows)} tensors, {len(layers)} layers -> {', '.join(str(out / n) for n in names)}")
 
 
 if __name__ == "__main__":

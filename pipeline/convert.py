@@ -73,18 +73,35 @@ def steps(ctx: RunContext) -> list[Step]:
 
     def action(io):
         out = io.out(ctx.base_path)
+        extra = {"source": source.describe()}
         if source.kind in ("gguf", "pypi"):
             src = source_gguf(ctx, source)
             _gguf_to_base(src, out, recipe.model.base_type.upper())
         else:
             from pipeline.hf_convert import convert_to_base
 
-            convert_to_base(ctx, source, out)
-        return {"source": source.describe()}
+            extra.update(convert_to_base(ctx, source, out))
+        return extra
 
+    versions = dict(engine_versions())
+    if source.kind in ("hf-folder", "hub"):
+        from pipeline.toolchain import converter_label
+
+        versions["convert_hf_to_gguf"] = converter_label()
     return [Step("convert", "convert", params, inputs, [ctx.base_path], action,
-                 versions=engine_versions(),
-                 produces=f"{ctx.base_path.name} ({recipe.model.base_type.upper()} base from {source.describe()})")]
+                 versions=versions,
+                 produces=_produces(ctx, source))]
+
+
+def _produces(ctx: RunContext, source: Source) -> str:
+    base = f"{ctx.base_path.name} ({ctx.recipe.model.base_type.upper()} base from {source.describe()}"
+    if source.kind in ("hf-folder", "hub"):
+        base += ", by llama.cpp's convert_hf_to_gguf.py"
+        if source.kind == "hub":
+            from pipeline.hub import cached_model
+
+            base += "; downloaded already" if cached_model(source.ref, source.revision) else "; downloaded first"
+    return base + ")"
 
 
 def _gguf_to_base(src: Path, dst: Path, base_type: str) -> None:

@@ -56,8 +56,19 @@ def read_imatrix(path: Path) -> Imatrix:
 def _read_gguf(path: Path) -> Imatrix:
     try:
         reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:
-        raise SqueezeError(f"{path}: truncated or damaged imatrix file ({exc})") from None
+    except Exception as exc:  # gguf-py raises ValueError, IndexError, struct errors ... on short files
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SqueezeError(f"{path}: truncated or damaged imatrix file ({path.stat().st_size} bytes; "
+                           f"gguf-py: {detail})") from None
+    # gguf-py reads a file cut inside the last tensor's padding without complaint; llama.cpp does not
+    align = 32
+    f = reader.get_field("general.alignment")
+    if f is not None:
+        align = int(f.contents())
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    need = -(-end // align) * align
+    if path.stat().st_size < need:
+        raise SqueezeError(f"{path}: truncated imatrix file ({path.stat().st_size} bytes; its tensors need {need})")
     im = Imatrix()
     f = reader.get_field("imatrix.datasets")
     if f is not None:
@@ -139,3 +150,56 @@ def write_imatrix(path: Path, im: Imatrix) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def combine_imatrices(parts: list[Imatrix], chunk_size: int = 512) -> Imatrix:
+    """Several imatrix files as one, as `llama-imatrix --in-file a --in-file b` adds them: GGUF
+    sums and counts add up; a legacy file's normalized sums count as its ncall chunks of
+    `chunk_size` tokens (the CLI's n_ctx, 512 unless told)."""
+    out = Imatrix(chunk_size=chunk_size)
+    for im in parts:
+        for name, e in im.entries.items():
+            # float32 arithmetic throughout, as the CLI's collector adds them
+            if im.legacy:
+                sums = e.sums.reshape(1, -1).astype(np.float32) * np.float32(chunk_size)
+                counts = e.counts[:1].astype(np.int64) * chunk_size
+            else:
+                sums, counts = e.sums.astype(np.float32), e.counts.astype(np.int64)
+            cur = out.entries.get(name)
+            if cur is None:
+                out.entries[name] = ImatrixEntry(np.zeros_like(sums) + sums, counts.copy())
+                continue
+            if cur.sums.size != sums.size:
+                raise SqueezeError(f"{name}: {sums.size} values in one imatrix, {cur.sums.size} in another; "
+                                   f"they were made for different models")
+            if len(cur.counts) == 1 and len(counts) > 1:  # an older file with one count for all experts
+                cur.counts = np.repeat(cur.counts, len(counts))
+            elif im.legacy and len(counts) == 1:  # a legacy count applies to every expert
+                counts = np.repeat(counts, len(cur.counts))
+            elif len(counts) != len(cur.counts):
+                raise SqueezeError(f"{name}: {len(counts)} counts in one imatrix, {len(cur.counts)} in another")
+            cur.sums = (cur.sums.reshape(-1) + sums.reshape(-1)).reshape(len(cur.counts), -1)
+            cur.counts = cur.counts + counts
+        out.datasets.extend(im.datasets)
+    for e in out.entries.values():
+        e.sums = e.sums.reshape(len(e.counts), -1)
+    out.chunk_count = max((int(e.counts.max()) for e in out.entries.values() if len(e.counts)), default=0) // chunk_size
+    return out
+
+
+def check_against_model(im: Imatrix, path: Path, info) -> None:
+    """Fail in one line when the imatrix was made for another model: an entry names a tensor the
+    model lacks, or its rows have another length (info: pipeline.model_info.ModelInfo)."""
+    shapes = {t.name: t.shape for t in info.tensors}
+    for name, e in sorted(im.entries.items()):
+        if name not in shapes:
+            raise SqueezeError(f"{path}: imatrix entry {name} is not a tensor of the model ({info.arch}, "
+                               f"{info.n_layers} layers); the imatrix was made for another model")
+        shape = shapes[name]
+        if shape is None:
+            continue
+        n_mat = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        if e.sums.size != shape[0] * n_mat:
+            raise SqueezeError(f"{path}: imatrix entry {name} has {e.sums.size} values, the model's tensor "
+                               f"{'x'.join(map(str, shape))} needs {shape[0] * n_mat}; the imatrix was made "
+                               f"for another model")

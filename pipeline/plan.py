@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import convert, imatrix, quantize, report, score
+from pipeline import convert, imatrix, prune, quantize, report, score, sensitivity, statistics
 from pipeline.context import RunContext, results_root
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.model_info import check_recipe_against_model
@@ -12,7 +12,7 @@ from pipeline.recipe import load_recipe
 from pipeline.runner import STAGE_ORDER, Step
 
 # One module per stage, in the order they run (STAGE_ORDER names them).
-STAGE_MODULES = (convert, imatrix, quantize, score, report)
+STAGE_MODULES = (convert, imatrix, statistics, sensitivity, prune, quantize, score, report)
 
 
 def open_run(recipe_path: str | Path, results: str | Path | None = None, check_model: bool = True) -> RunContext:

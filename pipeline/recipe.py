@@ -64,6 +64,11 @@ class SelectSpec:
     output_type: str | None = None
     token_embedding_type: str | None = None
     prune: tuple[int, ...] = ()
+    # `prune: {auto: K}` in YAML: squeeze picks K layers by measured KLD (pipeline.prune_auto).
+    prune_auto: int | None = None
+    # A size budget: squeeze picks a type for every tensor (pipeline.allocate). At most one.
+    target_bpw: float | None = None
+    target_size: str | None = None  # "180 MiB", "0.2 GB"
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,34 @@ class VariantSpec:
     output_type: str | None = None
     token_embedding_type: str | None = None
     imatrix: bool = True
+    prune_auto: int | None = None  # `prune: {auto: K}`; replaces select.prune / select.prune_auto
+    target_bpw: float | None = None  # replaces select's budget
+    target_size: str | None = None
+
+
+@dataclass(frozen=True)
+class TasksSpec:
+    """Task benchmarks scored like llama-perplexity (--hellaswag, --winogrande, --multiple-choice)."""
+
+    benchmarks: tuple[str, ...] = ("hellaswag", "winogrande", "arc-easy", "arc-challenge", "mmlu", "truthfulqa")
+    # Tasks per benchmark, picked as the CLI's --*-tasks picks them (12B card: 750). 0 (the
+    # default) skips task benchmarks: they cost minutes, so a recipe asks for them.
+    count: int = 0
+    ctx: int = 768  # the CLI's -c for tasks (12B card: 768)
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """llama-bench style tokens/s: pp<pp>, tg<tg> and pp+tg; repetitions 0 (default) skips it."""
+
+    pp: int = 512
+    tg: int = 128
+    repetitions: int = 0
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    tokens: int = 0  # greedy tokens per prompt of the drift suite; 0 (default) skips it
 
 
 @dataclass(frozen=True)
@@ -83,12 +116,17 @@ class ScoreSpec:
     ctx: int = 512
     chunks: int = 20
     threads: int | None = None
+    tasks: TasksSpec = field(default_factory=TasksSpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    drift: DriftSpec = field(default_factory=DriftSpec)
 
 
 @dataclass(frozen=True)
 class ReportSpec:
     reference: str | None = None  # the variant the size table measures shrinkage against
     title: str | None = None
+    license: str | None = None  # model card front matter (`squeeze card`)
+    base_model: str | None = None  # the Hugging Face model the quants derive from
 
 
 @dataclass(frozen=True)
@@ -115,7 +153,25 @@ class Recipe:
         return v.rules + self.select.rules
 
     def prune_for(self, v: VariantSpec) -> tuple[int, ...]:
+        if self.prune_auto_for(v) is not None:
+            return ()  # chosen by the prune stage (pipeline.prune_auto)
         return tuple(sorted(set(self.select.prune if v.prune is None else v.prune)))
+
+    def prune_auto_for(self, v: VariantSpec) -> int | None:
+        """K when the variant's layers to drop are picked automatically, else None."""
+        if v.prune_auto is not None:
+            return v.prune_auto
+        return self.select.prune_auto if v.prune is None else None
+
+    def budget_for(self, v: VariantSpec) -> tuple[str, float | str] | None:
+        """('target_bpw', X) or ('target_size', "N MiB") when the variant's types are chosen for a
+        budget; the variant's own budget replaces select's."""
+        for spec in (v, self.select):
+            if spec.target_bpw is not None:
+                return ("target_bpw", spec.target_bpw)
+            if spec.target_size is not None:
+                return ("target_size", spec.target_size)
+        return None
 
     def output_type_for(self, v: VariantSpec) -> str | None:
         return v.output_type or self.select.output_type
@@ -228,6 +284,8 @@ def _build_dataclass(tp, value, path, doc, fpath):
         value = {"pattern": pattern, "type": qtype}
     if not isinstance(value, dict):
         _fail(doc, path, f"expected a mapping, got {value!r}", fpath)
+    if tp in (SelectSpec, VariantSpec) and isinstance(value.get("prune"), dict):
+        value = _prune_auto_form(value, path, doc, fpath)
     hints = typing.get_type_hints(tp)
     fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in ("path", "locations")}
     if tp is VariantSpec:
@@ -247,6 +305,23 @@ def _build_dataclass(tp, value, path, doc, fpath):
         else:
             kwargs[name] = _build(hints[name], value[name], path + (name,), doc, fpath)
     return tp(**kwargs)
+
+
+def _prune_auto_form(value: dict, path, doc, fpath) -> dict:
+    """`prune: {auto: K}` -> prune_auto: K (the layers are picked by measured KLD)."""
+    spec = value["prune"]
+    for key in spec:
+        if key != "auto":
+            _fail(doc, path + ("prune", key), "unknown key; expected `prune: {auto: K}` (K layers picked "
+                  "automatically) or a list of layer numbers", fpath)
+    k = spec.get("auto")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        _fail(doc, path + ("prune", "auto"), f"expected a number of layers of at least 1, got {k!r}", fpath)
+    if "prune_auto" in value:
+        _fail(doc, path + ("prune",), "give either `prune: {auto: K}` or `prune_auto`, not both", fpath)
+    out = {key: v for key, v in value.items() if key != "prune"}
+    out["prune_auto"] = k
+    return out
 
 
 def _build_variants(value, path, doc, fpath):
@@ -285,6 +360,7 @@ def validate(recipe: Recipe) -> None:
         if getattr(recipe.select, key):
             ggml_types.tensor_type(getattr(recipe.select, key), w("select", key))
     _check_prune(recipe.select.prune, ("select", "prune"), w)
+    _check_budget(recipe.select, ("select",), w)
     names = set()
     for v in recipe.variants:
         base = ("variants", v.name)
@@ -295,10 +371,27 @@ def validate(recipe: Recipe) -> None:
                 ggml_types.tensor_type(getattr(v, key), w(*base, key))
         if v.prune is not None:
             _check_prune(v.prune, base + ("prune",), w)
+        _check_budget(v, base, w)
         names.add(v.name)
+    _check_score(recipe.score, w)
     ref = recipe.report.reference
     if ref is not None and ref not in names:
         raise SqueezeError(f"{w('report', 'reference')}unknown variant '{ref}'{did_you_mean(ref, names)}")
+
+
+def _check_score(score, w):
+    from pipeline.task_data import BENCHMARKS
+
+    for i, name in enumerate(score.tasks.benchmarks):
+        if name not in BENCHMARKS:
+            raise SqueezeError(f"{w('score', 'tasks', 'benchmarks', i)}unknown benchmark '{name}'"
+                               f"{did_you_mean(name, BENCHMARKS)} (known: {', '.join(BENCHMARKS)})")
+    for path, value, least in ((("tasks", "count"), score.tasks.count, 0), (("tasks", "ctx"), score.tasks.ctx, 16),
+                               (("speed", "pp"), score.speed.pp, 1), (("speed", "tg"), score.speed.tg, 1),
+                               (("speed", "repetitions"), score.speed.repetitions, 0),
+                               (("drift", "tokens"), score.drift.tokens, 0)):
+        if value < least:
+            raise SqueezeError(f"{w('score', *path)}expected at least {least}, got {value}")
 
 
 def _check_rules(rules, path, w):
@@ -308,6 +401,20 @@ def _check_rules(rules, path, w):
         except re.error as exc:
             raise SqueezeError(f"{w(*path, i, 'pattern')}invalid regex '{rule.pattern}': {exc}") from None
         ggml_types.tensor_type(rule.type, w(*path, i, "type"))
+
+
+def _check_budget(spec, path, w):
+    if spec.prune_auto is not None and spec.prune_auto < 1:
+        raise SqueezeError(f"{w(*path, 'prune_auto')}expected a number of layers of at least 1, got {spec.prune_auto}")
+    if spec.target_bpw is not None and spec.target_size is not None:
+        raise SqueezeError(f"{w(*path, 'target_size')}give either target_bpw or target_size, not both")
+    if spec.target_bpw is not None and not 0 < spec.target_bpw <= 32:
+        raise SqueezeError(f"{w(*path, 'target_bpw')}expected bits per weight between 0 and 32, got {spec.target_bpw}")
+    if spec.target_size is not None:
+        from pipeline.allocate import parse_size
+
+        if parse_size(spec.target_size, w(*path, "target_size")) <= 0:
+            raise SqueezeError(f"{w(*path, 'target_size')}expected a size above zero, got {spec.target_size!r}")
 
 
 def _check_prune(layers, path, w):

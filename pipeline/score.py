@@ -1,15 +1,23 @@
-"""Stage score: perplexity and KL divergence of every variant against the base, in-process.
+"""Stage score: every number a model card shows, for every variant, in-process.
 
-The base model is evaluated once per run (`score base`, stored compactly as top-K
-log-probabilities); each variant is then scored against that file on the same tokens.
+- `score base`: the base model's distribution on the evaluation text, once per run (top-K
+  log-probabilities, scores/base-topk.npz); `score V`: PPL, KLD and the rest of
+  `llama-perplexity --kl-divergence`'s figures against it (scores/V.json).
+- `tasks base`, `tasks V`: HellaSwag, WinoGrande, ARC, MMLU, TruthfulQA accuracies
+  (scores/V.tasks.json), the same task selection as the CLI's `--*-tasks N`.
+- `speed V`: llama-bench style tokens/s (scores/V.speed.json).
+- `drift base`, `drift V`: greedy continuations of a prompt suite (scores/V.drift.json).
+
+Each is its own step, so changing the task count reruns only the task steps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
-from pipeline import perplexity
+from pipeline import drift, perplexity, speed, tasks
 from pipeline.context import RunContext
 from pipeline.datasets import read_text, resolve_dataset
 from pipeline.engine import Context, Model, engine_versions
@@ -17,11 +25,20 @@ from pipeline.runner import Step
 
 # Sequences evaluated per decode, as llama-perplexity packs n_batch / n_ctx (2048 / 512 = 4).
 SEQS_PER_BATCH = 4
+BASE = "base"  # the name the base model's task, drift and speed files go under
 
 
 def score_params(ctx: RunContext) -> dict:
     s = ctx.recipe.score
     return {"score.dataset": s.dataset, "score.ctx": s.ctx, "score.chunks": s.chunks}
+
+
+def _recipe_dir(ctx: RunContext) -> Path | None:
+    return Path(ctx.recipe.path).parent if ctx.recipe.path else None
+
+
+def _write_json(io, path: Path, data) -> None:
+    io.out(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def steps(ctx: RunContext) -> list[Step]:
@@ -30,6 +47,7 @@ def steps(ctx: RunContext) -> list[Step]:
     data = resolve_dataset(s.dataset, _recipe_dir(ctx), recipe.where("score", "dataset"))
     threads = s.threads or ctx.threads
     n_gpu = recipe.model.n_gpu_layers
+    versions = engine_versions()
 
     def base_action(io):
         with Model(ctx.base_path, n_gpu) as model:
@@ -39,22 +57,47 @@ def steps(ctx: RunContext) -> list[Step]:
         perplexity.save_base(io.out(ctx.base_distribution_path), dist)
         return {"chunks": int(len(chunks.tokens)), "bytes": os.path.getsize(io.out(ctx.base_distribution_path))}
 
-    out = [Step("score base", "score", score_params(ctx), [ctx.base_path, data], [ctx.base_distribution_path],
-                base_action, versions=engine_versions(),
-                produces=f"scores/base-topk.npz (base top-{perplexity.TOP_K} log-probs on {s.dataset}, "
+    base_params = {**score_params(ctx), "score.base_format": perplexity.BASE_FORMAT}
+    out = [Step("score base", "score", base_params, [ctx.base_path, data], [ctx.base_distribution_path],
+                base_action, versions=versions,
+                produces=f"scores/base-topk.npz (base top-{perplexity.TOP_K} log-probs + {perplexity.TAIL_SAMPLES} "
+                         f"sampled tail ids per token on {s.dataset}, "
                          f"{s.chunks} chunks of {s.ctx})")]
     for v in recipe.variants:
         out.append(Step(f"score {v.name}", "score", score_params(ctx),
                         [ctx.variant_path(v.name), ctx.base_distribution_path], [ctx.score_path(v.name)],
-                        _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=engine_versions(),
-                        produces=f"scores/{v.name}.json (size, bpw, PPL, KLD, same top, RMS dp)"))
+                        _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=versions,
+                        produces=f"scores/{v.name}.json (size, bpw, PPL, KLD, Δp, same top p, each ± error)"))
+    names = [(BASE, ctx.base_path, None)] + [(v.name, ctx.variant_path(v.name), v.name) for v in recipe.variants]
+    if s.tasks.benchmarks and s.tasks.count > 0:
+        task_files = [resolve_dataset(tasks.BENCHMARKS[b], _recipe_dir(ctx), recipe.where("score", "tasks", "benchmarks"))
+                      for b in s.tasks.benchmarks]
+        params = {"score.tasks.benchmarks": list(s.tasks.benchmarks), "score.tasks.count": s.tasks.count,
+                  "score.tasks.ctx": s.tasks.ctx}
+        for name, model_path, variant in names:
+            out.append(Step(f"tasks {name}", "score", params, [model_path] + [f for f in task_files if f.is_file()],
+                            [ctx.tasks_path(name)], _tasks_action(ctx, name, model_path, threads, n_gpu),
+                            variant=variant, versions=versions,
+                            produces=f"scores/{name}.tasks.json ({', '.join(s.tasks.benchmarks)}; "
+                                     f"{s.tasks.count} tasks each, ctx {s.tasks.ctx})"))
+    if s.speed.repetitions > 0:
+        params = {"score.speed.pp": s.speed.pp, "score.speed.tg": s.speed.tg,
+                  "score.speed.repetitions": s.speed.repetitions, "score.threads": threads}
+        for name, model_path, variant in names[1:]:
+            out.append(Step(f"speed {name}", "score", params, [model_path], [ctx.speed_path(name)],
+                            _speed_action(ctx, name, model_path, threads, n_gpu), variant=variant, versions=versions,
+                            produces=f"scores/{name}.speed.json (pp{s.speed.pp}, tg{s.speed.tg} tokens/s "
+                                     f"x{s.speed.repetitions})"))
+    if s.drift.tokens > 0:
+        params = {"score.drift.tokens": s.drift.tokens}
+        for name, model_path, variant in names:
+            inputs = [model_path] + ([] if variant is None else [ctx.drift_path(BASE)])
+            out.append(Step(f"drift {name}", "score", params, inputs, [ctx.drift_path(name)],
+                            _drift_action(ctx, name, model_path, variant is None, threads, n_gpu),
+                            variant=variant, versions=versions,
+                            produces=f"scores/{name}.drift.json (greedy {s.drift.tokens} tokens, "
+                                     f"{len(drift.PROMPTS)} prompts)"))
     return out
-
-
-def _recipe_dir(ctx: RunContext):
-    from pathlib import Path
-
-    return Path(ctx.recipe.path).parent if ctx.recipe.path else None
 
 
 def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
@@ -63,14 +106,57 @@ def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
         base = perplexity.load_base(ctx.base_distribution_path)
         path = ctx.variant_path(name)
         with Model(path, n_gpu) as model:
+            perplexity.check_same_vocabulary(model, base)
             with Context(model, s.ctx, min(SEQS_PER_BATCH, len(base["tokens"])), threads) as c:
                 per_token = perplexity.score_against_base(model, c, base)
             summary = perplexity.summarize(base, per_token)
             n_params, tensor_bytes = _sizes(model)
-        result = {"variant": name, "file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes,
-                  "n_params": n_params, "bpw": tensor_bytes * 8 / n_params, **summary}
-        io.out(ctx.score_path(name)).write_text(json.dumps(result, indent=2) + "\n")
+        v = ctx.recipe.variant(name)
+        result = {"variant": name, "ftype": v.ftype.upper(),
+                  "pruned_layers": " ".join(str(x) for x in ctx.recipe.prune_for(v)),
+                  "file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes,
+                  "n_params": n_params, "bpw": tensor_bytes * 8 / n_params, "chunks": int(len(base["tokens"])),
+                  "ctx": int(base["tokens"].shape[1]), **summary}
+        _write_json(io, ctx.score_path(name), result)
         return {"mean_kld": summary["mean_kld"]}
+    return run
+
+
+def _tasks_action(ctx: RunContext, name: str, model_path: Path, threads, n_gpu):
+    def run(io):
+        t = ctx.recipe.score.tasks
+        results = []
+        with Model(model_path, n_gpu) as model:
+            for bench in t.benchmarks:
+                selected = tasks.load_selected(bench, t.count, _recipe_dir(ctx),
+                                               ctx.recipe.where("score", "tasks", "benchmarks"))
+                results.append(tasks.run_benchmark(model, bench, selected, t.ctx, threads).as_dict())
+        _write_json(io, ctx.tasks_path(name), {"model": name, "results": results,
+                                               "average_pct": tasks.average_accuracy(results)})
+        return {"average_pct": tasks.average_accuracy(results)}
+    return run
+
+
+def _speed_action(ctx: RunContext, name: str, model_path: Path, threads, n_gpu):
+    def run(io):
+        sp = ctx.recipe.score.speed
+        with Model(model_path, n_gpu) as model:
+            result = speed.measure(model, sp.pp, sp.tg, sp.repetitions, threads)
+        _write_json(io, ctx.speed_path(name), {"model": name, **result})
+        return {t: round(v["mean"], 2) for t, v in result["tests"].items()}
+    return run
+
+
+def _drift_action(ctx: RunContext, name: str, model_path: Path, is_base: bool, threads, n_gpu):
+    def run(io):
+        n = ctx.recipe.score.drift.tokens
+        with Model(model_path, n_gpu) as model:
+            mine = drift.continuations(model, n, threads)
+            result = {"model": name, "tokens": n, "continuations": mine}
+            if not is_base:
+                base = json.loads(ctx.drift_path(BASE).read_text())["continuations"]
+                result["comparison"] = drift.compare(model, base, mine)
+        _write_json(io, ctx.drift_path(name), result)
     return run
 
 

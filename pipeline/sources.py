@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import atomic_path, cache_dir, sha256_file
+
+
+# The hub's repository ids: letters, digits, '-', '_', '.'; an owner is optional (legacy models).
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ def parse_source(recipe) -> Source:
     if spec.startswith("pypi:"):
         return Source("pypi", spec[5:])
     if spec.startswith("hf:"):
+        if not HUB_ID.fullmatch(spec[3:]):
+            raise SqueezeError(f"{recipe.where('model', 'source')}'{spec}' is not a hub model id "
+                               f"(expected hf:<owner>/<name>)")
         return Source("hub", spec[3:], recipe.model.revision)
     path = _resolve_path(spec, recipe)
     if path.suffix == ".gguf":

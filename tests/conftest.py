@@ -68,3 +68,42 @@ def run_squeeze(*args, env=None, cwd=None, timeout=1800) -> subprocess.Completed
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+# ---- calibration (issue 3): one short text, squeeze's and llama-imatrix's imatrix of it ----------
+
+CALIBRATION_CHUNKS = 4  # x 512 tokens: enough for every tensor, short enough for the test budget
+
+
+@pytest.fixture(scope="session")
+def calibration_sample(tmp_path_factory) -> Path:
+    """The start of groups_merged.txt (about 7,000 tokens, so over 4 chunks of 512)."""
+    from pipeline.datasets import resolve_dataset
+
+    path = tmp_path_factory.mktemp("calibration") / "groups_merged-head.txt"
+    path.write_text(resolve_dataset("groups_merged").read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def squeeze_imatrix(base_f16, calibration_sample, tmp_path_factory):
+    """(imatrix.gguf path, layers.csv path) from squeeze's in-process pass: 4 chunks of 512."""
+    from pipeline.activations import calibration_tokens, collect, layer_rows, to_imatrix, write_layers_csv
+    from pipeline.imatrix_file import write_imatrix
+
+    folder = tmp_path_factory.mktemp("squeeze-imatrix")
+    tokens = calibration_tokens(base_f16, [calibration_sample])
+    totals, _ = collect(base_f16, tokens, 512, CALIBRATION_CHUNKS)
+    write_imatrix(folder / "imatrix.gguf", to_imatrix(totals, 512, [str(calibration_sample)]))
+    write_layers_csv(folder / "layers.csv", layer_rows(totals))
+    return folder / "imatrix.gguf", folder / "layers.csv"
+
+
+@pytest.fixture(scope="session")
+def cli_imatrix(base_f16, calibration_sample, llama_tools, tmp_path_factory) -> Path:
+    """llama-imatrix on the same model, text, ctx and chunks (perplexity printout off)."""
+    out = tmp_path_factory.mktemp("cli-imatrix") / "imatrix.gguf"
+    subprocess.run([str(llama_tools / "llama-imatrix"), "-m", str(base_f16), "-f", str(calibration_sample),
+                    "-c", "512", "--chunks", str(CALIBRATION_CHUNKS), "--no-ppl", "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    return out

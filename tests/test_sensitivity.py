@@ -1,0 +1,116 @@
+"""Layer and tensor sensitivities: variants with only some tensors quantized, KLD against the
+base on real text, weight errors read back from llama.cpp's files, and the proxies."""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+
+from pipeline.imatrix_file import Imatrix, ImatrixEntry
+from pipeline.sensitivity import (ATTN, LayerRow, build_mixed, group_of, imatrix_layer_stats, low_type_for,
+                                  low_types, plot_heatmap, proxy_correlations, spearman, tensor_errors)
+
+
+def test_groups_and_low_types():
+    assert group_of("blk.3.attn_v.weight") == "3.attn"
+    assert group_of("blk.12.ffn_down.weight") == "12.mlp"
+    assert group_of("token_embd.weight") == "token_embd"
+    assert group_of("blk.3.attn_norm.weight") is None
+    assert low_type_for((640, 1024)) == "Q4_0"  # 640-wide rows reject 256-blocks
+    assert low_type_for((2048, 640)) == "Q2_K"
+
+
+def test_spearman_matches_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)  # ties: average ranks
+
+
+def test_imatrix_layer_stats_agree_with_the_statistics_stage():
+    from pipeline.statistics import layer_statistics, tensor_statistics
+
+    rng = np.random.default_rng(0)
+    im = Imatrix(datasets=["x"], chunk_count=1, chunk_size=512)
+    for layer in range(4):
+        for t in ("attn_q", "ffn_down"):
+            n = 64 if t == "attn_q" else 128
+            im.entries[f"blk.{layer}.{t}.weight"] = ImatrixEntry(rng.random((1, n), dtype=np.float32) + layer,
+                                                                  np.array([512]))
+    mine = imatrix_layer_stats(im)
+    theirs = {int(r["layer"]): r for r in layer_statistics(tensor_statistics(im))}
+    for layer in range(4):
+        assert mine[layer]["cossim"] == pytest.approx(theirs[layer]["mean_cossim"], abs=1e-5)
+        assert 100 * mine[layer]["zd"] == pytest.approx(theirs[layer]["mean_zd_pct"], abs=1e-4)
+    assert mine[0]["cossim"] == 0.0
+
+
+def test_heatmap_and_correlations(tmp_path):
+    rows = [LayerRow(i, 0.1 * (i + 1), 0.01 * (5 - i), 0.02, "a", "m", cossim=1 - 0.1 * i, zd=0.1,
+                     block_influence=0.05 * (i + 1)) for i in range(5)]
+    corr = proxy_correlations(rows)
+    assert corr["block_influence vs kld_removed"] == pytest.approx(1.0)
+    assert corr["cossim vs kld_removed"] == pytest.approx(-1.0)
+    assert math.isnan(corr["zd vs kld_removed"])  # constant proxy: undefined
+    plot_heatmap(tmp_path / "s.png", rows)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the real model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def info(base_f16):
+    from pipeline.model_info import read_model_info
+
+    return read_model_info(base_f16)
+
+
+@pytest.fixture(scope="module")
+def probe(base_f16):
+    import os
+    from pathlib import Path
+
+    from pipeline.datasets import read_text
+    from pipeline.sensitivity import KLDProbe
+
+    text = read_text(Path(os.environ["SQUEEZE_DATA"]) / "imatrix-calibration" / "groups_merged.txt")
+    return KLDProbe(base_f16, text, 256, 2)
+
+
+@pytest.mark.slow
+def test_only_the_named_tensors_are_quantized_and_cost_kld(base_f16, info, probe, tmp_path):
+    types = low_types(info, 3, ATTN)
+    assert types == {"blk.3.attn_q.weight": "Q4_0", "blk.3.attn_k.weight": "Q4_0",
+                     "blk.3.attn_v.weight": "Q4_0", "blk.3.attn_output.weight": "Q2_K"}
+    path = tmp_path / "attn3.gguf"
+    build_mixed(base_f16, path, types, None)
+    r = gguf.GGUFReader(str(path))
+    got = {t.name: t.tensor_type.name for t in r.tensors}
+    for name, qtype in types.items():
+        assert got[name] == qtype
+    others = {n: t for n, t in got.items() if n not in types}
+    assert others["token_embd.weight"] == "F16" and others["blk.4.attn_q.weight"] == "F16"
+    assert others["blk.3.attn_norm.weight"] == "F32"
+    del r
+    assert probe.kld(base_f16) < 1e-6  # the base against itself
+    assert probe.kld(path) > 1e-4
+
+
+@pytest.mark.slow
+def test_weight_errors_shrink_with_more_bits(base_f16, info, tmp_path):
+    only = {"blk.3.attn_output.weight", "blk.3.attn_q.weight"}
+    rows = tensor_errors(base_f16, None, info, tmp_path, types=("Q2_K", "Q4_K", "Q6_K", "Q4_0"), only=only)
+    err = {(r["tensor"], r["type"]): r["error"] for r in rows}
+    out = "blk.3.attn_output.weight"
+    assert err[(out, "Q2_K")] > err[(out, "Q4_0")] > err[(out, "Q4_K")] >= 0
+    # the base was dequantized from a file holding this tensor as Q4_K: back on its grid, nearly
+    # lossless (the requantization artifact of shared/FINDINGS.md), while Q6_K's grid differs
+    assert err[(out, "Q4_K")] < 1e-3 * err[(out, "Q4_0")]
+    assert err[(out, "Q6_K")] > err[(out, "Q4_K")]
+    assert ("blk.3.attn_q.weight", "Q2_K") not in err  # 640-wide rows: K-quants fall back, not a choice
+    assert err[("blk.3.attn_q.weight", "Q4_0")] > 0
+    sizes = {(r["tensor"], r["type"]): r["bytes"] for r in rows}
+    assert sizes[(out, "Q2_K")] == 640 * 1024 // 256 * 84  # 84 bytes per 256-block

@@ -1,0 +1,183 @@
+"""Task benchmarks: data formats, the CLI's task selection, and accuracy equal to
+llama-perplexity's on the same tasks (per task, not just in total)."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+
+import pytest
+
+from pipeline import tasks
+from pipeline.datasets import resolve_dataset
+from pipeline.engine import Model
+from pipeline.errors import SqueezeError
+from pipeline.task_data import (MT19937, ChoiceTask, hellaswag_selection, read_arc_jsonl, read_hellaswag,
+                                read_mmlu_folder, read_multiple_choice, read_truthfulqa_json, read_winogrande,
+                                sampled_selection, write_multiple_choice)
+
+TASK_CTX = 768
+
+
+# ---- selection (constants printed by a 10-line C++ program built with g++ 12 / libstdc++) -----
+
+def test_mt19937_matches_the_standard():
+    rng = MT19937()
+    for _ in range(9999):
+        rng()
+    assert rng() == 4123659995  # the C++ standard's required 10000th output of default-seeded mt19937
+
+
+def test_hellaswag_selection_is_the_clis():
+    # std::uniform_int_distribution<size_t> over the remaining tasks, erased after each draw
+    assert hellaswag_selection(10042, 8) == [4187, 10013, 7233, 9363, 1, 1286, 3036, 10032]
+
+
+def test_winogrande_and_multiple_choice_selection_is_the_clis():
+    assert sampled_selection(1267, 8) == [528, 1262, 911, 1178, 0, 161, 381, 1258]
+    assert sampled_selection(10, 0) == list(range(10))  # 0 or >= all: every task in file order
+    assert sampled_selection(10, 10) == list(range(10))
+
+
+# ---- formats -----------------------------------------------------------------------------------
+
+def test_original_task_files_convert(tmp_path):
+    arc = read_arc_jsonl(resolve_dataset("arc-easy"))
+    assert len(arc) == 570 and len(read_arc_jsonl(resolve_dataset("arc-challenge"))) == 299
+    assert arc[0].context == "Question: Which technology was developed most recently?\nAnswer:"
+    assert arc[0].endings[0] == "cellular telephone" and arc[0].gold == 0
+    assert len(read_mmlu_folder(resolve_dataset("mmlu"))) == 1531
+    tqa = read_truthfulqa_json(resolve_dataset("truthfulqa"))
+    assert len(tqa) == 817 and tqa[0].endings[tqa[0].gold].startswith("Nothing in particular")
+    assert len(read_hellaswag(resolve_dataset("hellaswag"))) == 10042
+    assert len(read_winogrande(resolve_dataset("winogrande"))) == 1267
+    path = tmp_path / "arc.bin"
+    write_multiple_choice(arc[:20], path)
+    assert read_multiple_choice(path) == [ChoiceTask(t.context, t.endings, t.gold, f"{path}#task{i}")
+                                          for i, t in enumerate(arc[:20])]
+
+
+def test_hellaswag_with_wrong_line_count_names_the_line(tmp_path):
+    path = tmp_path / "hs.txt"
+    path.write_text("ctx\n0\na\nb\nc\nd\nctx2\n")
+    with pytest.raises(SqueezeError) as e:
+        read_hellaswag(path)
+    assert str(e.value) == (f"{path}:7: HellaSwag text needs 6 lines per task (context, gold index, "
+                            f"4 endings); the file has 7 lines")
+    path.write_text("ctx\n0\na\nb\nc\nd\nctx2\nfive\na\nb\nc\nd\n")
+    with pytest.raises(SqueezeError) as e:
+        read_hellaswag(path)
+    assert str(e.value) == f"{path}:8: expected the gold ending index 0-3 (HellaSwag: 6 lines per task), got 'five'"
+
+
+def test_winogrande_bad_line_names_the_line(tmp_path):
+    path = tmp_path / "wg.csv"
+    path.write_text('0,"A, quoted _ sentence.",x,y,1\n1,no commas here\n')
+    with pytest.raises(SqueezeError) as e:
+        read_winogrande(path)
+    assert str(e.value) == (f"{path}:2: expected index,sentence,choice1,choice2,answer "
+                            f"(WinoGrande CSV, 4 commas outside quotes)")
+    path.write_text("0,A _ sentence.,x,y,3\n")
+    with pytest.raises(SqueezeError) as e:
+        read_winogrande(path)
+    assert str(e.value) == f"{path}:1: expected answer 1 or 2, got '3'"
+    path.write_text('0,"A, quoted _ sentence.",x,y,2\n\n')
+    (task,) = read_winogrande(path)
+    assert (task.first, task.second, task.choices, task.answer) == ("A, quoted ", " sentence.", ("x", "y"), 2)
+
+
+def test_truncated_multiple_choice_file_is_refused(tmp_path):
+    path = tmp_path / "mc.bin"
+    write_multiple_choice([ChoiceTask("Q", ("a", "b"), 1)], path)
+    path.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(SqueezeError) as e:
+        read_multiple_choice(path)
+    assert str(e.value).startswith(f"{path}: not a llama.cpp multiple-choice file: task 0 at byte 8: ")
+    path.write_bytes(struct.pack("<I", 5))
+    with pytest.raises(SqueezeError) as e:
+        read_multiple_choice(path)
+    assert str(e.value) == f"{path}: not a llama.cpp multiple-choice file: task count 5 does not fit a file of 4 bytes"
+
+
+def test_mmlu_row_with_bad_answer_names_file_and_line(tmp_path):
+    (tmp_path / "x_val.csv").write_text("Q1,a,b,c,d,A\nQ2,a,b,c,d,E\n")
+    with pytest.raises(SqueezeError) as e:
+        read_mmlu_folder(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'x_val.csv'}:2: expected question,A,B,C,D,answer (answer one of A-D)"
+
+
+# ---- against llama-perplexity ---------------------------------------------------------------
+
+def _cli(tools, model, *args) -> str:
+    out = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-c", str(TASK_CTX), *args],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout + out.stderr
+
+
+def _outcomes_from_running_accuracy(lines: list[tuple[int, float]]) -> str:
+    """Per-task 1/0 from the CLI's running accuracy (percent after task i)."""
+    outcomes, correct = [], 0
+    for i, acc in lines:
+        now = round(acc * i / 100)
+        outcomes.append(str(now - correct))
+        correct = now
+    return "".join(outcomes)
+
+
+@pytest.fixture(scope="module")
+def model(source_gguf):
+    with Model(source_gguf) as m:
+        yield m
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
+    n = 10
+    ours = tasks.run_benchmark(model, "hellaswag", tasks.load_selected("hellaswag", n), TASK_CTX)
+    out = _cli(llama_tools, source_gguf, "--hellaswag", "--hellaswag-tasks", str(n),
+               "-f", str(resolve_dataset("hellaswag")))
+    running = [(int(i), float(a)) for i, a in re.findall(r"^(\d+)\t([\d.]+)%\t\[", out, re.M)]
+    assert len(running) == n
+    assert "".join(map(str, ours.outcomes)) == _outcomes_from_running_accuracy(running)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
+    n = 12
+    ours = tasks.run_benchmark(model, "winogrande", tasks.load_selected("winogrande", n), TASK_CTX)
+    out = _cli(llama_tools, source_gguf, "--winogrande", "--winogrande-tasks", str(n),
+               "-f", str(resolve_dataset("winogrande")))
+    rows = re.findall(r"^(\d+)\t[\d.]+\t\s*(-?[\d.]+)\s+(-?[\d.]+)\s+(\d)\s+(\d)$", out, re.M)
+    assert len(rows) == n
+    assert "".join(map(str, ours.outcomes)) == "".join(str(int(r[3] == r[4])) for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("bench,n,extra", [("arc-easy", 10, []), ("truthfulqa", 6, ["-np", "16"])])
+def test_multiple_choice_equals_llama_perplexity_on_the_converted_file(model, llama_tools, source_gguf, tmp_path,
+                                                                       bench, n, extra):
+    """squeeze reads the original file; the CLI reads squeeze's conversion; same tasks picked."""
+    ours = tasks.run_benchmark(model, bench, tasks.load_selected(bench, n), TASK_CTX)
+    from pipeline.task_data import read_choice_tasks
+
+    path = tmp_path / f"{bench}.bin"
+    write_multiple_choice(read_choice_tasks(bench, resolve_dataset(bench)), path)
+    out = _cli(llama_tools, source_gguf, "--multiple-choice", "--multiple-choice-tasks", str(n), "-bf", str(path),
+               *extra)
+    running = [(int(i), float(a)) for i, a in re.findall(r"^(\d+)\t([\d.]+)$", out, re.M)]
+    assert len(running) == n
+    assert "".join(map(str, ours.outcomes)) == _outcomes_from_running_accuracy(running)
+
+
+@pytest.mark.slow
+def test_a_task_longer_than_the_context_is_named(model, tmp_path):
+    task = ChoiceTask("word " * 200, ("a", "b"), 0, "long.bin#task0")
+    with pytest.raises(SqueezeError) as e:
+        tasks.run_benchmark(model, "arc-easy", [task], 32)
+    assert str(e.value) == ("long.bin#task0: needs 204 tokens, more than the 128 of the task context "
+                            "(4 sequences x ctx 32); raise score.tasks.ctx")
