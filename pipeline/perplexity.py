@@ -49,6 +49,11 @@ KLD_PERCENTILES = (0.999, 0.99, 0.95, 0.90, 0.10, 0.05, 0.01, 0.001)
 DP_PERCENTILES = (0.999, 0.99, 0.95, 0.90, 0.75, 0.25, 0.10, 0.05, 0.01, 0.001)
 
 
+def seqs_per_batch(ctx: int, n_batch: int = 2048) -> int:
+    """Sequences per decode as llama-perplexity packs them: n_batch / ctx (default n_batch 2048)."""
+    return max(1, n_batch // ctx)
+
+
 @dataclass
 class Chunks:
     tokens: np.ndarray  # (n_chunks, ctx) int32, first token already BOS where the model adds one
@@ -239,10 +244,28 @@ def score_against_base(model: Model, ctx: Context, base: dict[str, np.ndarray]) 
             out["kld"][i] = kld_from_sketch(logp, q_top, base["tail_mass"][i], p_tail, q_tail)
         else:  # a format-1 file (top-K and one bucket), as cached by earlier versions
             out["kld"][i] = kld_top_k_bucket(logp, q_top)
-        out["same_top"][i] = logits.argmax(axis=1) == ids[:, 0]
+        out["same_top"][i] = logits.argmax(axis=1) == _cli_base_argmax(ids, base["top_logp"][i])
 
     evaluate_logits(ctx, chunks, compare, f"score {model.path.stem}")
     return out
+
+
+def _cli_base_argmax(ids: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """The base's top token as llama-perplexity sees it: its base log-probs are 16-bit steps of
+    16/65535 nats below the maximum, so tokens within half a step of the top tie, and the
+    lowest token id among them wins."""
+    steps = np.rint((logp[:, :8] - logp[:, :1] + 16.0) * _Q_SCALE)
+    tied = steps >= steps[:, :1]
+    return np.where(tied, ids[:, :8], np.iinfo(np.int32).max).min(axis=1)
+
+
+def cli_base_target_logp(base: dict[str, np.ndarray]) -> np.ndarray:
+    """The base's log-prob of each actual next token as llama-perplexity's KLD mode reads it back
+    from its base file: never below the row's maximum - 16 (lower values are stored as that
+    floor). PPL(base) and its ratios in the KLD printout use these, so squeeze does too; the
+    exact PPL(base) is reported beside it."""
+    lb = base["target_logp"].astype(np.float64)
+    return np.maximum(lb, base["top_logp"][..., 0].astype(np.float64) + LOGP_FLOOR)
 
 
 def kld_from_sketch(logp: np.ndarray, logq: np.ndarray, tail_mass: np.ndarray, logp_tail: np.ndarray,
@@ -308,7 +331,8 @@ def summarize(base: dict[str, np.ndarray], var: dict[str, np.ndarray]) -> dict[s
     """Every figure `llama-perplexity --kl-divergence` prints, each `x` with its `x_err` where
     the CLI shows one. Keys kept from the first version: tokens, ppl, ppl_base, ppl_ratio,
     mean_kld, max_kld, same_top_pct, rms_dp_pct, mean_dp_pct."""
-    nll_base = -base["target_logp"].astype(np.float64).ravel()
+    exact_nll_base = -base["target_logp"].astype(np.float64).ravel()
+    nll_base = -cli_base_target_logp(base).ravel() if "top_logp" in base else exact_nll_base
     nll = -var["target_logp"].astype(np.float64).ravel()
     kld = var["kld"].astype(np.float64).ravel()
     dp = np.exp(-nll) - np.exp(-nll_base)
@@ -334,6 +358,7 @@ def summarize(base: dict[str, np.ndarray], var: dict[str, np.ndarray]) -> dict[s
         "tokens": int(n),
         "ppl": ppl, "ppl_err": ppl_err,
         "ppl_base": ppl_base, "ppl_base_err": ppl_base_err,
+        "ppl_base_exact": math.exp(float(exact_nll_base.mean())),
         "cor_ln_ppl_pct": 100.0 * cov / denom if denom > 0 else float("nan"),
         "ln_ppl_ratio": ln_ratio, "ln_ppl_ratio_err": ln_ratio_err,
         "ppl_ratio": ratio, "ppl_ratio_err": ratio * ln_ratio_err,

@@ -23,7 +23,8 @@ from pipeline.datasets import read_text, resolve_dataset
 from pipeline.engine import Context, Model, engine_versions
 from pipeline.runner import Step
 
-# Sequences evaluated per decode, as llama-perplexity packs n_batch / n_ctx (2048 / 512 = 4).
+# Sequences evaluated per decode at ctx 512, as llama-perplexity packs n_batch / n_ctx
+# (2048 / 512 = 4); perplexity.seqs_per_batch(ctx) gives it for any ctx.
 SEQS_PER_BATCH = 4
 BASE = "base"  # the name the base model's task, drift and speed files go under
 
@@ -52,7 +53,7 @@ def steps(ctx: RunContext) -> list[Step]:
     def base_action(io):
         with Model(ctx.base_path, n_gpu) as model:
             chunks = perplexity.make_chunks(model, read_text(data), s.ctx, s.chunks, what=str(data))
-            with Context(model, s.ctx, min(SEQS_PER_BATCH, len(chunks.tokens)), threads) as c:
+            with Context(model, s.ctx, min(perplexity.seqs_per_batch(s.ctx), len(chunks.tokens)), threads) as c:
                 dist = perplexity.base_distribution(model, c, chunks)
         perplexity.save_base(io.out(ctx.base_distribution_path), dist)
         return {"chunks": int(len(chunks.tokens)), "bytes": os.path.getsize(io.out(ctx.base_distribution_path))}
@@ -107,7 +108,7 @@ def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
         path = ctx.variant_path(name)
         with Model(path, n_gpu) as model:
             perplexity.check_same_vocabulary(model, base)
-            with Context(model, s.ctx, min(SEQS_PER_BATCH, len(base["tokens"])), threads) as c:
+            with Context(model, s.ctx, min(perplexity.seqs_per_batch(s.ctx), len(base["tokens"])), threads) as c:
                 per_token = perplexity.score_against_base(model, c, base)
             summary = perplexity.summarize(base, per_token)
             n_params, tensor_bytes = _sizes(model)

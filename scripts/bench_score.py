@@ -51,18 +51,17 @@ def phase(args) -> None:
     from pipeline import perplexity
     from pipeline.datasets import read_text, resolve_dataset
     from pipeline.engine import Context, Model
-    from pipeline.score import SEQS_PER_BATCH
 
     work = Path(args.work)
     if args.phase == "base":
         with Model(work / "base-f16.gguf") as model:
             chunks = perplexity.make_chunks(model, read_text(resolve_dataset("wikitext-2")), args.ctx, args.chunks)
-            with Context(model, args.ctx, SEQS_PER_BATCH) as c:
+            with Context(model, args.ctx, perplexity.seqs_per_batch(args.ctx)) as c:
                 dist = perplexity.base_distribution(model, c, chunks)
         perplexity.save_base(work / "base-topk.npz", dist)
     else:
         base = perplexity.load_base(work / "base-topk.npz")
-        with Model(work / f"{args.variant}.gguf") as model, Context(model, args.ctx, SEQS_PER_BATCH) as c:
+        with Model(work / f"{args.variant}.gguf") as model, Context(model, args.ctx, perplexity.seqs_per_batch(args.ctx)) as c:
             per_token = perplexity.score_against_base(model, c, base)
         (work / "squeeze-summary.json").write_text(json.dumps(perplexity.summarize(base, per_token)))
 

@@ -66,11 +66,11 @@ def test_quantizing_with_squeeze_imatrix_is_bit_identical(base_f16, squeeze_imat
 
 @pytest.mark.slow
 @pytest.mark.reference
-def test_legacy_dat_and_combining_match_the_cli(squeeze_imatrix, cli_imatrix, llama_tools, tmp_path):
-    tool = str(llama_tools / "llama-imatrix")
+def test_legacy_dat_and_combining_match_the_cli(base_f16, squeeze_imatrix, cli_imatrix, llama_tools, tmp_path):
+    tool = [str(llama_tools / "llama-imatrix"), "-m", str(base_f16)]  # -m is required; no model is loaded
     # the CLI converts squeeze's GGUF imatrix into its legacy .dat format; squeeze reads that back
     dat = tmp_path / "ours.dat"
-    subprocess.run([tool, "--in-file", str(squeeze_imatrix[0]), "--output-format", "dat", "-o", str(dat)],
+    subprocess.run([*tool, "--in-file", str(squeeze_imatrix[0]), "--output-format", "dat", "-o", str(dat)],
                    check=True, capture_output=True)
     legacy, gguf_im = read_imatrix(dat), read_imatrix(squeeze_imatrix[0])
     assert legacy.legacy and legacy.chunk_count == CALIBRATION_CHUNKS
@@ -80,7 +80,7 @@ def test_legacy_dat_and_combining_match_the_cli(squeeze_imatrix, cli_imatrix, ll
         np.testing.assert_allclose(norm_l[name], norm_g[name], rtol=1e-6, err_msg=name)
     # combining two GGUF files and a legacy one, as `llama-imatrix --in-file ... --in-file ...`
     combined = tmp_path / "combined.gguf"
-    subprocess.run([tool, "--in-file", str(squeeze_imatrix[0]), "--in-file", str(cli_imatrix), "--in-file", str(dat),
+    subprocess.run([*tool, "--in-file", str(squeeze_imatrix[0]), "--in-file", str(cli_imatrix), "--in-file", str(dat),
                     "-o", str(combined)], check=True, capture_output=True)
     want = read_imatrix(combined)
     got = combine_imatrices([read_imatrix(squeeze_imatrix[0]), read_imatrix(cli_imatrix), legacy], chunk_size=512)

@@ -79,13 +79,13 @@ def variant_q3(base_f16, tmp_path_factory):
 def base_dist(base_f16):
     with Model(base_f16) as model:
         chunks = perplexity.make_chunks(model, read_text(resolve_dataset("wikitext-2")), CTX, CHUNKS)
-        with Context(model, CTX, 4) as c:
+        with Context(model, CTX, perplexity.seqs_per_batch(CTX)) as c:
             return perplexity.base_distribution(model, c, chunks)
 
 
 @pytest.fixture(scope="module")
 def squeeze_summary(variant_q3, base_dist):
-    with Model(variant_q3) as model, Context(model, CTX, 4) as c:
+    with Model(variant_q3) as model, Context(model, CTX, perplexity.seqs_per_batch(CTX)) as c:
         return perplexity.summarize(base_dist, perplexity.score_against_base(model, c, base_dist))
 
 
