@@ -9,16 +9,18 @@ on the same wikitext-2 chunks against the base. Also writes the layer sensitivit
 Prints sizes and KLDs side by side and writes results/bench/allocate.json (rows: budget,
 stock_bytes, stock_kld, auto_bytes, auto_kld). Timings on a loaded machine mean little.
 Usage: python scripts/bench_allocate.py [--chunks 20] [--probe-chunks 4] [--budgets Q3_K_M,Q2_K]
+       [--sizes "150 MiB,170 MiB"]   (extra budgets below the stock sizes, no stock twin)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bench_common import ROOT, WORK, base_f16, calibration, log, probe
 
-from pipeline.allocate import MiB, allocate, explain_markdown, tensor_type_lines
+from pipeline.allocate import MiB, allocate, explain_markdown, parse_size, tensor_type_lines
 from pipeline.fsutil import write_json_atomic, write_text_atomic
 from pipeline.model_info import read_model_info
 from pipeline.quantize import layout, quantize_file
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="Q3_K_M,Q2_K")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--redo-sensitivity", action="store_true")
+    ap.add_argument("--sizes", default="", help="extra budgets without a stock twin, e.g. '150 MiB,170 MiB' "
+                                                "(where the allocator must trade, not only find the original grids)")
     args = ap.parse_args()
 
     base = base_f16()
@@ -80,10 +84,14 @@ def main() -> None:
     log("Spearman, proxy vs measured KLD: " + ", ".join(f"{k} {v:.2f}" for k, v in corr.items()
                                                            if v is not None and v == v))
     wiki = probe(base, "wikitext-2", 512, args.chunks, args.threads)
-    rows = []
+    stocks = [x.strip() for x in args.budgets.split(",") if x.strip()]
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    # rows of budgets not measured this time are kept (so --budgets '' --sizes ... adds rows)
+    old = json.loads((BENCH / "allocate.json").read_text()) if (BENCH / "allocate.json").exists() else []
+    rows = [r for r in old if r["budget"] not in stocks + sizes]
     variants = BENCH / "variants"
     variants.mkdir(parents=True, exist_ok=True)
-    for stock in args.budgets.split(","):
+    for stock in stocks:
         stock_path = variants / f"stock-{stock}.gguf"
         log(f"stock {stock} (imatrix)")
         quantize_file(base, stock_path, stock, imatrix_path=im_path, threads=args.threads)
@@ -104,9 +112,25 @@ def main() -> None:
         for p in (stock_path, auto_path):
             p.unlink()
         write_json_atomic(BENCH / "allocate.json", rows)
+    for label in sizes:
+        budget = parse_size(label, "--sizes: ")
+        auto_path = variants / f"auto-{label.replace(' ', '')}.gguf"
+        log(f"auto at {label}")
+        alloc, auto_bytes = build_auto(base, im_path, sens, budget, auto_path, info, args.threads)
+        write_text_atomic(variants / f"auto-{label.replace(' ', '')}.allocation.md",
+                          explain_markdown(alloc, f"Types for {label}"))
+        auto_score = wiki.measure(auto_path)
+        auto_path.unlink()
+        rows.append({"budget": label, "stock_bytes": None, "stock_kld": None, "auto_bytes": auto_bytes,
+                     "auto_kld": auto_score["mean_kld"], "auto_predicted_kld": alloc.predicted_kld,
+                     "auto_same_top_pct": auto_score["same_top_pct"], "tokens": auto_score["tokens"]})
+        write_json_atomic(BENCH / "allocate.json", rows)
     print(f"\nwikitext-2, {args.chunks} chunks of 512, KLD against the F16 base (imatrix for all):")
     print(f"{'budget':<8} {'stock MiB':>10} {'stock KLD':>10} {'auto MiB':>9} {'auto KLD':>9} {'KLD -%':>7}")
     for r in rows:
+        if r["stock_bytes"] is None:
+            print(f"{r['budget']:<8} {'-':>10} {'-':>10} {r['auto_bytes'] / MiB:>9.2f} {r['auto_kld']:>9.4f} {'-':>7}")
+            continue
         print(f"{r['budget']:<8} {r['stock_bytes'] / MiB:>10.2f} {r['stock_kld']:>10.4f} "
               f"{r['auto_bytes'] / MiB:>9.2f} {r['auto_kld']:>9.4f} {r['kld_reduction_pct']:>6.1f}%")
     log(f"wrote {BENCH / 'allocate.json'}")

@@ -90,7 +90,7 @@ def main() -> None:
     tools = reference_bin_dir()
     if tools is None:
         sys.exit("reference llama.cpp tools are not built: squeeze toolchain --build")
-    work = OUT / "score-work"
+    work = OUT / "work" / "score"  # ignored by git: models, base files, logs
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base-f16.gguf"
     if not base.exists():

@@ -135,7 +135,7 @@ def model(source_gguf):
 @pytest.mark.slow
 @pytest.mark.reference
 def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
-    n = 10
+    n = 8
     ours = tasks.run_benchmark(model, "hellaswag", tasks.load_selected("hellaswag", n), TASK_CTX)
     out = _cli(llama_tools, source_gguf, "--hellaswag", "--hellaswag-tasks", str(n),
                "-f", str(resolve_dataset("hellaswag")))
@@ -147,7 +147,7 @@ def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
 @pytest.mark.slow
 @pytest.mark.reference
 def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
-    n = 12
+    n = 10
     ours = tasks.run_benchmark(model, "winogrande", tasks.load_selected("winogrande", n), TASK_CTX)
     out = _cli(llama_tools, source_gguf, "--winogrande", "--winogrande-tasks", str(n),
                "-f", str(resolve_dataset("winogrande")))
@@ -158,7 +158,7 @@ def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
 
 @pytest.mark.slow
 @pytest.mark.reference
-@pytest.mark.parametrize("bench,n,extra", [("arc-easy", 10, []), ("truthfulqa", 6, ["-np", "16"])])
+@pytest.mark.parametrize("bench,n,extra", [("arc-easy", 8, []), ("truthfulqa", 5, ["-np", "16"])])
 def test_multiple_choice_equals_llama_perplexity_on_the_converted_file(model, llama_tools, source_gguf, tmp_path,
                                                                        bench, n, extra):
     """squeeze reads the original file; the CLI reads squeeze's conversion; same tasks picked."""
