@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -1,7 +1,8 @@
 """Stage score: every number a model card shows, for every variant, in-process.
 
 - `score base`: the base model's distribution on the evaluation text, once per run (top-K
-  log-probabilities, scores/base-topk.npz); `score V`: PPL, KLD and the rest of
+  log-probabilities plus a sample of the rest, scores/base-topk.npz; see pipeline.perplexity);
+  `score V`: PPL, KLD and the rest of
   `llama-perplexity --kl-divergence`'s figures against it (scores/V.json).
 - `tasks base`, `tasks V`: HellaSwag, WinoGrande, ARC, MMLU, TruthfulQA accuracies
   (scores/V.tasks.json), the same task selection as the CLI's `--*-tasks N`.

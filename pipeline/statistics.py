@@ -105,7 +105,7 @@ def _csv(path: Path, columns, rows) -> None:
 
 
 def stats_markdown(source: str, rows: list[dict], layers: list[dict]) -> str:
-    out = [f"# Importance-matrix statistics", "",
+    out = ["# Importance-matrix statistics", "",
            f"From `{source}`, computed as `llama-imatrix --show-statistics` computes them. Per tensor: "
            "Σ(Act²) is the sum over input columns of the mean squared activation; μ, σ, min and max are "
            "over those columns; % Active counts columns above 1e-5; entropy (bits) and its normalized "
