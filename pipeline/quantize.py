@@ -179,7 +179,10 @@ def layout(info, drop=(), base_path: Path | None = None) -> dict:
             fixed += _tensor_bytes(t.type, t.shape)
     overhead = 0
     if base_path is not None and Path(base_path).exists():
-        overhead = Path(base_path).stat().st_size - sum(_tensor_bytes(t.type, t.shape) for t in info.tensors if t.shape)
+        from pipeline.gguf_index import read_index
+
+        # metadata (the vocabulary is most of it) as the base file holds it
+        overhead = Path(base_path).stat().st_size - sum(e.n_bytes for e in read_index(base_path).values())
     # each tensor's data is padded to the 32-byte alignment; quantize adds a few imatrix keys
     overhead += 32 * len(info.tensors) + 4096
     return {"n_params": n_params, "fixed": fixed + overhead, "overhead": overhead, "smallest": smallest + fixed + overhead}
