@@ -73,7 +73,7 @@ def test_error_in_inherited_value_names_the_base_file(write_recipe):
 @pytest.mark.parametrize("old,new,expected", [
     # unknown key, with a suggestion
     ("score: {chunks: 2}", "score: {chunks: 2, chunk: 3}",
-     "{path}:10: score.chunk: unknown key; did you mean 'chunks'? (expected one of: dataset, ctx, chunks, threads)"),
+     "{path}:10: score.chunk: unknown key; did you mean 'chunks'? (expected one of: dataset, ctx, chunks, threads, tasks, speed, drift)"),
     # unknown section
     ("report: {reference: Q4_K_M}", "reprot: {reference: Q4_K_M}",
      "{path}:11: reprot: unknown key; did you mean 'report'? (expected one of: model, variants, version, name, "
