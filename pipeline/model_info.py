@@ -11,7 +11,6 @@ from pathlib import Path
 
 import gguf
 
-from pipeline import ggml_types
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import cache_dir, write_json_atomic
 

@@ -214,7 +214,6 @@ def steps(ctx) -> list:
     from pipeline.imatrix import imatrix_input
     from pipeline.runner import Step
 
-    recipe = ctx.recipe
     imatrix = imatrix_input(ctx)
     n_layers = ctx.model_info.n_layers
     out = []

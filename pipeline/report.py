@@ -311,6 +311,24 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
                   f"Greedy continuations ({r.score.drift.tokens} tokens) of base and variant: the first token "
                   "where they differ (`same`: identical), and the text from just before it.", "",
                   t["drift.csv"].to_markdown(index=False, disable_numparse=True), ""]
+    parts += _choices_section(ctx, h2)
     if needs_requant_caveat(r, df):
         parts += [f"> Note: {REQUANT_CAVEAT}", ""]
     return "\n".join(parts)
+
+
+def _choices_section(ctx: RunContext, h2: str) -> list[str]:
+    """Links to the explanation of every automatic choice (types for a budget, layers to drop)."""
+    lines = []
+    for v in ctx.recipe.variants:
+        explained = ctx.allocation_md_path(v.name)
+        if explained.exists():
+            lines.append(f"- {v.name}: every tensor's type and why, in "
+                         f"[{explained.relative_to(ctx.folder)}]({explained.relative_to(ctx.folder)})")
+        k = ctx.recipe.prune_auto_for(v)
+        choice = ctx.prune_choice_path(f"auto{k}") if k is not None else None
+        if choice is not None and choice.exists():
+            picked = json.loads(choice.read_text())
+            lines.append(f"- {v.name}: layers {picked['layers']} dropped, picked greedily by measured KLD "
+                         f"({choice.relative_to(ctx.folder)})")
+    return [f"{h2} Automatic choices", "", *lines, ""] if lines else []

@@ -22,6 +22,7 @@ from pipeline import drift, perplexity, speed, tasks
 from pipeline.context import RunContext
 from pipeline.datasets import read_text, resolve_dataset
 from pipeline.engine import Context, Model, engine_versions
+from pipeline.prune import variant_layers
 from pipeline.runner import Step
 
 # Sequences evaluated per decode at ctx 512, as llama-perplexity packs n_batch / n_ctx
@@ -115,7 +116,7 @@ def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
             n_params, tensor_bytes = _sizes(model)
         v = ctx.recipe.variant(name)
         result = {"variant": name, "ftype": v.ftype.upper(),
-                  "pruned_layers": " ".join(str(x) for x in ctx.recipe.prune_for(v)),
+                  "pruned_layers": " ".join(str(x) for x in variant_layers(ctx, v)),
                   "file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes,
                   "n_params": n_params, "bpw": tensor_bytes * 8 / n_params, "chunks": int(len(base["tokens"])),
                   "ctx": int(base["tokens"].shape[1]), **summary}

