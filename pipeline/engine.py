@@ -122,20 +122,19 @@ class Model:
         self.close()
 
 
-class Context:
-    """A llama_context that evaluates up to `n_seq` independent sequences of `n_ctx` tokens per
-    decode (like llama-perplexity, which packs n_batch / n_ctx sequences into one batch)."""
+class ContextBase:
+    """Owns one llama_context and its batch (one decode of up to `n_tokens` tokens); subclasses
+    decide how sequences are laid out in it."""
 
-    def __init__(self, model: Model, n_ctx: int, n_seq: int = 1, n_threads: int | None = None,
-                 cb_eval=None, n_ubatch: int = 512):
+    def _open(self, model: Model, n_tokens: int, n_seq: int, n_threads: int | None, *, n_ubatch: int = 512,
+              cb_eval=None, kv_unified: bool = False, seq_ids_per_token: int = 1, what: str = "a context") -> None:
         self.model = model
-        self.n_ctx = n_ctx
-        self.n_seq = n_seq
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx * n_seq
-        params.n_batch = n_ctx * n_seq
-        params.n_ubatch = min(n_ubatch, n_ctx * n_seq)
+        params.n_ctx = params.n_batch = n_tokens
+        params.n_ubatch = min(n_ubatch, n_tokens)
         params.n_seq_max = n_seq
+        if kv_unified and hasattr(params, "kv_unified"):
+            params.kv_unified = True  # sequences may share cells (a common prefix)
         params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.no_perf = True
         if cb_eval is not None:
@@ -143,11 +142,35 @@ class Context:
             params.cb_eval = cb_eval
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
-            raise SqueezeError(f"{model.path}: llama.cpp could not create a context of {n_ctx}x{n_seq} tokens")
-        self._batch = llama_cpp.llama_batch_init(n_ctx * n_seq, 0, 1)
+            raise SqueezeError(f"{model.path}: llama.cpp could not create {what}")
+        self._batch = llama_cpp.llama_batch_init(n_tokens, 0, seq_ids_per_token)
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Context(ContextBase):
+    """A llama_context that evaluates up to `n_seq` independent sequences of `n_ctx` tokens per
+    decode (like llama-perplexity, which packs n_batch / n_ctx sequences into one batch)."""
+
+    def __init__(self, model: Model, n_ctx: int, n_seq: int = 1, n_threads: int | None = None,
+                 cb_eval=None, n_ubatch: int = 512):
+        self.n_ctx = n_ctx
+        self.n_seq = n_seq
+        self._open(model, n_ctx * n_seq, n_seq, n_threads, n_ubatch=n_ubatch, cb_eval=cb_eval,
+                   what=f"a context of {n_ctx}x{n_seq} tokens")
 
     def eval(self, sequences: list[np.ndarray], output_from: int = 0, output_last_only: bool = False) -> np.ndarray:
         """Evaluate each sequence from position 0 in its own sequence slot.
@@ -198,18 +221,6 @@ class Context:
             return None
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
-
-    def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 
 from pipeline.datasets import resolve_dataset
-from pipeline.engine import Model, default_threads
+from pipeline.engine import ContextBase, Model
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.perplexity import log_sum_exp_rows
 from pipeline.progress import bar
@@ -71,30 +71,18 @@ class TaskResult:
                 "outcomes": "".join(map(str, self.outcomes))}
 
 
-class SharedPrefixScorer:
+class SharedPrefixScorer(ContextBase):
     """A llama context that decodes one task at a time: a common prefix shared by up to
     `max_seq` sequences, then each sequence's own tokens."""
 
     def __init__(self, model: Model, ctx: int, max_seq: int, n_threads: int | None = None):
         # Like llama-perplexity's task modes: -c ctx with n_parallel sequences is a unified
         # cache of n_parallel x ctx cells, and a task fits when all its tokens fit in it.
-        self.model = model
         self.ctx = ctx
-        self.n_ctx = n_ctx = ctx * max_seq
+        self.n_ctx = ctx * max_seq
         self.max_seq = max_seq
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_ctx
-        params.n_ubatch = min(512, n_ctx)
-        params.n_seq_max = max_seq
-        if hasattr(params, "kv_unified"):
-            params.kv_unified = True  # sequences share the prefix cells
-        params.n_threads = params.n_threads_batch = n_threads or default_threads()
-        params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not self._ctx:
-            raise SqueezeError(f"{model.path}: llama.cpp could not create a task context of {n_ctx} tokens")
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, max_seq)
+        self._open(model, self.n_ctx, max_seq, n_threads, kv_unified=True, seq_ids_per_token=max_seq,
+                   what=f"a task context of {self.n_ctx} tokens")
 
     def decode(self, seqs: list[np.ndarray], prefix: int, all_logits: bool, what: str) -> np.ndarray:
         """Logit rows in the CLI's order: the last prefix token, then per sequence its tokens from
@@ -126,24 +114,12 @@ class SharedPrefixScorer:
                 add(seq[i], i, [s], all_logits or i < len(seq) - 1)
         b.n_tokens = k
         n_out = sum(int(b.logits[i] != 0) for i in range(k))
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.clear()
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise SqueezeError(f"{self.model.path}: llama_decode failed with code {rc} on {what}")
         ptr = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out * self.model.n_vocab,)).reshape(n_out, -1).copy()
-
-    def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class _LogProbs:
