@@ -19,7 +19,7 @@ run: setup
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/build_flags.py
+$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install_engine.sh $(PY)

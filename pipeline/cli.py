@@ -5,10 +5,20 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from pathlib import Path
 
 import click
 
+from pipeline.engine import toolchain as tc
 from pipeline.errors import SqueezeError
+from pipeline.formats.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
+from pipeline.fsutil import atomic_path
+from pipeline.recipe.load import dump_recipe
+from pipeline.report.card import write_card
+from pipeline.report.compare import compare as compare_runs
+from pipeline.report.statistics import write_statistics
+from pipeline.run.runner import Runner
+from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run
 
 
 def _errors_as_one_line(fn):
@@ -41,16 +51,13 @@ results_opt = click.option("--results", type=click.Path(file_okay=False),
 @_errors_as_one_line
 def run(recipe, results, force, from_stage, variants):
     """Run the recipe's stages, redoing only what changed."""
-    from pipeline.plan import build_steps, check_stage, open_run
-    from pipeline.runner import Runner
-
     for stage in force:
         check_stage(stage, "--force")
     check_stage(from_stage, "--from")
     ctx = open_run(recipe, results)
     steps = build_steps(ctx, tuple(variants))
     start = time.monotonic()
-    counts = Runner(ctx.folder, echo=click.echo).run(steps, set(force), from_stage)
+    counts = Runner(ctx.folder, echo=click.echo).run(steps, set(force), from_stage, STAGE_ORDER)
     elapsed = time.monotonic() - start
     if counts["ran"] == 0:
         click.echo(f"every stage is up to date ({counts['skipped']} steps)")
@@ -64,10 +71,14 @@ def run(recipe, results, force, from_stage, variants):
 @main.command()
 @recipe_arg
 @results_opt
+@click.option("--dump", is_flag=True,
+              help="Print the recipe as squeeze reads it (extends: resolved, defaults filled) instead.")
 @_errors_as_one_line
-def plan(recipe, results):
+def plan(recipe, results, dump):
     """Validate a recipe and print the stages, variants and what each step would produce."""
-    from pipeline.plan import build_steps, open_run
+    if dump:
+        click.echo(dump_recipe(open_run(recipe, results, check_model=False).recipe), nl=False)
+        return
 
     ctx = open_run(recipe, results)
     r = ctx.recipe
@@ -84,9 +95,6 @@ def plan(recipe, results):
 @_errors_as_one_line
 def status(recipe, results):
     """Show each step as done, stale (and why) or missing."""
-    from pipeline.plan import build_steps, open_run
-    from pipeline.runner import Runner
-
     ctx = open_run(recipe, results)
     for v in Runner(ctx.folder, echo=click.echo).status(build_steps(ctx)):
         detail = f" ({v.reason})" if v.state == "stale" else ""
@@ -102,8 +110,6 @@ def status(recipe, results):
 def compare(runs, variants, reference, csv_path):
     """Put variants of a run (a results folder or recipe), or the same variants across several
     runs, side by side with deltas and better/worse arrows."""
-    from pipeline.compare import compare as compare_runs
-    from pipeline.fsutil import atomic_path
 
     table = compare_runs(list(runs), tuple(variants), reference)
     click.echo(table.to_markdown(index=False, disable_numparse=True))
@@ -119,9 +125,6 @@ def compare(runs, variants, reference, csv_path):
 @_errors_as_one_line
 def card(recipe, results, output):
     """Write a Hugging Face model card (README.md) from a scored run."""
-    from pipeline.card import write_card
-    from pipeline.plan import open_run
-
     path = write_card(open_run(recipe, results, check_model=False), output)
     click.echo(f"model card: {path}")
 
@@ -135,8 +138,6 @@ def card(recipe, results, output):
 @_errors_as_one_line
 def toolchain(fetch, build, bin_dir):
     """Print the llama.cpp versions squeeze runs; fetch its source or build the reference tools."""
-    from pipeline import toolchain as tc
-
     with tc.using_bin(bin_dir):
         if fetch or build:
             tc.fetch_source(echo=click.echo)
@@ -156,10 +157,7 @@ def toolchain(fetch, build, bin_dir):
 @_errors_as_one_line
 def imatrix_combine(output, inputs, chunk_size):
     """Add imatrix files (GGUF or legacy .dat) into one GGUF imatrix, as llama-imatrix --in-file does."""
-    from pathlib import Path
 
-    from pipeline.fsutil import atomic_path
-    from pipeline.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
 
     combined = combine_imatrices([read_imatrix(Path(p)) for p in inputs], chunk_size)
     with atomic_path(Path(output)) as tmp:
@@ -174,11 +172,7 @@ def imatrix_combine(output, inputs, chunk_size):
 @_errors_as_one_line
 def imatrix_stats(imatrix, out_dir):
     """The statistics of `llama-imatrix --show-statistics` for an imatrix file, as tables and a heatmap."""
-    from pathlib import Path
 
-    from pipeline.fsutil import atomic_path
-    from pipeline.imatrix_file import read_imatrix
-    from pipeline.statistics import write_statistics
 
     src, out = Path(imatrix), Path(out_dir)
     names = ("stats.csv", "stats-layers.csv", "stats.md", "stats.png")

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.errors import SqueezeError
+
 PARTIAL_MARK = ".partial-"
 
 
@@ -64,3 +66,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or one line naming the file and the first bad byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SqueezeError(f"{path}: not UTF-8 text (byte {exc.start})") from None

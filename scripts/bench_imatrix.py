@@ -25,14 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 def base_model() -> Path:
     """The F16 base the tests use (dequantized once from the PyPI Q4_K_M file into the cache)."""
-    from pipeline.dequantize import example_base_f16
+    from tests.example_model import example_base_f16
 
     return example_base_f16()
 
 
 def run_squeeze(model: Path, text: Path, ctx: int, chunks: int, out: Path) -> float:
-    from pipeline.activations import calibration_tokens, collect, to_imatrix
-    from pipeline.imatrix_file import write_imatrix
+    from pipeline.formats.imatrix_file import write_imatrix
+    from pipeline.measure.calibration import calibration_tokens, collect, to_imatrix
 
     start = time.monotonic()
     tokens = calibration_tokens(model, [text])
@@ -53,7 +53,7 @@ def run_cli(tool: Path, model: Path, text: Path, ctx: int, chunks: int, out: Pat
 def same_imatrix(a: Path, b: Path) -> bool:
     import numpy as np
 
-    from pipeline.imatrix_file import read_imatrix
+    from pipeline.formats.imatrix_file import read_imatrix
 
     x, y = read_imatrix(a), read_imatrix(b)
     return sorted(x.entries) == sorted(y.entries) and all(
@@ -72,10 +72,10 @@ def main() -> int:
     os.environ.setdefault("SQUEEZE_PROGRESS", "0")
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
-    from pipeline.datasets import resolve_dataset
-    from pipeline.engine import default_threads
+    from pipeline.engine.backend import default_threads
+    from pipeline.engine.toolchain import reference_bin_dir
     from pipeline.fsutil import write_json_atomic, write_text_atomic
-    from pipeline.toolchain import reference_bin_dir
+    from pipeline.sources.datasets import resolve_dataset
 
     tools = reference_bin_dir()
     if tools is None:

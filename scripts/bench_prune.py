@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from bench_common import ROOT, WORK, base_f16, calibration, log, probe
 
+from pipeline.formats.imatrix_file import read_imatrix
+from pipeline.formats.layers_csv import block_influence
+from pipeline.formats.model_info import read_model_info
+from pipeline.formats.prune import prune_gguf
 from pipeline.fsutil import write_json_atomic
-from pipeline.imatrix_file import read_imatrix
-from pipeline.model_info import read_model_info
-from pipeline.prune import prune_gguf
-from pipeline.prune_auto import choose_layers, default_candidates, proxy_ranking
-from pipeline.sensitivity import block_influence, imatrix_layer_stats
+from pipeline.measure.prune_auto import choose_layers, default_candidates, proxy_ranking
+from pipeline.measure.sensitivity import imatrix_layer_stats
 
 
 def kld_of_pruned(base, layers, p, keep_pattern=True) -> dict:
@@ -81,11 +83,11 @@ def main() -> None:
                                echo=log)
         log(f"scoring on wikitext-2, {args.k_chunks} chunks of {args.k_ctx}")
         p = probe(base, "wikitext-2", args.k_ctx, args.k_chunks, args.threads)
-        rows = {"auto": kld_of_pruned(base, choice["layers"], p),
+        rows = {"auto": kld_of_pruned(base, choice.layers, p),
                 "highest_cossim": kld_of_pruned(base, top_cos, p),
                 "fixed": kld_of_pruned(base, fixed, p)}
         result["k2"] = {"ctx": args.k_ctx, "chunks": args.k_chunks, "probe_chunks": args.probe_chunks,
-                        "auto_choice": choice, "cossim": cossim, "block_influence": bi, **rows}
+                        "auto_choice": asdict(choice), "cossim": cossim, "block_influence": bi, **rows}
         print(f"\nK=2, wikitext-2 {args.k_chunks}x{args.k_ctx} (F16, pattern kept):")
         print(f"{'choice':<16} {'layers':<10} {'mean KLD':>9} {'same top':>9}")
         for name, r in rows.items():

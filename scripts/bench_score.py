@@ -48,9 +48,11 @@ def run_measured(cmd: list[str], log: Path | None = None) -> tuple[float, int, s
 
 def phase(args) -> None:
     """Child process: one squeeze phase (base distribution or variant scoring)."""
-    from pipeline import perplexity
-    from pipeline.datasets import read_text, resolve_dataset
-    from pipeline.engine import Context, Model
+    from pipeline.engine.context import Context
+    from pipeline.engine.model import Model
+    from pipeline.fsutil import read_text
+    from pipeline.measure import perplexity
+    from pipeline.sources.datasets import resolve_dataset
 
     work = Path(args.work)
     if args.phase == "base":
@@ -80,11 +82,11 @@ def main() -> None:
 
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
     os.environ.setdefault("SQUEEZE_PROGRESS", "0")
-    from pipeline.datasets import resolve_dataset
-    from pipeline.dequantize import example_base_f16
+    from pipeline.engine.quantize import quantize_file
+    from pipeline.engine.toolchain import reference_bin_dir
     from pipeline.fsutil import atomic_path, write_json_atomic, write_text_atomic
-    from pipeline.quantize import quantize_file
-    from pipeline.toolchain import reference_bin_dir
+    from pipeline.sources.datasets import resolve_dataset
+    from tests.example_model import example_base_f16
 
     tools = reference_bin_dir()
     if tools is None:

@@ -22,9 +22,9 @@ def main() -> None:
     ap.add_argument("--benchmark", action="append", choices=["arc-easy", "arc-challenge", "mmlu", "truthfulqa"])
     args = ap.parse_args()
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
-    from pipeline.datasets import resolve_dataset
+    from pipeline.formats.task_data import BENCHMARKS, read_choice_tasks, write_multiple_choice
     from pipeline.fsutil import atomic_path
-    from pipeline.task_data import BENCHMARKS, read_choice_tasks, write_multiple_choice
+    from pipeline.sources.datasets import resolve_dataset
 
     out = Path(args.out)
     for name in args.benchmark or ["arc-easy", "arc-challenge", "mmlu", "truthfulqa"]:

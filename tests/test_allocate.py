@@ -3,10 +3,15 @@ the recipe keys that ask for it and the one-line errors for budgets and prune co
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pipeline.allocate import MiB, allocate, explain_markdown, parse_size, tensor_type_lines
 from pipeline.errors import SqueezeError
+from pipeline.measure.allocate import allocate, explain_markdown
+from pipeline.measure.sensitivity import Sensitivity, TensorError
+from pipeline.recipe.rules import tensor_type_file_lines
+from pipeline.units import MiB, parse_size
 
 
 def _errors():
@@ -14,7 +19,7 @@ def _errors():
     rows = []
     for tensor, group in (("blk.0.attn_q.weight", "0.attn"), ("blk.0.ffn_down.weight", "0.mlp")):
         for qtype, nbytes, err in (("Q2_K", 100, 8.0), ("Q4_K", 200, 2.0), ("Q6_K", 300, 1.5), ("Q8_0", 400, 0.1)):
-            rows.append({"tensor": tensor, "group": group, "type": qtype, "bytes": nbytes, "error": err})
+            rows.append(TensorError(tensor, group, qtype, nbytes, err))
     return rows
 
 
@@ -51,11 +56,11 @@ def test_explanation_and_tensor_type_file():
     md = explain_markdown(a, "test")
     assert "| `blk.0.ffn_down.weight` | Q4_K |" in md
     assert "Q8_0 would save" in md and "smallest type its rows allow" in md
-    assert tensor_type_lines(a) == ["^blk\\.0\\.ffn_down\\.weight$=q4_k", "^blk\\.0\\.attn_q\\.weight$=q2_k"] or \
-        sorted(tensor_type_lines(a)) == sorted(["^blk\\.0\\.ffn_down\\.weight$=q4_k", "^blk\\.0\\.attn_q\\.weight$=q2_k"])
+    assert sorted(tensor_type_file_lines(a.types)) == sorted(["^blk\\.0\\.ffn_down\\.weight$=q4_k",
+                                                              "^blk\\.0\\.attn_q\\.weight$=q2_k"])
     # renumbered when layers are pruned first
-    assert tensor_type_lines(allocate([dict(r, tensor=r["tensor"].replace("blk.0", "blk.5")) for r in _errors()],
-                                      ALPHAS, 1300, 1000), prune=(1, 2))[0].startswith("^blk\\.3\\.")
+    moved = [dataclasses.replace(r, tensor=r.tensor.replace("blk.0", "blk.5")) for r in _errors()]
+    assert tensor_type_file_lines(allocate(moved, ALPHAS, 1300, 1000).types, (1, 2))[0].startswith("^blk\\.3\\.")
 
 
 def test_sizes_parse():
@@ -79,14 +84,14 @@ variants:
 
 
 def _plan(write_recipe, tmp_path, select, variant=""):
-    from pipeline.plan import build_steps, open_run
+    from pipeline.stages.registry import build_steps, open_run
 
     path = write_recipe(RECIPE.format(select=select, variant=variant))
     return build_steps(open_run(path.name, tmp_path / "results"))
 
 
 def test_recipe_keys_load_and_round_trip(write_recipe):
-    from pipeline.recipe import dump_recipe, load_recipe
+    from pipeline.recipe.load import dump_recipe, load_recipe
 
     path = write_recipe(RECIPE.format(select="  prune: {auto: 2}\n  target_size: 150 MiB",
                                       variant=", target_bpw: 4.5"))
@@ -109,7 +114,7 @@ def test_recipe_keys_load_and_round_trip(write_recipe):
      "got 'lots'"),
 ])
 def test_bad_recipe_keys_are_one_line(write_recipe, tmp_path, monkeypatch, select, variant, expected):
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.load import load_recipe
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SqueezeError) as e:
@@ -140,15 +145,15 @@ def test_a_budget_below_the_smallest_file_is_refused_before_any_work(write_recip
 def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp_path, monkeypatch):
     """The quantize stage allocates from sensitivity.json (here: errors that shrink with bits,
     alphas from the tensor kind) and llama.cpp writes exactly the chosen types within the budget."""
-    import json
     import os
 
-    from pipeline import quantize
-    from pipeline.ggml_types import bits_per_weight, tensor_type
-    from pipeline.gguf_index import read_index
-    from pipeline.plan import open_run
-    from pipeline.runner import Runner
-    from pipeline.sensitivity import CANDIDATE_TYPES, fits, group_of
+    from pipeline.formats.ggml_types import bits_per_weight, tensor_type
+    from pipeline.formats.gguf_index import read_index
+    from pipeline.measure.budget import tensor_bytes
+    from pipeline.measure.sensitivity import CANDIDATE_TYPES, fits, group_of
+    from pipeline.run.runner import Runner
+    from pipeline.stages import quantize
+    from pipeline.stages.registry import open_run
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe("""
@@ -166,12 +171,11 @@ def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp
         for q in CANDIDATE_TYPES:
             if g and fits(t.shape, q):
                 n = t.shape[0] * t.shape[1]
-                nbytes = quantize._tensor_bytes(q, t.shape)
-                errors.append({"tensor": t.name, "group": g, "type": q, "bytes": nbytes,
-                               "error": n * 4.0 ** -bits_per_weight(tensor_type(q))})
+                errors.append(TensorError(t.name, g, q, tensor_bytes(q, t.shape),
+                                          n * 4.0 ** -bits_per_weight(tensor_type(q))))
                 groups.add(g)
     alphas = {g: (10.0 if g == "token_embd" else 1.0) for g in groups}
-    ctx.sensitivity_json_path.write_text(json.dumps({"errors": errors, "alphas": alphas}))
+    ctx.sensitivity_json_path.write_text(Sensitivity([], {}, alphas, errors, {}).to_json())
     Runner(ctx.folder, echo=lambda m: None).run(quantize.steps(ctx))
     size = ctx.variant_path("auto").stat().st_size
     assert 180 * MiB < size <= 190 * MiB

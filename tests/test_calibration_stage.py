@@ -6,11 +6,11 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from pipeline.activations import read_layers_csv
 from pipeline.errors import SqueezeError
-from pipeline.imatrix_file import read_imatrix
-from pipeline.plan import build_steps, open_run
-from pipeline.runner import Runner
+from pipeline.formats.imatrix_file import read_imatrix
+from pipeline.formats.layers_csv import read_layers_csv
+from pipeline.run.runner import Runner
+from pipeline.stages.registry import build_steps, open_run
 
 RECIPE = """\
 name: calib
@@ -49,7 +49,7 @@ def test_run_writes_imatrix_layers_and_statistics_and_quantizes_with_them(base_f
     im = read_imatrix(ctx.imatrix_path)
     assert (im.chunk_count, im.chunk_size, im.datasets) == (2, 512, [str(calibration_sample)])
     assert len(im.entries) == 18 * 7
-    assert [r["tokens"] for r in read_layers_csv(ctx.layers_path)] == [1024] * 18
+    assert [r.tokens for r in read_layers_csv(ctx.layers_path)] == [1024] * 18
     stats = ctx.stats_csv_path.read_text().splitlines()
     assert stats[0].startswith("layer,tensor,name,sum_act2,min,max,mean,stddev,active_pct,n,entropy")
     assert len(stats) == 1 + 18 * 7
@@ -82,8 +82,9 @@ def test_too_little_calibration_text_is_one_line(base_f16, write_recipe, tmp_pat
 
 @pytest.mark.slow
 def test_imatrix_from_another_model_stops_the_run(base_f16, write_recipe, tmp_path):
-    from pipeline.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
     import numpy as np
+
+    from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
 
     other = tmp_path / "smollm2.imatrix.gguf"
     # SmolLM2-135M's first attention input: 576 columns, not Gemma 3 270M's 640
@@ -102,7 +103,7 @@ def test_imatrix_commands_combine_and_describe(tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
+    from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
 
     def part(scale):
         return Imatrix(entries={f"blk.{i}.ffn_up.weight": ImatrixEntry(np.full((1, 4), scale * (i + 1), np.float32),

@@ -14,8 +14,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import SqueezeError
-from pipeline.plan import open_run
-
+from pipeline.stages.registry import open_run
 from tests.conftest import run_squeeze
 from tests.tiny_gemma import build_tiny_gemma3, calibration_text
 
@@ -66,7 +65,8 @@ def test_plan_reads_the_folder_and_lists_convert_first(tiny_hf, write_recipe, tm
     lines = result.output.splitlines()
     assert f"gemma3, {N_LAYERS} layers, 3 variants" in lines[0]
     assert lines[1].split()[:2] == ["convert", "convert"]
-    assert f"base-f16.gguf (F16 base from Hugging Face folder {tiny_hf}, by llama.cpp's convert_hf_to_gguf.py)" \
+    assert (f"base-f16.gguf + base-f16.json (F16 base from Hugging Face folder {tiny_hf}, "
+            f"by llama.cpp's convert_hf_to_gguf.py)") \
         in lines[1]
 
 
@@ -175,7 +175,7 @@ def test_run_converts_quantizes_and_scores_the_hf_model(converted_run):
     assert step["extra"]["peak_rss_mib"] > 0
     assert sorted(Path(p).name for p in step["inputs"]) == [
         "config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
-    from pipeline.engine import Model
+    from pipeline.engine.model import Model
 
     with Model(results / "variants" / "Q3_K_M-pruned.gguf") as pruned:
         assert pruned.n_layer == N_LAYERS - 1
@@ -188,7 +188,7 @@ def test_run_converts_quantizes_and_scores_the_hf_model(converted_run):
 def test_converted_base_loads_and_tokenizes_like_sentencepiece(converted_run, tiny_hf):
     import sentencepiece as spm
 
-    from pipeline.engine import Model
+    from pipeline.engine.model import Model
 
     _, results, _ = converted_run
     sp = spm.SentencePieceProcessor(model_file=str(tiny_hf / "tokenizer.model"))

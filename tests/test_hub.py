@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import hub
 from pipeline.cli import main
 from pipeline.errors import SqueezeError
-
+from pipeline.sources import hub
 from tests.fake_hub import FakeHub
 from tests.tiny_gemma import build_tiny_gemma3, calibration_text
 
@@ -42,7 +41,7 @@ def hub_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_hub(hub_folder, tmp_path, monkeypatch):
-    from pipeline import toolchain
+    from pipeline.engine import toolchain
 
     # keep using the fetched llama.cpp source while squeeze's cache is a fresh folder
     monkeypatch.setenv("SQUEEZE_LLAMA_CPP_SRC", str(toolchain.converter_root()))
@@ -115,7 +114,7 @@ def test_revision_that_does_not_exist(fake_hub):
 
 
 def test_malformed_hub_id_is_caught_when_the_recipe_loads(write_recipe):
-    from pipeline.plan import open_run
+    from pipeline.stages.registry import open_run
 
     recipe = write_recipe("""\
         model:
@@ -148,7 +147,7 @@ def test_squeeze_run_with_unknown_hub_id_fails_in_one_line(fake_hub, write_recip
 
 def test_dataset_download_through_the_hub(fake_hub, tmp_path, monkeypatch):
     """datasets.py fetches wikitext-2 from its hub home when no data folder has it."""
-    from pipeline.datasets import resolve_dataset
+    from pipeline.sources.datasets import resolve_dataset
 
     repo = tmp_path / "ci"
     repo.mkdir()
@@ -163,10 +162,10 @@ def test_dataset_download_through_the_hub(fake_hub, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_convert_stage_downloads_and_converts_a_hub_model(fake_hub, write_recipe, tmp_path):
-    from pipeline import convert
-    from pipeline.engine import Model
-    from pipeline.plan import open_run
-    from pipeline.runner import Runner
+    from pipeline.engine.model import Model
+    from pipeline.run.runner import Runner
+    from pipeline.stages import convert
+    from pipeline.stages.registry import open_run
 
     recipe = write_recipe(f"""\
         model:
@@ -178,8 +177,8 @@ def test_convert_stage_downloads_and_converts_a_hub_model(fake_hub, write_recipe
         """)
     plan = CliRunner().invoke(main, ["plan", str(recipe), "--results", str(tmp_path / "res")])
     assert plan.output.splitlines()[1].endswith(
-        f"base-bf16.gguf (BF16 base from Hugging Face hub model {REPO}, by llama.cpp's convert_hf_to_gguf.py; "
-        f"downloaded first)"), plan.output
+        f"base-bf16.gguf + base-bf16.json (BF16 base from Hugging Face hub model {REPO}, by llama.cpp's "
+        f"convert_hf_to_gguf.py; downloaded first)"), plan.output
     ctx = open_run(recipe, tmp_path / "res")
     Runner(ctx.folder, echo=lambda _: None).run(convert.steps(ctx))
     with Model(ctx.base_path) as model:

@@ -9,12 +9,12 @@ import gguf
 import numpy as np
 import pytest
 
-from pipeline.activations import (calibration_tokens, collect, fingerprint, load_checkpoint, read_layers_csv,
-                                  to_imatrix)
 from pipeline.errors import SqueezeError
-from pipeline.imatrix_file import (Imatrix, ImatrixEntry, check_against_model, combine_imatrices, read_imatrix,
-                                   write_imatrix)
-from pipeline.model_info import read_model_info
+from pipeline.formats.imatrix_file import (Imatrix, ImatrixEntry, check_against_model, combine_imatrices, read_imatrix,
+                                           write_imatrix)
+from pipeline.formats.layers_csv import read_layers_csv
+from pipeline.formats.model_info import read_model_info
+from pipeline.measure.calibration import calibration_tokens, collect, fingerprint, load_checkpoint, to_imatrix
 
 CALIBRATION_CHUNKS = 4  # what the squeeze_imatrix / cli_imatrix fixtures of conftest.py use
 
@@ -52,7 +52,7 @@ def test_imatrix_matches_llama_imatrix(squeeze_imatrix, cli_imatrix):
 @pytest.mark.slow
 @pytest.mark.reference
 def test_quantizing_with_squeeze_imatrix_is_bit_identical(base_f16, squeeze_imatrix, cli_imatrix, tmp_path):
-    from pipeline.quantize import quantize_file
+    from pipeline.engine.quantize import quantize_file
 
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     quantize_file(base_f16, ours, "Q2_K", imatrix_path=squeeze_imatrix[0])
@@ -96,13 +96,13 @@ def test_legacy_dat_and_combining_match_the_cli(base_f16, squeeze_imatrix, cli_i
 @pytest.mark.slow
 def test_layers_csv_has_every_block_over_every_token(squeeze_imatrix):
     rows = read_layers_csv(squeeze_imatrix[1])
-    assert [r["layer"] for r in rows] == list(range(18))
-    assert all(r["tokens"] == CALIBRATION_CHUNKS * 512 for r in rows)
-    assert all(-1.0 <= r["cos_sim"] <= 1.0 for r in rows)
-    assert all(abs(r["block_influence"] - (1.0 - r["cos_sim"])) < 1e-7 for r in rows)
+    assert [r.layer for r in rows] == list(range(18))
+    assert all(r.tokens == CALIBRATION_CHUNKS * 512 for r in rows)
+    assert all(-1.0 <= r.cos_sim <= 1.0 for r in rows)
+    assert all(abs(r.block_influence - (1.0 - r.cos_sim)) < 1e-7 for r in rows)
     # block 0 turns token embeddings into something else; the middle blocks change the state little
-    assert rows[0]["block_influence"] > 0.5
-    assert min(r["block_influence"] for r in rows) < 0.05
+    assert rows[0].block_influence > 0.5
+    assert min(r.block_influence for r in rows) < 0.05
 
 
 @pytest.mark.slow

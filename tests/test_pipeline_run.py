@@ -13,7 +13,7 @@ import time
 import gguf
 import pytest
 
-from pipeline.engine import Model
+from pipeline.engine.model import Model
 from tests.conftest import ROOT, run_squeeze
 
 pytestmark = pytest.mark.slow

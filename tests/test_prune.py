@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SqueezeError
-from pipeline.imatrix_file import Imatrix, ImatrixEntry
-from pipeline.prune import layer_map, prune_gguf, remap_imatrix, swa_pattern
+from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
+from pipeline.formats.prune import layer_map, prune_gguf, remap_imatrix, swa_pattern
 
 GEMMA3_DEFAULT = [i % 6 != 5 for i in range(18)]  # True = sliding window; 5, 11, 17 are global
 
@@ -57,7 +57,7 @@ def test_tiny_prune_shortens_per_layer_arrays_and_renumbers(tmp_path):
     by_name = {t.name: t for t in r.tensors}
     assert float(by_name["blk.1.attn_q.weight"].data[0, 0]) == 2.0  # old layer 2 moved up
     assert float(by_name["blk.2.attn_norm.weight"].data[0]) == 3.0
-    assert info["kept"] == [0, 2, 3]
+    assert info.kept == (0, 2, 3)
 
 
 def test_tiny_prune_keeps_an_explicit_pattern(tmp_path):
@@ -80,7 +80,7 @@ def test_bad_prune_sets_are_one_line_errors(tmp_path):
     _tiny_gemma3(src)
     with pytest.raises(SqueezeError) as e:
         prune_gguf(src, tmp_path / "x.gguf", [0, 1, 2, 3])
-    assert str(e.value) == "tiny.gguf: prune: prunes 4 of 4 layers; at least one must stay"
+    assert str(e.value) == "tiny.gguf: prune: prunes all 4 layers; at least one must stay"
     with pytest.raises(SqueezeError) as e:
         prune_gguf(src, tmp_path / "x.gguf", [4])
     assert str(e.value) == "tiny.gguf: prune: layer 4 is out of range: the model has 4 layers (0-3)"
@@ -113,9 +113,7 @@ def pruned_13_15(base_f16, tmp_path_factory):
 
 @pytest.mark.slow
 def test_gemma3_survivors_keep_their_local_global_kind(base_f16, pruned_13_15):
-    from pipeline.gguf_index import read_metadata
-
-    from pipeline.gguf_index import read_index, tensor_values
+    from pipeline.formats.gguf_index import read_index, read_metadata, tensor_values
 
     meta = {kv.key: kv.value for kv in read_metadata(base_f16)[0]}
     assert swa_pattern(meta, "gemma3", 18) == GEMMA3_DEFAULT
@@ -137,7 +135,8 @@ def test_gemma3_survivors_keep_their_local_global_kind(base_f16, pruned_13_15):
 
 @pytest.mark.slow
 def test_pruned_model_loads_and_generates(pruned_13_15):
-    from pipeline.engine import Context, Model
+    from pipeline.engine.context import Context
+    from pipeline.engine.model import Model
 
     with Model(pruned_13_15) as model, Context(model, 64, 1, None) as ctx:
         assert model.n_layer == 16
@@ -162,10 +161,10 @@ def test_prune_stage_feeds_quantize_with_renumbered_rules(base_f16, write_recipe
     against the original layer 17 lands on the new layer 15."""
     import os
 
-    from pipeline import prune, quantize
-    from pipeline.gguf_index import read_index
-    from pipeline.plan import open_run
-    from pipeline.runner import Runner
+    from pipeline.formats.gguf_index import read_index
+    from pipeline.run.runner import Runner
+    from pipeline.stages import prune, quantize
+    from pipeline.stages.registry import open_run
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe("""
@@ -193,13 +192,13 @@ def test_prune_stage_feeds_quantize_with_renumbered_rules(base_f16, write_recipe
 
 
 def Model_(path):
-    from pipeline.engine import Model
+    from pipeline.engine.model import Model
 
     return Model(path)
 
 
 def test_auto_candidates_take_the_top_of_each_proxy():
-    from pipeline.prune_auto import proxy_ranking
+    from pipeline.measure.prune_auto import proxy_ranking
 
     bi = {0: 0.9, 1: 0.5, 2: 0.1, 3: 0.2, 4: 0.3}
     cos = {0: 0.0, 1: 0.99, 2: 0.5, 3: 0.4, 4: 0.98}

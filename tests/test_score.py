@@ -9,10 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline import drift, perplexity, speed
-from pipeline.datasets import read_text, resolve_dataset
-from pipeline.engine import Context, Model
+from pipeline.engine.context import Context
+from pipeline.engine.model import Model
 from pipeline.errors import SqueezeError
+from pipeline.fsutil import read_text
+from pipeline.measure import drift, perplexity, speed
+from pipeline.sources.datasets import resolve_dataset
 
 CTX, CHUNKS = 256, 6  # 762 scored tokens: enough for the CLI's statistics (it wants >= 100)
 
@@ -68,7 +70,7 @@ def tiny_gguf_with_vocab(dst, width: int = 64):
 
 @pytest.fixture(scope="module")
 def variant_q3(base_f16, tmp_path_factory):
-    from pipeline.quantize import quantize_file
+    from pipeline.stages.quantize import quantize_file
 
     path = tmp_path_factory.mktemp("score") / "Q3_K_M.gguf"
     quantize_file(base_f16, path, "Q3_K_M")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import SqueezeError
-from pipeline.recipe import dump_recipe, load_recipe
+from pipeline.recipe.load import dump_recipe, load_recipe
 
 RECIPE = """
 version: 1

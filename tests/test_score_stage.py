@@ -8,10 +8,11 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline import report, score
-from pipeline.context import RunContext
-from pipeline.recipe import load_recipe
-from pipeline.runner import Runner
+from pipeline.recipe.load import load_recipe
+from pipeline.run.layout import RunContext
+from pipeline.run.runner import Runner
+from pipeline.sources.model_source import gguf_origin, parse_source
+from pipeline.stages import report, score
 
 RECIPE = """
 version: 1
@@ -32,6 +33,7 @@ def test_score_stage_writes_every_table(write_recipe, tmp_path, base_f16, source
     ctx = RunContext(load_recipe(write_recipe(RECIPE)), tmp_path / "results")
     ctx.base_path.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(base_f16, ctx.base_path)
+    gguf_origin(source_gguf, parse_source(ctx.recipe)).save(ctx.base_info_path)  # what convert records
     ctx.variant_path("Q4_K_M").parent.mkdir(parents=True)
     os.symlink(source_gguf, ctx.variant_path("Q4_K_M"))
     steps = score.steps(ctx) + report.steps(ctx)

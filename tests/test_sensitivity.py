@@ -9,9 +9,11 @@ import gguf
 import numpy as np
 import pytest
 
-from pipeline.imatrix_file import Imatrix, ImatrixEntry
-from pipeline.sensitivity import (ATTN, LayerRow, build_mixed, group_of, imatrix_layer_stats, low_type_for,
-                                  low_types, plot_heatmap, proxy_correlations, spearman, tensor_errors)
+from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
+from pipeline.formats.tensor_names import ATTN_KINDS
+from pipeline.measure.sensitivity import (LayerRow, build_mixed, group_of, imatrix_layer_stats, low_type_for, low_types,
+                                          proxy_correlations, spearman, tensor_errors)
+from pipeline.report.sensitivity import plot_heatmap
 
 
 def test_groups_and_low_types():
@@ -31,22 +33,19 @@ def test_spearman_matches_known_values():
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)  # ties: average ranks
 
 
-def test_imatrix_layer_stats_agree_with_the_statistics_stage():
-    from pipeline.statistics import layer_statistics, tensor_statistics
-
-    rng = np.random.default_rng(0)
-    im = Imatrix(datasets=["x"], chunk_count=1, chunk_size=512)
-    for layer in range(4):
-        for t in ("attn_q", "ffn_down"):
-            n = 64 if t == "attn_q" else 128
-            im.entries[f"blk.{layer}.{t}.weight"] = ImatrixEntry(rng.random((1, n), dtype=np.float32) + layer,
-                                                                  np.array([512]))
-    mine = imatrix_layer_stats(im)
-    theirs = {int(r["layer"]): r for r in layer_statistics(tensor_statistics(im))}
-    for layer in range(4):
-        assert mine[layer]["cossim"] == pytest.approx(theirs[layer]["mean_cossim"], abs=1e-5)
-        assert 100 * mine[layer]["zd"] == pytest.approx(theirs[layer]["mean_zd_pct"], abs=1e-4)
-    assert mine[0]["cossim"] == 0.0
+def test_imatrix_layer_proxies_on_known_vectors():
+    """CosSim with the block above and ZD per layer (pipeline.measure.statistics computes them, as
+    test_statistics checks against llama-imatrix): parallel importance vectors give 1, orthogonal 0."""
+    im = Imatrix(datasets=["x"], chunk_count=1, chunk_size=1)
+    for layer, values in ((0, [1, 0, 0, 0]), (1, [2, 0, 0, 0]), (2, [0, 1, 0, 0])):
+        im.entries[f"blk.{layer}.attn_q.weight"] = ImatrixEntry(np.array([values], dtype=np.float32), np.array([1]))
+    stats = imatrix_layer_stats(im)
+    assert sorted(stats) == [0, 1, 2]
+    assert stats[0]["cossim"] == 0.0  # no block above
+    assert stats[1]["cossim"] == pytest.approx(1.0)
+    assert stats[2]["cossim"] == pytest.approx(0.0)
+    # one of four columns lies more than one sd above the mean: ZD 1/4
+    assert stats[0]["zd"] == pytest.approx(0.25) and stats[2]["zd"] == pytest.approx(0.25)
 
 
 def test_heatmap_and_correlations(tmp_path):
@@ -63,7 +62,7 @@ def test_heatmap_and_correlations(tmp_path):
 # ---- the real model ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def info(base_f16):
-    from pipeline.model_info import read_model_info
+    from pipeline.formats.model_info import read_model_info
 
     return read_model_info(base_f16)
 
@@ -73,8 +72,8 @@ def probe(base_f16):
     import os
     from pathlib import Path
 
-    from pipeline.datasets import read_text
-    from pipeline.sensitivity import KLDProbe
+    from pipeline.fsutil import read_text
+    from pipeline.measure.sensitivity import KLDProbe
 
     text = read_text(Path(os.environ["SQUEEZE_DATA"]) / "imatrix-calibration" / "groups_merged.txt")
     return KLDProbe(base_f16, text, 256, 2)
@@ -82,7 +81,7 @@ def probe(base_f16):
 
 @pytest.mark.slow
 def test_only_the_named_tensors_are_quantized_and_cost_kld(base_f16, info, probe, tmp_path):
-    types = low_types(info, 3, ATTN)
+    types = low_types(info, 3, ATTN_KINDS)
     assert types == {"blk.3.attn_q.weight": "Q4_0", "blk.3.attn_k.weight": "Q4_0",
                      "blk.3.attn_v.weight": "Q4_0", "blk.3.attn_output.weight": "Q2_K"}
     path = tmp_path / "attn3.gguf"
@@ -103,7 +102,7 @@ def test_only_the_named_tensors_are_quantized_and_cost_kld(base_f16, info, probe
 def test_weight_errors_shrink_with_more_bits(base_f16, info, tmp_path):
     only = {"blk.3.attn_output.weight", "blk.3.attn_q.weight"}
     rows = tensor_errors(base_f16, None, info, tmp_path, types=("Q2_K", "Q4_K", "Q6_K", "Q4_0"), only=only)
-    err = {(r["tensor"], r["type"]): r["error"] for r in rows}
+    err = {(r.tensor, r.type): r.error for r in rows}
     out = "blk.3.attn_output.weight"
     assert err[(out, "Q2_K")] > err[(out, "Q4_0")] > err[(out, "Q4_K")] >= 0
     # the base was dequantized from a file holding this tensor as Q4_K: back on its grid, nearly
@@ -112,5 +111,5 @@ def test_weight_errors_shrink_with_more_bits(base_f16, info, tmp_path):
     assert err[(out, "Q6_K")] > err[(out, "Q4_K")]
     assert ("blk.3.attn_q.weight", "Q2_K") not in err  # 640-wide rows: K-quants fall back, not a choice
     assert err[("blk.3.attn_q.weight", "Q4_0")] > 0
-    sizes = {(r["tensor"], r["type"]): r["bytes"] for r in rows}
+    sizes = {(r.tensor, r.type): r.bytes for r in rows}
     assert sizes[(out, "Q2_K")] == 640 * 1024 // 256 * 84  # 84 bytes per 256-block

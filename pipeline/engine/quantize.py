@@ -1,0 +1,81 @@
+"""llama_model_quantize in-process, with the imatrix, tensor-override and kv-override structs
+that llama-quantize builds from its flags.
+
+Given the same imatrix and overrides the output tensors are bit-identical to the CLI's; the
+`quantize.imatrix.*` keys are written the same way (through kv overrides). Layers are pruned
+before quantizing (pipeline.formats.prune), never here: llama.cpp's own prune re-derives every
+per-layer fact from the new index.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llama_cpp
+
+from pipeline.engine.backend import default_threads, init_backend
+from pipeline.errors import SqueezeError
+from pipeline.formats import ggml_types
+from pipeline.formats.imatrix_file import read_imatrix
+
+
+def quantize_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None = None,
+                  overrides: list[tuple[str, str]] = (),
+                  output_type: str | None = None, token_embedding_type: str | None = None,
+                  threads: int | None = None) -> None:
+    """Quantize `src` into `dst` as llama-quantize would with the equivalent flags."""
+    init_backend()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads or default_threads()
+    params.ftype = int(ggml_types.file_type(ftype))
+    if output_type:
+        params.output_tensor_type = int(ggml_types.tensor_type(output_type))
+    if token_embedding_type:
+        params.token_embedding_type = int(ggml_types.tensor_type(token_embedding_type))
+
+    keep_alive = []  # ctypes buffers referenced by params must outlive the call
+    kv = []
+    if imatrix_path is not None:
+        im = read_imatrix(imatrix_path)
+        data = im.normalized()
+        arr = (llama_cpp.llama_model_imatrix_data * (len(data) + 1))()
+        for i, (name, values) in enumerate(data.items()):
+            buf = (ctypes.c_float * len(values)).from_buffer_copy(values.tobytes())
+            keep_alive.append(buf)
+            arr[i].name = name.encode()
+            arr[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
+            arr[i].size = len(values)
+        arr[len(data)].name = None
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_alive.append(arr)
+        kv.append(("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(imatrix_path)))
+        if im.datasets:
+            kv.append(("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, im.datasets[0]))
+        kv.append(("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(data)))
+        if im.chunk_count > 0:
+            kv.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, im.chunk_count))
+    if kv:
+        arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+        for i, (key, tag, value) in enumerate(kv):
+            arr[i].key = key.encode()
+            arr[i].tag = tag
+            if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
+                arr[i].value.val_str = value.encode()[:127]
+            else:
+                arr[i].value.val_i64 = value
+        arr[len(kv)].key = b""
+        params.kv_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep_alive.append(arr)
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, qtype) in enumerate(overrides):
+            arr[i].pattern = pattern.encode()
+            arr[i].type = int(ggml_types.tensor_type(qtype))
+        arr[len(overrides)].pattern = None
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep_alive.append(arr)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SqueezeError(f"quantizing {src.name} to {ftype} failed (llama_model_quantize returned {rc}); "
+                           f"set SQUEEZE_LLAMA_LOG=1 to see llama.cpp's log")

@@ -1,0 +1,96 @@
+"""What a model is made of (architecture, layer count, tensor names and shapes), read from a
+GGUF header without loading weights, or named from gguf-py's templates for a model not here yet."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from pipeline.errors import SqueezeError
+from pipeline.fsutil import cache_dir, write_json_atomic
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...] | None  # ggml order: shape[0] is the row length (ne0)
+    type: str | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    n_layers: int
+    tensors: tuple[TensorInfo, ...]
+    n_vocab: int | None = None
+
+    def quantizable(self) -> list[TensorInfo]:
+        """Tensors llama-quantize may change the type of: the 2-D (or 3-D expert) weights."""
+        return [t for t in self.tensors if t.name.endswith(".weight") and (t.shape is None or len(t.shape) >= 2)]
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Header facts of a GGUF, cached by (path, size, mtime): gguf-py parses every vocabulary
+    string of the header, seconds for a 262k vocabulary, and plans/status need this often."""
+    path = Path(path)
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cached = cache_dir("model-info") / f"{key}.json"
+    try:
+        data = json.loads(cached.read_text())
+        return ModelInfo(data["arch"], data["n_layers"],
+                         tuple(TensorInfo(n, tuple(s) if s is not None else None, t) for n, s, t in data["tensors"]),
+                         data["n_vocab"])
+    except (OSError, ValueError, KeyError):
+        pass
+    info = _parse_model_info(path)
+    write_json_atomic(cached, {"arch": info.arch, "n_layers": info.n_layers, "n_vocab": info.n_vocab,
+                               "tensors": [[t.name, t.shape, t.type] for t in info.tensors]})
+    return info
+
+
+def _parse_model_info(path: Path) -> ModelInfo:
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # gguf raises ValueError/struct errors for truncated files
+        raise SqueezeError(f"{path}: not a readable GGUF file ({exc})") from None
+    arch = _field_str(reader, gguf.Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise SqueezeError(f"{path}: GGUF file has no general.architecture")
+    n_layers = _field_int(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    tensors = tuple(TensorInfo(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors)
+    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
+    n_vocab = len(tokens.data) if tokens is not None else None
+    return ModelInfo(arch, n_layers or 0, tensors, n_vocab)
+
+
+def synthetic_model_info(arch: str, n_layers: int) -> ModelInfo:
+    """Tensor names llama.cpp would give an `arch` model with `n_layers` blocks (shapes unknown).
+
+    Lets `squeeze plan` validate a recipe for a model that is not on this machine."""
+    try:
+        march = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    except StopIteration:
+        raise SqueezeError(f"model.arch: unknown architecture '{arch}'") from None
+    names = []
+    for t in gguf.MODEL_TENSORS[march]:
+        template = gguf.TENSOR_NAMES[t]
+        if "{bid}" in template:
+            names += [template.format(bid=i) + ".weight" for i in range(n_layers)]
+        else:
+            names.append(template + ".weight")
+    return ModelInfo(arch, n_layers, tuple(TensorInfo(n, None, None) for n in names))
+
+
+def _field_str(reader, key):
+    f = reader.get_field(key)
+    return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8")
+
+
+def _field_int(reader, key):
+    f = reader.get_field(key)
+    return None if f is None else int(f.parts[f.data[0]][0])

@@ -1,0 +1,90 @@
+"""The one grammar of llama.cpp tensor names, built on gguf-py's name templates.
+
+A block's tensors are `blk.<layer>.<kind>.<suffix>` (`blk.3.ffn_down.weight`), the others
+`<kind>.<suffix>` (`token_embd.weight`, `output_norm.weight`). Everything that parses a name,
+groups tensors by layer or kind, or renumbers layers after a prune does it here, so a type rule
+written against layer 17 can never land on another layer because two copies disagreed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+
+_T = gguf.MODEL_TENSOR
+
+
+def _kind(t: gguf.MODEL_TENSOR) -> str:
+    return gguf.TENSOR_NAMES[t].rsplit(".", 1)[-1]  # "blk.{bid}.attn_q" -> "attn_q"
+
+
+BLOCK_PREFIX = re.compile(r"^blk\.(\d+)\.")
+TOKEN_EMBD = gguf.TENSOR_NAMES[_T.TOKEN_EMBD] + ".weight"
+OUTPUT = gguf.TENSOR_NAMES[_T.OUTPUT] + ".weight"
+# The kinds a layer's attention and MLP are made of (pruning probes, per-group sensitivities).
+ATTN_KINDS = tuple(_kind(t) for t in (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT))
+MLP_KINDS = tuple(_kind(t) for t in (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN))
+# The order tensor families are shown in (statistics heatmaps); unknown kinds follow, sorted.
+FAMILY_ORDER = tuple(_kind(t) for t in (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_QKV, _T.ATTN_OUT, _T.FFN_GATE,
+                                         _T.FFN_UP, _T.FFN_DOWN, _T.FFN_GATE_EXP, _T.FFN_UP_EXP, _T.FFN_DOWN_EXP))
+
+
+@dataclass(frozen=True)
+class TensorName:
+    layer: int | None  # None outside the blocks
+    kind: str  # "attn_q", "token_embd", ...
+    suffix: str  # "weight", "bias", ... ("" when the name has none)
+
+
+def parse(name: str) -> TensorName:
+    m = BLOCK_PREFIX.match(name)
+    rest = name[m.end():] if m else name
+    kind, _, suffix = rest.partition(".")
+    return TensorName(int(m.group(1)) if m else None, kind, suffix)
+
+
+def layer_of(name: str) -> int | None:
+    m = BLOCK_PREFIX.match(name)
+    return int(m.group(1)) if m else None
+
+
+def kind_of(name: str) -> str:
+    return parse(name).kind
+
+
+def with_layer(name: str, layer: int) -> str:
+    """The same tensor in another block: `blk.3.ffn_down.weight` -> `blk.<layer>.ffn_down.weight`."""
+    return BLOCK_PREFIX.sub(f"blk.{layer}.", name, count=1)
+
+
+def sort_key(name: str) -> tuple:
+    """Non-block tensors first, then by layer and kind."""
+    n = parse(name)
+    return (-1, name) if n.layer is None else (n.layer, n.kind)
+
+
+def exact_pattern(name: str) -> str:
+    """A regex matching exactly this name (llama.cpp searches tensor-type patterns unanchored)."""
+    return "^" + re.escape(name) + "$"
+
+
+# ---- renumbering after a prune ------------------------------------------------------------------
+
+def renumber(name: str, drop) -> str | None:
+    """The name once the layers in `drop` (original numbers) are removed and later layers move
+    up; None when the tensor's own layer is dropped. llama.cpp renumbers the same way."""
+    layer = layer_of(name)
+    if layer is None or not drop:
+        return name
+    if layer in drop:
+        return None
+    return with_layer(name, layer - sum(1 for d in set(drop) if d < layer))
+
+
+def layer_map(n_layers: int, drop) -> dict[int, int]:
+    """Original layer number -> new number, for the layers that stay."""
+    dropped = set(drop)
+    kept = [i for i in range(n_layers) if i not in dropped]
+    return {old: new for new, old in enumerate(kept)}

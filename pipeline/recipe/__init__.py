@@ -1,0 +1,1 @@
+"""Recipes: schema (frozen dataclasses), YAML with locations, validation, rule resolution."""

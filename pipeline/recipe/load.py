@@ -1,0 +1,275 @@
+"""Recipes: YAML in, frozen dataclasses out (pipeline.recipe.schema), every mistake rejected
+before any work starts.
+
+`extends: other.yaml` inherits another recipe; mappings merge key by key and lists are replaced
+whole. Errors read `recipes/x.yaml:12: select.rules[0].type: unknown tensor type 'Q4_KK'; did
+you mean 'Q4_K'?` -- file, line, key, what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import SqueezeError, did_you_mean
+from pipeline.formats import ggml_types
+from pipeline.formats.task_data import check_benchmark
+from pipeline.recipe.schema import SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec
+from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
+from pipeline.units import parse_size
+
+# Keys that hold the recipe's structure, not values; `extends` is resolved while loading.
+_RESERVED = {"extends"}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load, merge `extends:`, convert and validate a recipe (everything but model-dependent checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SqueezeError(f"{path}: recipe file not found")
+    doc = _load_with_extends(path, seen=())
+    if not isinstance(doc.value, dict):
+        raise SqueezeError(f"{path}:1: a recipe is a mapping of sections (model, variants, ...)")
+    value = {k: v for k, v in doc.value.items() if k not in _RESERVED}
+    value.setdefault("name", path.stem)
+    recipe = _build(Recipe, value, (), doc, path)
+    recipe = dataclasses.replace(recipe, path=str(path), locations=doc.where)
+    validate(recipe)
+    return recipe
+
+
+def _load_with_extends(path: Path, seen: tuple) -> Located:
+    if path.resolve() in seen:
+        raise SqueezeError(f"{path}: `extends` loops back to itself")
+    doc = load_yaml(path)
+    parent = doc.value.get("extends") if isinstance(doc.value, dict) else None
+    if parent is None:
+        return doc
+    if not isinstance(parent, str):
+        f, line = doc.where[("extends",)]
+        raise SqueezeError(f"{f}:{line}: extends: expected a recipe file name")
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.is_file() and parent_path.suffix == "":
+        parent_path = parent_path.with_suffix(".yaml")
+    if not parent_path.is_file():
+        f, line = doc.where[("extends",)]
+        raise SqueezeError(f"{f}:{line}: extends: recipe '{parent}' not found (looked for {parent_path})")
+    return merge(_load_with_extends(parent_path, seen + (path.resolve(),)), doc)
+
+
+def _fail(doc: Located, path: tuple, message: str, fallback: Path) -> typing.NoReturn:
+    loc = doc.line_of(path)
+    prefix = f"{loc[0]}:{loc[1]}" if loc else str(fallback)
+    raise SqueezeError(f"{prefix}: {dotted(path)}: {message}")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        item = _type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {item}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _build(tp, value, path: tuple, doc: Located, fpath: Path):
+    """Convert a YAML value to `tp`, naming the key and what was expected when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, path, doc, fpath)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            _fail(doc, path, f"expected {_type_name(tp)}, got {value!r}", fpath)
+        return tuple(_build(item_tp, v, path + (i,), doc, fpath) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path, doc, fpath)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(doc, path, f"expected true or false, got {value!r}", fpath)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(doc, path, f"expected an integer, got {value!r}", fpath)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(doc, path, f"expected a number, got {value!r}", fpath)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(doc, path, f"expected a string, got {value!r}", fpath)
+        return value
+    raise TypeError(f"unsupported recipe field type {tp}")
+
+
+def _build_dataclass(tp, value, path, doc, fpath):
+    if tp is TypeRule and isinstance(value, dict) and len(value) == 1 and "pattern" not in value:
+        # short form: `- attn_v: Q6_K`
+        (pattern, qtype), = value.items()
+        value = {"pattern": pattern, "type": qtype}
+    if not isinstance(value, dict):
+        _fail(doc, path, f"expected a mapping, got {value!r}", fpath)
+    if tp in (SelectSpec, VariantSpec) and isinstance(value.get("prune"), dict):
+        value = _prune_auto_form(value, path, doc, fpath)
+    hints = typing.get_type_hints(tp)
+    fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in ("path", "locations")}
+    if tp is VariantSpec:
+        fields.pop("name")
+    for key in value:
+        if key not in fields:
+            _fail(doc, path + (key,), f"unknown key{did_you_mean(key, fields)}"
+                  f" (expected one of: {', '.join(fields)})", fpath)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                _fail(doc, path, f"missing required key '{name}'", fpath)
+            continue
+        if tp is Recipe and name == "variants":
+            kwargs[name] = _build_variants(value[name], path + (name,), doc, fpath)
+        else:
+            kwargs[name] = _build(hints[name], value[name], path + (name,), doc, fpath)
+    return tp(**kwargs)
+
+
+def _prune_auto_form(value: dict, path, doc, fpath) -> dict:
+    """`prune: {auto: K}` -> prune_auto: K (the layers are picked by measured KLD)."""
+    spec = value["prune"]
+    for key in spec:
+        if key != "auto":
+            _fail(doc, path + ("prune", key), "unknown key; expected `prune: {auto: K}` (K layers picked "
+                  "automatically) or a list of layer numbers", fpath)
+    k = spec.get("auto")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        _fail(doc, path + ("prune", "auto"), f"expected a number of layers of at least 1, got {k!r}", fpath)
+    if "prune_auto" in value:
+        _fail(doc, path + ("prune",), "give either `prune: {auto: K}` or `prune_auto`, not both", fpath)
+    out = {key: v for key, v in value.items() if key != "prune"}
+    out["prune_auto"] = k
+    return out
+
+
+def _build_variants(value, path, doc, fpath):
+    if not isinstance(value, dict) or not value:
+        _fail(doc, path, "expected a mapping of variant names to {ftype: ..., ...}", fpath)
+    out = []
+    for name, spec in value.items():
+        if isinstance(spec, str):  # short form: `Q4_K_M: Q4_K_M`
+            spec = {"ftype": spec}
+        v = _build(VariantSpec, spec, path + (name,), doc, fpath)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", str(name)):
+            _fail(doc, path + (name,), "variant names may hold letters, digits and _ . + - only", fpath)
+        out.append(dataclasses.replace(v, name=str(name)))
+    return tuple(out)
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that need only the recipe: types, regexes, layer lists, references."""
+    w = recipe.where
+    if recipe.version != SCHEMA_VERSION:
+        raise SqueezeError(f"{w('version')}unsupported recipe version {recipe.version} (this squeeze reads {SCHEMA_VERSION})")
+    if recipe.model.base_type.upper() not in ggml_types.BASE_TYPES:
+        raise SqueezeError(f"{w('model', 'base_type')}expected one of {', '.join(ggml_types.BASE_TYPES)}, "
+                           f"got '{recipe.model.base_type}'{did_you_mean(recipe.model.base_type, ggml_types.BASE_TYPES)}")
+    if recipe.model.layers is not None and recipe.model.layers < 1:
+        raise SqueezeError(f"{w('model', 'layers')}expected a positive layer count")
+    for section, spec in (("calibration", recipe.calibration), ("score", recipe.score)):
+        if spec is None:
+            continue
+        if spec.ctx < 8:
+            raise SqueezeError(f"{w(section, 'ctx')}expected a context of at least 8 tokens, got {spec.ctx}")
+        if spec.chunks < 1:
+            raise SqueezeError(f"{w(section, 'chunks')}expected at least 1 chunk, got {spec.chunks}")
+    _check_rules(recipe.select.rules, ("select", "rules"), w)
+    for key in ("output_type", "token_embedding_type"):
+        if getattr(recipe.select, key):
+            ggml_types.tensor_type(getattr(recipe.select, key), w("select", key))
+    _check_prune(recipe.select.prune, ("select", "prune"), w)
+    _check_budget(recipe.select, ("select",), w)
+    names = set()
+    for v in recipe.variants:
+        base = ("variants", v.name)
+        ggml_types.file_type(v.ftype, w(*base, "ftype"))
+        _check_rules(v.rules, base + ("rules",), w)
+        for key in ("output_type", "token_embedding_type"):
+            if getattr(v, key):
+                ggml_types.tensor_type(getattr(v, key), w(*base, key))
+        if v.prune is not None:
+            _check_prune(v.prune, base + ("prune",), w)
+        _check_budget(v, base, w)
+        names.add(v.name)
+    _check_score(recipe.score, w)
+    ref = recipe.report.reference
+    if ref is not None and ref not in names:
+        raise SqueezeError(f"{w('report', 'reference')}unknown variant '{ref}'{did_you_mean(ref, names)}")
+
+
+def _check_score(score, w):
+    for i, name in enumerate(score.tasks.benchmarks):
+        check_benchmark(name, w('score', 'tasks', 'benchmarks', i))
+    for path, value, least in ((("tasks", "count"), score.tasks.count, 0), (("tasks", "ctx"), score.tasks.ctx, 16),
+                               (("speed", "pp"), score.speed.pp, 1), (("speed", "tg"), score.speed.tg, 1),
+                               (("speed", "repetitions"), score.speed.repetitions, 0),
+                               (("drift", "tokens"), score.drift.tokens, 0)):
+        if value < least:
+            raise SqueezeError(f"{w('score', *path)}expected at least {least}, got {value}")
+
+
+def _check_rules(rules, path, w):
+    for i, rule in enumerate(rules):
+        try:
+            rule.regex
+        except re.error as exc:
+            raise SqueezeError(f"{w(*path, i, 'pattern')}invalid regex '{rule.pattern}': {exc}") from None
+        ggml_types.tensor_type(rule.type, w(*path, i, "type"))
+
+
+def _check_budget(spec, path, w):
+    if spec.prune_auto is not None and spec.prune_auto < 1:
+        raise SqueezeError(f"{w(*path, 'prune_auto')}expected a number of layers of at least 1, got {spec.prune_auto}")
+    if spec.target_bpw is not None and spec.target_size is not None:
+        raise SqueezeError(f"{w(*path, 'target_size')}give either target_bpw or target_size, not both")
+    if spec.target_bpw is not None and not 0 < spec.target_bpw <= 32:
+        raise SqueezeError(f"{w(*path, 'target_bpw')}expected bits per weight between 0 and 32, got {spec.target_bpw}")
+    if spec.target_size is not None:
+        if parse_size(spec.target_size, w(*path, "target_size")) <= 0:
+            raise SqueezeError(f"{w(*path, 'target_size')}expected a size above zero, got {spec.target_size!r}")
+
+
+def _check_prune(layers, path, w):
+    for i, layer in enumerate(layers):
+        if layer < 0:
+            raise SqueezeError(f"{w(*path, i)}layer {layer} is negative")
+    if len(set(layers)) != len(layers):
+        raise SqueezeError(f"{w(*path)}a layer is listed twice: {list(layers)}")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, `extends:` resolved, as `load_recipe` reads it back (`squeeze plan --dump`)."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    def plain(obj):
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if f.name not in ("path", "locations", "name") or (f.name == "name" and type(obj) is Recipe)}
+        if isinstance(obj, tuple):
+            return [plain(x) for x in obj]
+        return obj
+
+    out = plain(recipe)
+    out["variants"] = {v.name: plain(v) for v in recipe.variants}
+    return out

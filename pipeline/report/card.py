@@ -1,0 +1,109 @@
+"""`squeeze card`: a Hugging Face model card (README.md) for a scored run: front matter, the
+files, the score tables, how the quants were made, the caveats, and how to reproduce them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import SqueezeError
+from pipeline.fsutil import write_text_atomic
+from pipeline.report.tables import PLOT_FILE, load_run, requant_caveat, tables_of
+from pipeline.run.layout import RunContext
+from pipeline.run.manifest import Manifest
+from pipeline.sources.model_source import BaseInfo
+
+
+def _front_matter(ctx: RunContext) -> str:
+    r = ctx.recipe
+    meta = {}
+    if r.report.base_model:
+        meta["base_model"] = r.report.base_model
+        meta["base_model_relation"] = "quantized"
+    if r.report.license:
+        meta["license"] = r.report.license
+    meta["library_name"] = "gguf"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["gguf", "llama.cpp", "quantized", "imatrix", "squeeze"] + \
+        (["pruned"] if any(ctx.recipe.prune_for(v) for v in r.variants) else [])
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _versions(ctx: RunContext) -> dict:
+    m = Manifest(ctx.folder)
+    for key, rec in m.steps.items():
+        if rec.versions:
+            return rec.versions
+    return {}
+
+
+def _method(ctx: RunContext) -> list[str]:
+    r = ctx.recipe
+    lines = [f"- **Base**: `{r.model.source}` converted to {r.model.base_type.upper()}; every variant is "
+             "quantized from it and every score is measured against it."]
+    c = r.calibration
+    if c is not None:
+        src = f"`{c.imatrix}`" if c.imatrix else f"{', '.join(c.datasets)}, {c.chunks} chunks of {c.ctx} tokens"
+        lines.append(f"- **Importance matrix**: {src} (llama-imatrix's method, computed in-process).")
+    if r.select.rules:
+        rules = "; ".join(f"`{t.pattern}` → {t.type}" for t in r.select.rules)
+        lines.append(f"- **Tensor types** (first matching rule wins, like `llama-quantize --tensor-type`): {rules}.")
+    pruned = {v.name: ctx.recipe.prune_for(v) for v in r.variants if ctx.recipe.prune_for(v)}
+    if pruned:
+        lines.append("- **Layer pruning** (`llama-quantize --prune-layers`): " +
+                     "; ".join(f"{n}: layers {', '.join(map(str, p))}" for n, p in pruned.items()) + ".")
+    s = r.score
+    lines.append(f"- **Scoring**: {s.dataset}, {s.chunks} chunks of {s.ctx} tokens, the second half of each "
+                 "chunk scored, as `llama-perplexity --kl-divergence` does; uncertainties are its formulas.")
+    if s.tasks.benchmarks and s.tasks.count:
+        lines.append(f"- **Tasks**: {s.tasks.count} tasks per benchmark chosen as `llama-perplexity "
+                     f"--hellaswag-tasks/--winogrande-tasks/--multiple-choice-tasks {s.tasks.count}` choose them, "
+                     f"context {s.tasks.ctx}. Small task counts carry large standard errors.")
+    v = _versions(ctx)
+    if v:
+        lines.append("- **Software**: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    return lines
+
+
+def render_card(ctx: RunContext) -> str:
+    r = ctx.recipe
+    tables = load_run(ctx.folder, [v.name for v in r.variants])
+    if tables.scores.empty:
+        raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
+    t = tables_of(tables, r.report.reference)
+    title = r.report.title or f"{r.name} GGUF"
+    parts = [_front_matter(ctx), f"# {title}", ""]
+    if r.description:
+        parts += [r.description, ""]
+    parts += ["GGUF quantizations made and measured with squeeze from one recipe; "
+              "every number below was measured on the files listed here.", "",
+              "## Files", "", t["sizes.csv"].to_markdown(index=False, disable_numparse=True), "",
+              "## Quality against the base", "",
+              f"Perplexity on {r.score.dataset} and KL divergence from the base's token distribution "
+              "(lower is better), share of tokens where both pick the same top token (higher is better).", "",
+              t["ppl-kld.csv"].to_markdown(index=False, disable_numparse=True), "",
+              t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), ""]
+    if (ctx.folder / PLOT_FILE).exists():
+        parts += [f"![mean KLD against file size]({PLOT_FILE})", ""]
+    if not t["tasks.csv"].empty:
+        parts += ["## Benchmarks", "", "Accuracy (%) ± standard error.", "", t["tasks.csv"].to_markdown(index=False, disable_numparse=True), ""]
+    if not t["speed.csv"].empty:
+        parts += ["## Speed", "", "Tokens per second on CPU (llama-bench's pp/tg tests), mean ± sd.", "",
+                  t["speed.csv"].to_markdown(index=False, disable_numparse=True), ""]
+    if not t["drift.csv"].empty:
+        parts += ["## Behaviour drift", "", "Where greedy generations first differ from the base's "
+                  "(lower error does not always mean the same behaviour).", "",
+                  t["drift.csv"].to_markdown(index=False, disable_numparse=True), ""]
+    parts += ["## How these files were made", "", *_method(ctx), ""]
+    caveat = requant_caveat(BaseInfo.load(ctx.base_info_path), tables.scores)
+    if caveat:
+        parts += ["## Caveat", "", caveat, ""]
+    parts += ["## Reproduce", "", "```sh", f"squeeze run {r.path or 'RECIPE.yaml'}", "```", ""]
+    return "\n".join(parts)
+
+
+def write_card(ctx: RunContext, output: Path | None = None) -> Path:
+    path = Path(output) if output else ctx.folder / "README.md"
+    write_text_atomic(path, render_card(ctx))
+    return path

@@ -1,0 +1,129 @@
+"""`squeeze compare`: variants of one run, or the same variants across runs and recipes, side by
+side with the change against a reference and whether that change is better or worse.
+
+Each value cell reads `0.1090 (+0.0042 ▲ worse)`: the arrow is the direction the number moved,
+the word says what that means for this metric (size, PPL, KLD: lower is better; same top p,
+task average, tokens/s: higher is better).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import SqueezeError, did_you_mean
+from pipeline.recipe.load import load_recipe
+from pipeline.report.tables import load_run
+from pipeline.run.layout import results_root
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    key: str
+    lower_is_better: bool
+    digits: int
+
+
+METRICS = (
+    Metric("Size (MiB)", "size_mib", True, 1),
+    Metric("BPW", "bpw", True, 2),
+    Metric("PPL", "ppl", True, 4),
+    Metric("Mean KLD", "mean_kld", True, 5),
+    Metric("Same top p %", "same_top_pct", False, 2),
+    Metric("RMS Δp %", "rms_dp_pct", True, 2),
+    Metric("Task avg %", "task_average_pct", False, 2),
+    Metric("pp t/s", "pp_tps", False, 1),
+    Metric("tg t/s", "tg_tps", False, 1),
+)
+
+
+def run_folder(path: str | Path) -> Path:
+    """A results folder, or the folder a recipe's results go to."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        p = results_root() / load_recipe(p).name
+    if not (p / "scores").is_dir():
+        raise SqueezeError(f"{path}: no scores found (expected a results folder with scores/, or a recipe "
+                           f"whose run has been scored)")
+    return p
+
+
+def metrics_of(folder: Path) -> pd.DataFrame:
+    """One row per variant of a run with the compared metrics (NaN where not scored)."""
+    t = load_run(folder)
+    if t.scores.empty:
+        raise SqueezeError(f"{folder}: no variant scores in {folder / 'scores'}")
+    df = t.scores.copy()
+    df["size_mib"] = df["file_bytes"] / 2**20
+    df["task_average_pct"] = math.nan
+    df["pp_tps"] = df["tg_tps"] = math.nan
+    if not t.tasks.empty:
+        avg = t.tasks.groupby("model")["accuracy_pct"].mean()
+        df["task_average_pct"] = df["variant"].map(avg)
+    if not t.speed.empty:
+        for col, prefix in (("pp_tps", "pp"), ("tg_tps", "tg")):
+            s = t.speed[t.speed["test"].str.match(rf"{prefix}\d+$")].set_index("model")["tokens_per_s"]
+            df[col] = df["variant"].map(s)
+    return df
+
+
+def _cell(value: float, ref: float | None, m: Metric, is_ref: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.{m.digits}f}"
+    if is_ref or ref is None or (isinstance(ref, float) and math.isnan(ref)):
+        return text
+    delta = value - ref
+    if round(delta, m.digits) == 0:
+        return f"{text} (=)"
+    better = (delta < 0) == m.lower_is_better
+    return f"{text} ({delta:+.{m.digits}f} {'▲' if delta > 0 else '▼'} {'better' if better else 'worse'})"
+
+
+def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: str | None = None) -> pd.DataFrame:
+    """One run: its variants against `reference` (default: the first). Several runs: each
+    variant found in them, every run against the first run's value of the same variant."""
+    folders = [run_folder(p) for p in paths]
+    frames = []
+    for f in folders:
+        df = metrics_of(f)
+        df.insert(0, "run", f.name if len(set(x.name for x in folders)) == len(folders) else str(f))
+        frames.append(df)
+    allv = [v for df in frames for v in df["variant"]]
+    for v in variants:
+        if v not in allv:
+            raise SqueezeError(f"--variant: '{v}' is not scored in {', '.join(str(f) for f in folders)}"
+                               f"{did_you_mean(v, set(allv))}")
+    data = pd.concat(frames, ignore_index=True)
+    if variants:
+        data = data[data["variant"].isin(variants)]
+    rows = []
+    if len(folders) == 1:
+        ref_name = reference or data["variant"].iloc[0]
+        if ref_name not in set(data["variant"]):
+            raise SqueezeError(f"--reference: '{ref_name}' is not among the compared variants"
+                               f"{did_you_mean(ref_name, set(data['variant']))}")
+        ref = data[data["variant"] == ref_name].iloc[0]
+        for _, r in data.iterrows():
+            is_ref = r["variant"] == ref_name
+            rows.append({"Variant": r["variant"] + (" (reference)" if is_ref else ""),
+                         **{m.label: _cell(r[m.key], ref[m.key], m, is_ref) for m in METRICS}})
+    else:
+        first_run = data["run"].iloc[0]
+        for v in dict.fromkeys(data["variant"]):
+            g = data[data["variant"] == v]
+            ref_rows = g[g["run"] == first_run]
+            ref = ref_rows.iloc[0] if len(ref_rows) else None
+            for _, r in g.iterrows():
+                is_ref = ref is not None and r["run"] == first_run
+                rows.append({"Variant": v, "Run": r["run"] + (" (reference)" if is_ref else ""),
+                             **{m.label: _cell(r[m.key], None if ref is None else ref[m.key], m, is_ref)
+                                for m in METRICS}})
+    out = pd.DataFrame(rows)
+    # Drop metrics no compared run has (e.g. speed not measured).
+    keep = [c for c in out.columns if not (out[c] == "-").all()]
+    return out[keep]

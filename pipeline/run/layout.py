@@ -1,0 +1,148 @@
+"""Everything the stages of one run share: the recipe, the results folder and its file names,
+and the tags that name a variant's pruned base."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.formats.model_info import ModelInfo
+from pipeline.recipe.schema import Recipe, VariantSpec
+from pipeline.sources.model_source import model_info_for
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("SQUEEZE_RESULTS") or "results")
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    folder: Path
+
+    # ---- file names (one place, so stages and reports agree) --------------------------------
+    @property
+    def base_path(self) -> Path:
+        return self.folder / f"base-{self.recipe.model.base_type.lower()}.gguf"
+
+    @property
+    def base_info_path(self) -> Path:
+        """What the convert step knows about the base's origin (pipeline.sources.model_source.BaseInfo)."""
+        return self.base_path.with_suffix(".json")
+
+    @property
+    def recipe_dir(self) -> Path | None:
+        return Path(self.recipe.path).parent if self.recipe.path else None
+
+    @property
+    def imatrix_path(self) -> Path:
+        return self.folder / "imatrix.gguf"
+
+    @property
+    def layers_path(self) -> Path:
+        return self.folder / "layers.csv"
+
+    @property
+    def layers_plot_path(self) -> Path:
+        return self.folder / "layers.png"
+
+    @property
+    def stats_csv_path(self) -> Path:
+        return self.folder / "stats.csv"
+
+    @property
+    def stats_layers_csv_path(self) -> Path:
+        return self.folder / "stats-layers.csv"
+
+    @property
+    def stats_md_path(self) -> Path:
+        return self.folder / "stats.md"
+
+    @property
+    def stats_heatmap_path(self) -> Path:
+        return self.folder / "stats.png"
+
+    # pruned bases (pipeline.stages.prune): one per distinct prune set, tagged 'p13-15'; 'auto2'
+    # for the K=2 set the prune stage picks
+    def prune_tag(self, v: VariantSpec) -> str | None:
+        """The tag of the pruned base a variant is quantized from; None when it drops no layer."""
+        k = self.recipe.prune_auto_for(v)
+        if k is not None:
+            return f"auto{k}"
+        layers = self.recipe.prune_for(v)
+        return "p" + "-".join(str(x) for x in layers) if layers else None
+
+    def variant_layers(self, v: VariantSpec) -> tuple[int, ...]:
+        """The original numbers of the layers a variant drops (for auto: read from the choice)."""
+        k = self.recipe.prune_auto_for(v)
+        if k is None:
+            return self.recipe.prune_for(v)
+        return tuple(json.loads(self.prune_choice_path(f"auto{k}").read_text())["layers"])
+
+    def pruned_base_path(self, tag: str) -> Path:
+        return self.folder / "pruned" / f"base-{self.recipe.model.base_type.lower()}-{tag}.gguf"
+
+    def pruned_imatrix_path(self, tag: str) -> Path:
+        return self.folder / "pruned" / f"imatrix-{tag}.gguf"
+
+    def prune_choice_path(self, tag: str) -> Path:
+        return self.folder / "pruned" / f"{tag}.json"
+
+    # sensitivities (pipeline.measure.sensitivity) and budget choices (pipeline.measure.allocate)
+    @property
+    def sensitivity_csv_path(self) -> Path:
+        return self.folder / "sensitivity.csv"
+
+    @property
+    def sensitivity_json_path(self) -> Path:
+        return self.folder / "sensitivity.json"
+
+    @property
+    def sensitivity_md_path(self) -> Path:
+        return self.folder / "sensitivity.md"
+
+    @property
+    def sensitivity_plot_path(self) -> Path:
+        return self.folder / "sensitivity.png"
+
+    def allocation_md_path(self, name: str) -> Path:
+        return self.folder / "variants" / f"{name}.allocation.md"
+
+    def variant_path(self, name: str) -> Path:
+        return self.folder / "variants" / f"{name}.gguf"
+
+    def tensor_types_path(self, name: str) -> Path:
+        return self.folder / "variants" / f"{name}.tensor-types.txt"
+
+    def score_path(self, name: str) -> Path:
+        return self.folder / "scores" / f"{name}.json"
+
+    @property
+    def base_distribution_path(self) -> Path:
+        return self.folder / "scores" / "base-topk.npz"
+
+    # Task accuracies, tokens/s and greedy continuations; `name` is a variant or "base".
+    def tasks_path(self, name: str) -> Path:
+        return self.folder / "scores" / f"{name}.tasks.json"
+
+    def speed_path(self, name: str) -> Path:
+        return self.folder / "scores" / f"{name}.speed.json"
+
+    def drift_path(self, name: str) -> Path:
+        return self.folder / "scores" / f"{name}.drift.json"
+
+    def report_path(self, name: str) -> Path:
+        """A report output: scores.md, sizes.csv, kld-vs-size.png, ..."""
+        return self.folder / name
+
+    # ---- the model, as far as it is known before any work ---------------------------------
+    @functools.cached_property
+    def model_info(self) -> ModelInfo:
+        return model_info_for(self.recipe, self.base_path)
+
+    @property
+    def threads(self) -> int | None:
+        return self.recipe.model.threads

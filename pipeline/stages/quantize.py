@@ -1,0 +1,125 @@
+"""Stage quantize: one GGUF per variant (pipeline.engine.quantize), with one exact type per tensor
+the recipe's rules name (pipeline.recipe.rules) or, under a size budget, one for every tensor
+(pipeline.measure.allocate). Pruned variants start from their pruned base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.engine.backend import engine_versions
+from pipeline.engine.quantize import quantize_file
+from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
+from pipeline.measure.allocate import allocate, check_budget_fits, explain_markdown
+from pipeline.measure.budget import Layout, layout, tensor_bytes
+from pipeline.measure.sensitivity import load_sensitivity
+from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
+from pipeline.recipe.schema import VariantSpec
+from pipeline.run.layout import RunContext
+from pipeline.run.runner import Step
+from pipeline.stages.imatrix import imatrix_input
+from pipeline.units import MiB, parse_size
+
+
+def steps(ctx: RunContext) -> list[Step]:
+    recipe = ctx.recipe
+    out = []
+    for v in recipe.variants:
+        prune = recipe.prune_for(v)
+        auto_k = recipe.prune_auto_for(v)
+        tag = ctx.prune_tag(v)
+        imatrix = imatrix_input(ctx) if v.imatrix else None
+        budget = recipe.budget_for(v)
+        params = recipe.variant_values(v)
+        if budget is not None:
+            check_budget_reachable(ctx, v, budget)
+        # A pruned variant is quantized from its pruned base (pipeline.stages.prune), not pruned here.
+        src = ctx.pruned_base_path(tag) if tag else ctx.base_path
+        if imatrix and tag:
+            imatrix = ctx.pruned_imatrix_path(tag)
+        inputs = [src] + ([imatrix] if imatrix else [])
+        if tag and auto_k is not None:
+            inputs.append(ctx.prune_choice_path(tag))
+        if budget is not None:
+            inputs.append(ctx.sensitivity_json_path)
+        outputs = [ctx.variant_path(v.name), ctx.tensor_types_path(v.name)]
+        if budget is not None:
+            outputs.append(ctx.allocation_md_path(v.name))
+        what = (f"types for {budget[0]} {budget[1]}" if budget else f"{v.ftype.upper()}") + \
+               (f", layers {list(prune)} pruned" if prune else "") + \
+               (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + (", imatrix" if imatrix else "")
+        out.append(Step(f"quantize {v.name}", "quantize", params, inputs, outputs,
+                        _action(ctx, v, src, imatrix, budget), variant=v.name, versions=engine_versions(),
+                        produces=f"variants/{v.name}.gguf ({what})"))
+    return out
+
+
+def _budget_where(ctx: RunContext, v: VariantSpec, budget) -> str:
+    key = budget[0]
+    if getattr(v, key) is not None:
+        return ctx.recipe.where("variants", v.name, key)
+    return ctx.recipe.where("select", key)
+
+
+def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout) -> int:
+    key, value = budget
+    if key == "target_size":
+        return parse_size(value, _budget_where(ctx, v, budget))
+    return int(float(value) * lay.n_params / 8) + lay.overhead
+
+
+def check_budget_reachable(ctx: RunContext, v: VariantSpec, budget) -> None:
+    """A budget below the smallest file the candidate types allow is refused before any work."""
+    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path)
+    want = budget_bytes(ctx, v, budget, lay)
+    label = f"{budget[1]} bits per weight ({want / MiB:.1f} MiB)" if budget[0] == "target_bpw" else f"{budget[1]!r}"
+    check_budget_fits(want, lay.smallest, _budget_where(ctx, v, budget), label)
+
+
+def _action(ctx: RunContext, v, src: Path, imatrix, budget):
+    def run(io):
+        recipe = ctx.recipe
+        layers = ctx.variant_layers(v)
+        choices = resolve_types(recipe, v, ctx.model_info)
+        extra = {}
+        token_embd_type = recipe.token_embedding_type_for(v)
+        if budget is not None:
+            choices, alloc = _budget_choices(ctx, v, budget, layers, choices)
+            token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
+            extra = {"predicted_kld": alloc.predicted_kld, "predicted_bytes": alloc.total_bytes,
+                     "budget_bytes": alloc.budget_bytes}
+            note = (f"Types chosen for `{budget[0]}: {budget[1]}` from measured sensitivities "
+                    f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
+            io.out(ctx.allocation_md_path(v.name)).write_text(explain_markdown(alloc, f"{v.name}: every tensor's type", note))
+        lines = tensor_type_file_lines({n: c.type for n, c in choices.items()}, layers)
+        if budget is not None and token_embd_type:
+            lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
+        io.out(ctx.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
+        quantize_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
+                      imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
+                      output_type=recipe.output_type_for(v),
+                      token_embedding_type=token_embd_type, threads=ctx.threads)
+        return {**extra, "pruned_layers": list(layers),
+                "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
+    return run
+
+
+def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices):
+    """Every tensor's type for the budget; recipe rules still win for the tensors they name."""
+    sens = load_sensitivity(ctx.sensitivity_json_path)
+    info = ctx.model_info
+    lay = layout(info, layers, ctx.base_path)
+    want = budget_bytes(ctx, v, budget, lay)
+    errors = [e for e in sens.errors if layer_of(e.tensor) not in set(layers) and e.tensor not in rule_choices]
+    fixed = lay.fixed
+    by_name = {t.name: t for t in info.tensors}
+    for name, c in rule_choices.items():  # tensors a rule pins are spent first
+        if layer_of(name) not in set(layers) and name in by_name:
+            fixed += tensor_bytes(c.type, by_name[name].shape)
+    alloc = allocate(errors, sens.alphas, want, fixed, _budget_where(ctx, v, budget),
+                     budget_label=f"{budget[1]}")
+    choices = dict(rule_choices)
+    for t, ty in alloc.types.items():
+        o = alloc.options[t][alloc.chosen[t]]
+        choices[t] = Choice(t, ty, f"{budget[0]} {budget[1]}: predicted KLD {o.kld:.2e}")
+    return choices, alloc

@@ -1,0 +1,40 @@
+"""Stage sensitivity: what each layer and tensor costs (pipeline.measure.sensitivity), measured
+only when a variant chooses its types for a size budget (allocation needs the alphas)."""
+
+from __future__ import annotations
+
+from pipeline.engine.backend import engine_versions
+from pipeline.measure.sensitivity import CANDIDATE_TYPES, LOW_TYPE, run_sensitivity
+from pipeline.report.sensitivity import save_sensitivity
+from pipeline.run.layout import RunContext
+from pipeline.run.runner import Step
+from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
+from pipeline.stages.probes import probe_for, probe_params
+
+# Calibration chunks each sensitivity run is measured on (3 runs per layer: keep it small).
+PROBE_CHUNKS = 4
+
+
+def steps(ctx: RunContext) -> list[Step]:
+    recipe = ctx.recipe
+    if not any(recipe.budget_for(v) for v in recipe.variants):
+        return []
+    imatrix = imatrix_input(ctx)
+    inputs = [ctx.base_path] + ([imatrix] if imatrix else [])
+    if calibration_writes_layers(ctx):
+        inputs.append(ctx.layers_path)
+    params = {"sensitivity.chunks": PROBE_CHUNKS, "sensitivity.types": list(CANDIDATE_TYPES),
+              "sensitivity.low_type": LOW_TYPE, **probe_params(ctx)}
+    outputs = [ctx.sensitivity_csv_path, ctx.sensitivity_json_path, ctx.sensitivity_plot_path,
+               ctx.sensitivity_md_path]
+
+    def action(io):
+        probe = probe_for(ctx, PROBE_CHUNKS)
+        layers_csv = ctx.layers_path if ctx.layers_path.exists() else None
+        result = run_sensitivity(ctx.base_path, imatrix, ctx.model_info, probe, ctx.folder, layers_csv, ctx.threads)
+        save_sensitivity(result, *(io.out(p) for p in outputs))
+        return {"correlations": result.correlations}
+
+    return [Step("sensitivity", "sensitivity", params, inputs, outputs, action, versions=engine_versions(),
+                 produces=f"sensitivity.csv/.json/.png/.md (per layer: KLD removed, attention/MLP at {LOW_TYPE}; "
+                          f"per tensor: weight error for {len(CANDIDATE_TYPES)} types)")]
