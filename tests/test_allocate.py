@@ -147,10 +147,10 @@ def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp
     alphas from the tensor kind) and llama.cpp writes exactly the chosen types within the budget."""
     import os
 
-    from pipeline.formats.ggml_types import bits_per_weight, tensor_type
+    from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
     from pipeline.formats.gguf_index import read_index
     from pipeline.measure.budget import tensor_bytes
-    from pipeline.measure.sensitivity import CANDIDATE_TYPES, fits, group_of
+    from pipeline.measure.sensitivity import CANDIDATE_TYPES, group_of
     from pipeline.run.runner import Runner
     from pipeline.stages import quantize
     from pipeline.stages.registry import open_run

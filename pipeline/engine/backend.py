@@ -50,7 +50,7 @@ def engine_version() -> str:
 
 def engine_versions() -> dict[str, str]:
     """What a stage's results depend on besides its inputs: the engine and squeeze itself."""
-    return {"llama-cpp-python": llama_cpp.__version__, "gguf": version("gguf"), "squeeze": __version__}
+    return {"llama-cpp-python": engine_version(), "gguf": version("gguf"), "squeeze": __version__}
 
 
 def default_threads() -> int:

@@ -28,12 +28,8 @@ from pipeline.fsutil import cache_dir
 REFERENCE_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 
 
-def installed_version() -> str:
-    return engine_version()
-
-
 def toolchain_dir(version: str | None = None) -> Path:
-    return cache_dir("toolchain", version or installed_version())
+    return cache_dir("toolchain", version or engine_version())
 
 
 def source_dir(version: str | None = None) -> Path:
@@ -80,7 +76,7 @@ def using_bin(folder: str | None):
 
 def fetch_source(version: str | None = None, echo=print) -> Path:
     """Download (once) and extract the llama-cpp-python sdist matching the installed version."""
-    version = version or installed_version()
+    version = version or engine_version()
     src = source_dir(version)
     if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         return src
@@ -159,7 +155,7 @@ def converter_root(echo=print) -> Path:
 def converter_label() -> str:
     """Which converter a convert step ran, for the manifest: switching it makes the base stale."""
     user = os.environ.get("SQUEEZE_LLAMA_CPP_SRC")
-    return f"{user} ($SQUEEZE_LLAMA_CPP_SRC)" if user else f"llama-cpp-python {installed_version()} sdist"
+    return f"{user} ($SQUEEZE_LLAMA_CPP_SRC)" if user else f"llama-cpp-python {engine_version()} sdist"
 
 
 def convert_script(echo=print) -> Path:
@@ -169,7 +165,7 @@ def convert_script(echo=print) -> Path:
 def llama_cpp_commit(version: str | None = None) -> str | None:
     """The llama.cpp commit vendored in a llama-cpp-python release, from the sdist's changelog
     (the sdist has no .git, so llama.cpp's own build info says 'unknown')."""
-    version = version or installed_version()
+    version = version or engine_version()
     changelog = source_dir(version) / "CHANGELOG.md"
     try:
         text = changelog.read_text(encoding="utf-8")

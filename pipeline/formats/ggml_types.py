@@ -46,6 +46,12 @@ def block_size(t: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[t][0]
 
 
+def fits(shape, qtype: str) -> bool:
+    """Whether a tensor's rows (shape[0], ggml order) can be stored in `qtype`: the row length must
+    be a multiple of its block size. Unknown shapes (a model not converted yet) fit."""
+    return shape is None or shape[0] % block_size(tensor_type(qtype)) == 0
+
+
 def bytes_per_row(t: GGMLQuantizationType, n_per_row: int) -> int:
     bs, ts = GGML_QUANT_SIZES[t]
     return n_per_row // bs * ts

@@ -1,4 +1,4 @@
-"""Stage prune: drop whole layers from the unquantized base with gguf-py, before quantizing.
+"""Dropping whole layers from the unquantized base GGUF with gguf-py, before quantizing.
 
 llama.cpp's own pruning (`llama-quantize --prune-layers`, the `prune_layers` struct) renames the
 tensors and sets the block count, but leaves every other per-layer fact to be re-derived from
@@ -115,8 +115,7 @@ def prune_gguf(src: Path, dst: Path, drop, *, keep_swa_pattern: bool = True) -> 
         raise SqueezeError(f"{src}: no general.architecture / block_count: not a model GGUF")
     n_layers = meta[count_key]
     drop = check_prune_set(drop, n_layers, f"{src.name}: prune: ")
-    mapping = layer_map(n_layers, drop)
-    kept = sorted(mapping)
+    kept = sorted(layer_map(n_layers, drop))
     pattern = swa_pattern(meta, arch, n_layers)
     pattern_key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
 

@@ -72,19 +72,22 @@ def exact_pattern(name: str) -> str:
 
 # ---- renumbering after a prune ------------------------------------------------------------------
 
+def new_layer(layer: int, drop) -> int | None:
+    """A layer's number once the layers in `drop` (original numbers) are removed and later layers
+    move up; None when it is dropped itself. llama.cpp renumbers the same way."""
+    dropped = set(drop)
+    return None if layer in dropped else layer - sum(1 for d in dropped if d < layer)
+
+
 def renumber(name: str, drop) -> str | None:
-    """The name once the layers in `drop` (original numbers) are removed and later layers move
-    up; None when the tensor's own layer is dropped. llama.cpp renumbers the same way."""
+    """The tensor's name under the new numbering; None when its layer is dropped."""
     layer = layer_of(name)
     if layer is None or not drop:
         return name
-    if layer in drop:
-        return None
-    return with_layer(name, layer - sum(1 for d in set(drop) if d < layer))
+    new = new_layer(layer, drop)
+    return None if new is None else with_layer(name, new)
 
 
 def layer_map(n_layers: int, drop) -> dict[int, int]:
     """Original layer number -> new number, for the layers that stay."""
-    dropped = set(drop)
-    kept = [i for i in range(n_layers) if i not in dropped]
-    return {old: new for new, old in enumerate(kept)}
+    return {i: new for i in range(n_layers) if (new := new_layer(i, drop)) is not None}

@@ -30,7 +30,7 @@ from pipeline.engine.context import Context
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.errors import SqueezeError
-from pipeline.formats import ggml_types
+from pipeline.formats.ggml_types import fits
 from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import Imatrix, read_imatrix
 from pipeline.formats.layers_csv import block_influence
@@ -61,11 +61,6 @@ def group_of(name: str) -> str | None:
     if n.kind in MLP_KINDS:
         return f"{n.layer}.mlp"
     return None
-
-
-def fits(shape, qtype: str) -> bool:
-    """Whether rows of this tensor can be stored in `qtype` (row length a multiple of its block)."""
-    return shape is None or shape[0] % ggml_types.block_size(ggml_types.tensor_type(qtype)) == 0
 
 
 def low_type_for(shape, low: str = LOW_TYPE, fallback: str = LOW_FALLBACK) -> str:

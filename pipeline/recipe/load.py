@@ -19,7 +19,7 @@ import yaml
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats import ggml_types
 from pipeline.formats.task_data import check_benchmark
-from pipeline.recipe.schema import SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec
+from pipeline.recipe.schema import SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
 from pipeline.units import parse_size
 
@@ -262,14 +262,6 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    def plain(obj):
-        if dataclasses.is_dataclass(obj):
-            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if f.name not in ("path", "locations", "name") or (f.name == "name" and type(obj) is Recipe)}
-        if isinstance(obj, tuple):
-            return [plain(x) for x in obj]
-        return obj
-
     out = plain(recipe)
     out["variants"] = {v.name: plain(v) for v in recipe.variants}
     return out

@@ -51,10 +51,8 @@ def resolve_types(recipe: Recipe, variant: VariantSpec, info: ModelInfo) -> dict
 
 def _check_fits(tensor, qtype: str, where: str) -> None:
     t = ggml_types.tensor_type(qtype, where)
-    if tensor.shape is None:
-        return
-    bs = ggml_types.block_size(t)
-    if tensor.shape[0] % bs:
+    if not ggml_types.fits(tensor.shape, qtype):
+        bs = ggml_types.block_size(t)
         raise SqueezeError(f"{where}{t.name} packs rows in blocks of {bs} but {tensor.name} has rows of "
                            f"{tensor.shape[0]}; choose a type with a block size dividing {tensor.shape[0]} "
                            f"(e.g. Q8_0, Q5_0, Q4_0, IQ4_NL) or narrow the pattern")

@@ -180,7 +180,7 @@ class Recipe:
             value = self
             for part in key.split("."):
                 value = getattr(value, part)  # AttributeError: a key the schema does not have
-            out[key] = _plain(value)
+            out[key] = plain(value)
         return out
 
     def variant_values(self, v: VariantSpec) -> dict:
@@ -188,8 +188,8 @@ class Recipe:
         and named by the key it came from, so changing select.prune reruns only the variants
         that inherit it."""
         name = f"variants.{v.name}"
-        out = {f"{name}.ftype": v.ftype.upper(), f"{name}.rules": _plain(v.rules),
-               "select.rules": _plain(self.select.rules),
+        out = {f"{name}.ftype": v.ftype.upper(), f"{name}.rules": plain(v.rules),
+               "select.rules": plain(self.select.rules),
                ("select.prune" if v.prune is None else f"{name}.prune"): list(self.prune_for(v)),
                f"{name}.output_type": self.output_type_for(v),
                f"{name}.token_embedding_type": self.token_embedding_type_for(v), f"{name}.imatrix": v.imatrix}
@@ -208,10 +208,12 @@ class Recipe:
         return f"{prefix}{dotted(path)}: " if path else prefix
 
 
-def _plain(value):
-    """A recipe value as JSON holds it: dataclasses as mappings, tuples as lists."""
+def plain(value):
+    """A recipe value as YAML and JSON hold it: dataclasses as mappings of their recipe keys (not
+    where they were loaded from, nor a variant's name, which is its mapping key), tuples as lists."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name not in ("path", "locations") and (f.name != "name" or type(value) is Recipe)}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

@@ -1,4 +1,5 @@
-"""Stage report: the tables a model card shows, as CSV and Markdown, and the size/KLD plot.
+"""The tables a model card shows, as CSV and Markdown, and the size/KLD plot (the report stage,
+pipeline.stages.report, writes them after every score).
 
 Tables (results/<recipe>/): sizes.csv (with shrinkage against a reference variant),
 ppl-kld.csv (PPL, KLD, Δp, same top p, each ± its uncertainty, as llama-perplexity prints them),
@@ -20,12 +21,11 @@ import pandas as pd
 from pipeline.formats.task_data import LABELS
 from pipeline.fsutil import atomic_path
 from pipeline.report.plotting import pyplot
-from pipeline.run.layout import RunContext
+from pipeline.run.layout import BASE, RunContext
 from pipeline.sources.model_source import BaseInfo
 
 TABLE_FILES = ("sizes.csv", "ppl-kld.csv", "kld-percentiles.csv", "tasks.csv", "speed.csv", "drift.csv")
 PLOT_FILE = "kld-vs-size.png"
-BASE = "base"
 _SIDE_FILES = (".tasks", ".speed", ".drift")  # scores/<name>.tasks.json etc. beside <name>.json
 
 

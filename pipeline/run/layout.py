@@ -14,6 +14,10 @@ from pipeline.recipe.schema import Recipe, VariantSpec
 from pipeline.sources.model_source import model_info_for
 
 
+# The name the base model's score files go under (scores/base.tasks.json, ...), beside the variants'.
+BASE = "base"
+
+
 def results_root() -> Path:
     return Path(os.environ.get("SQUEEZE_RESULTS") or "results")
 

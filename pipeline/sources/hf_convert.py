@@ -325,7 +325,7 @@ def _last_line(path: Path) -> str:
 
 
 def convert_to_base(recipe, source, out: Path, log_path: Path) -> dict:
-    """The convert stage's action for a HF folder or hub model."""
+    """Convert a HF folder or hub model (downloaded first) to the base GGUF at `out`."""
     folder = model_folder(recipe, source, download=True)
     folder_model_info(folder, recipe.where("model", "source"))  # the same checks as `plan`
     base_type = recipe.model.base_type.upper()

@@ -3,8 +3,8 @@ scores (pipeline.report.tables). Every file the report reads is one of the step'
 
 from __future__ import annotations
 
-from pipeline.report.tables import BASE, PLOT_FILE, TABLE_FILES, load_run, write_report
-from pipeline.run.layout import RunContext
+from pipeline.report.tables import PLOT_FILE, TABLE_FILES, load_run, write_report
+from pipeline.run.layout import BASE, RunContext
 from pipeline.run.runner import Step
 
 

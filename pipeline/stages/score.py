@@ -24,11 +24,10 @@ from pipeline.engine.model import Model
 from pipeline.formats.task_data import BENCHMARKS
 from pipeline.fsutil import read_text
 from pipeline.measure import drift, perplexity, speed, tasks
-from pipeline.run.layout import RunContext
+from pipeline.run.layout import BASE, RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
 
-BASE = "base"  # the name the base model's task, drift and speed files go under
 
 
 def score_params(ctx: RunContext) -> dict:
