@@ -16,8 +16,11 @@ from pipeline.fsutil import atomic_path
 from pipeline.recipe.load import dump_recipe
 from pipeline.report.card import write_card
 from pipeline.report.compare import compare as compare_runs
+from pipeline.report.compare import run_folder
 from pipeline.report.statistics import write_statistics
+from pipeline.report.tables import report_markdown, scored_variants
 from pipeline.run.runner import Runner
+from pipeline.stages.freshness import remember_recipe, require_fresh, run_context
 from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run
 
 
@@ -40,6 +43,8 @@ def main():
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 results_opt = click.option("--results", type=click.Path(file_okay=False),
                            help="Results folder (default: results/<recipe name>).")
+allow_stale_opt = click.option("--allow-stale", is_flag=True,
+                               help="Show results that are not current anyway, each stale row marked as such.")
 
 
 @main.command()
@@ -55,6 +60,7 @@ def run(recipe, results, force, from_stage, variants):
         check_stage(stage, "--force")
     check_stage(from_stage, "--from")
     ctx = open_run(recipe, results)
+    remember_recipe(ctx)
     steps = build_steps(ctx, tuple(variants))
     start = time.monotonic()
     counts = Runner(ctx.folder, echo=click.echo).run(steps, set(force), from_stage, STAGE_ORDER)
@@ -106,12 +112,23 @@ def status(recipe, results):
 @click.option("--variant", "variants", multiple=True, metavar="NAME", help="Only these variants.")
 @click.option("--reference", metavar="NAME", help="Variant the others are measured against (one run).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV.")
+@allow_stale_opt
 @_errors_as_one_line
-def compare(runs, variants, reference, csv_path):
+def compare(runs, variants, reference, csv_path, allow_stale):
     """Put variants of a run (a results folder or recipe), or the same variants across several
     runs, side by side with deltas and better/worse arrows."""
-
-    table = compare_runs(list(runs), tuple(variants), reference)
+    stale = {}
+    for run_path in runs:
+        run_folder(run_path)  # "no scores found" before anything else
+        ctx = run_context(run_path)
+        if ctx is not None:
+            stale[ctx.folder.resolve()] = require_fresh(ctx, "compare", allow_stale)
+        elif allow_stale:  # nothing to check it against: every row is unverified
+            stale[Path(run_path).resolve()] = scored_variants(Path(run_path))
+        else:
+            raise SqueezeError(f"compare: cannot tell whether {run_path} is current: it records no recipe "
+                               "(or the recipe is gone); name the recipe instead, or pass --allow-stale")
+    table = compare_runs(list(runs), tuple(variants), reference, stale)
     click.echo(table.to_markdown(index=False, disable_numparse=True))
     if csv_path:
         with atomic_path(csv_path) as tmp:
@@ -122,11 +139,32 @@ def compare(runs, variants, reference, csv_path):
 @recipe_arg
 @results_opt
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write (default: <results>/README.md).")
+@allow_stale_opt
 @_errors_as_one_line
-def card(recipe, results, output):
+def card(recipe, results, output, allow_stale):
     """Write a Hugging Face model card (README.md) from a scored run."""
-    path = write_card(open_run(recipe, results, check_model=False), output)
-    click.echo(f"model card: {path}")
+    ctx = open_run(recipe, results, check_model=False)
+    stale = require_fresh(ctx, "card", allow_stale)
+    path = write_card(ctx, output, stale)
+    click.echo(f"model card: {path}" + (f" (marked stale: {', '.join(sorted(stale))})" if stale else ""))
+
+
+@main.command()
+@recipe_arg
+@results_opt
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write it to this file instead of printing it.")
+@allow_stale_opt
+@_errors_as_one_line
+def report(recipe, results, output, allow_stale):
+    """Print the run's score tables (scores.md) as they stand now."""
+    ctx = open_run(recipe, results, check_model=False)
+    text = report_markdown(ctx, require_fresh(ctx, "report", allow_stale))
+    if output:
+        with atomic_path(output) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        click.echo(f"report: {output}")
+    else:
+        click.echo(text)
 
 
 @main.command()

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import write_text_atomic
-from pipeline.report.tables import PLOT_FILE, load_run, requant_caveat, tables_of
+from pipeline.report.tables import PLOT_FILE, load_run, requant_caveat, stale_banner, tables_of
 from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
 from pipeline.sources.model_source import BaseInfo
@@ -66,14 +66,18 @@ def _method(ctx: RunContext) -> list[str]:
     return lines
 
 
-def render_card(ctx: RunContext) -> str:
+def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
+    """The card's Markdown; `stale` names variants whose scores predate the recipe (made with
+    --allow-stale): the card opens with a warning and their rows are marked."""
     r = ctx.recipe
     tables = load_run(ctx.folder, [v.name for v in r.variants])
     if tables.scores.empty:
         raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
-    t = tables_of(tables, r.report.reference)
+    t = tables_of(tables, r.report.reference, stale)
     title = r.report.title or f"{r.name} GGUF"
     parts = [_front_matter(ctx), f"# {title}", ""]
+    if stale:
+        parts += [stale_banner(stale), ""]
     if r.description:
         parts += [r.description, ""]
     parts += ["GGUF quantizations made and measured with squeeze from one recipe; "
@@ -103,7 +107,7 @@ def render_card(ctx: RunContext) -> str:
     return "\n".join(parts)
 
 
-def write_card(ctx: RunContext, output: Path | None = None) -> Path:
+def write_card(ctx: RunContext, output: Path | None = None, stale: set[str] = frozenset()) -> Path:
     path = Path(output) if output else ctx.folder / "README.md"
-    write_text_atomic(path, render_card(ctx))
+    write_text_atomic(path, render_card(ctx, stale))
     return path

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.recipe.load import load_recipe
-from pipeline.report.tables import load_run
+from pipeline.report.tables import STALE_MARK, load_run
 from pipeline.run.layout import results_root
 
 
@@ -84,14 +84,19 @@ def _cell(value: float, ref: float | None, m: Metric, is_ref: bool) -> str:
     return f"{text} ({delta:+.{m.digits}f} {'▲' if delta > 0 else '▼'} {'better' if better else 'worse'})"
 
 
-def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: str | None = None) -> pd.DataFrame:
+def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: str | None = None,
+            stale: dict[Path, set[str]] | None = None) -> pd.DataFrame:
     """One run: its variants against `reference` (default: the first). Several runs: each
-    variant found in them, every run against the first run's value of the same variant."""
+    variant found in them, every run against the first run's value of the same variant.
+    `stale` maps a results folder to its variants whose rows are marked stale (--allow-stale)."""
     folders = [run_folder(p) for p in paths]
+    stale = stale or {}
     frames = []
     for f in folders:
         df = metrics_of(f)
         df.insert(0, "run", f.name if len(set(x.name for x in folders)) == len(folders) else str(f))
+        marked = stale.get(f.resolve(), set())
+        df.insert(1, "mark", [STALE_MARK if v in marked else "" for v in df["variant"]])
         frames.append(df)
     allv = [v for df in frames for v in df["variant"]]
     for v in variants:
@@ -110,7 +115,7 @@ def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: 
         ref = data[data["variant"] == ref_name].iloc[0]
         for _, r in data.iterrows():
             is_ref = r["variant"] == ref_name
-            rows.append({"Variant": r["variant"] + (" (reference)" if is_ref else ""),
+            rows.append({"Variant": r["variant"] + r["mark"] + (" (reference)" if is_ref else ""),
                          **{m.label: _cell(r[m.key], ref[m.key], m, is_ref) for m in METRICS}})
     else:
         first_run = data["run"].iloc[0]
@@ -120,7 +125,7 @@ def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: 
             ref = ref_rows.iloc[0] if len(ref_rows) else None
             for _, r in g.iterrows():
                 is_ref = ref is not None and r["run"] == first_run
-                rows.append({"Variant": v, "Run": r["run"] + (" (reference)" if is_ref else ""),
+                rows.append({"Variant": v + r["mark"], "Run": r["run"] + (" (reference)" if is_ref else ""),
                              **{m.label: _cell(r[m.key], None if ref is None else ref[m.key], m, is_ref)
                                 for m in METRICS}})
     out = pd.DataFrame(rows)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import SqueezeError
 from pipeline.formats.task_data import LABELS
 from pipeline.fsutil import atomic_path
 from pipeline.report.plotting import pyplot
@@ -216,11 +217,37 @@ def plot_kld_vs_size(df: pd.DataFrame, path: Path, title: str) -> None:
 
 # ---- writing --------------------------------------------------------------------------------
 
-def tables_of(tables: RunTables, reference: str | None) -> dict[str, pd.DataFrame]:
+def tables_of(tables: RunTables, reference: str | None, stale: set[str] = frozenset()) -> dict[str, pd.DataFrame]:
     df = tables.scores
-    return {"sizes.csv": size_table(df, reference), "ppl-kld.csv": error_table(df),
-            "kld-percentiles.csv": percentile_table(df), "tasks.csv": task_table(tables.tasks),
-            "speed.csv": speed_table(tables.speed), "drift.csv": drift_table(tables.drift)}
+    t = {"sizes.csv": size_table(df, reference), "ppl-kld.csv": error_table(df),
+         "kld-percentiles.csv": percentile_table(df), "tasks.csv": task_table(tables.tasks),
+         "speed.csv": speed_table(tables.speed), "drift.csv": drift_table(tables.drift)}
+    return mark_stale(t, stale)
+
+
+STALE_MARK = " (stale)"
+
+
+def mark_stale(t: dict[str, pd.DataFrame], stale: set[str]) -> dict[str, pd.DataFrame]:
+    """Every row of a stale variant labelled as such (output made with --allow-stale): its numbers
+    come from an earlier state of the recipe than the one the rest of the page describes."""
+    if not stale:
+        return t
+    out = {}
+    for name, table in t.items():
+        if table.empty:
+            out[name] = table
+            continue
+        col = table.columns[0]  # "Variant" or "Model"
+        out[name] = table.assign(**{col: [f"{x}{STALE_MARK}" if x in stale else x for x in table[col]]})
+    return out
+
+
+def stale_banner(stale: set[str]) -> str:
+    """The warning at the top of a page made from results that are not current."""
+    return (f"> **Stale results.** The recipe changed after {', '.join(sorted(stale))} "
+            f"{'was' if len(stale) == 1 else 'were'} last scored: rows marked \"{STALE_MARK.strip()}\" show "
+            "numbers from an earlier version of the recipe. Run `squeeze run` to bring them up to date.")
 
 
 def requant_caveat(base: BaseInfo, df: pd.DataFrame) -> str | None:
@@ -256,13 +283,16 @@ def write_report(ctx: RunContext, tables: RunTables, out=None) -> None:
 
 
 def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFrame] | None = None,
-                    heading: str = "#") -> str:
+                    heading: str = "#", stale: set[str] = frozenset()) -> str:
     r = ctx.recipe
     df = tables.scores
-    t = t or tables_of(tables, r.report.reference)
+    t = t or tables_of(tables, r.report.reference, stale)
     title = r.report.title or f"{r.name}: score tables"
     h2 = heading + "#"
-    parts = [f"{heading} {title}", "",
+    parts = [f"{heading} {title}", ""]
+    if stale:
+        parts += [stale_banner(stale), ""]
+    parts += [
              f"Model: `{r.model.source}` (base {r.model.base_type.upper()}). Scored on {r.score.dataset}, "
              f"{int(df['tokens'].iloc[0])} tokens ({int(df['chunks'].iloc[0]) if 'chunks' in df else r.score.chunks} "
              f"chunks of {r.score.ctx}, second half of each chunk), against the base. "
@@ -291,6 +321,20 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
     if caveat:
         parts += [f"> Note: {caveat}", ""]
     return "\n".join(parts)
+
+
+def report_markdown(ctx: RunContext, stale: set[str] = frozenset()) -> str:
+    """scores.md as the run's scores stand now (what `squeeze report` prints)."""
+    tables = load_run(ctx.folder, [v.name for v in ctx.recipe.variants])
+    if tables.scores.empty:
+        raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {ctx.recipe.path or ctx.recipe.name}` first")
+    return render_markdown(ctx, tables, stale=stale)
+
+
+def scored_variants(folder: Path) -> set[str]:
+    """The variants a results folder holds scores for."""
+    scores = load_run(folder).scores
+    return set() if scores.empty else set(scores["variant"])
 
 
 def _choices_section(ctx: RunContext, h2: str) -> list[str]:
