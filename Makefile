@@ -7,6 +7,11 @@ SQUEEZE := $(VENV)/bin/squeeze
 # Optional dependency groups: `convert` (torch CPU, transformers, sentencepiece) converts Hugging
 # Face checkpoints and the tests need it; `make setup EXTRAS=gemma270m,test` skips it.
 EXTRAS ?= gemma270m,convert,test
+# `make setup GPU=cuda` builds the engine with llama.cpp's CUDA backend (needs the CUDA toolkit);
+# the default is a CPU build, and a later `make` keeps what setup built (`GPU=` goes back to the
+# CPU). Metal on macOS is on without asking.
+GPU ?= $(shell cat $(VENV)/squeeze-gpu 2>/dev/null)
+export GPU
 # Where the public datasets live (wikitext-2, calibration text, task sets); users point it at
 # their own copies, and known datasets are downloaded when online.
 SQUEEZE_DATA ?= $(abspath ../shared/datasets)
@@ -19,12 +24,16 @@ run: setup
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py
+$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py $(VENV)/.gpu-$(or $(GPU),cpu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install_engine.sh $(PY)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
+
+# A change of GPU= reinstalls the engine (each build has its own cached wheel).
+$(VENV)/.gpu-$(or $(GPU),cpu):
+	mkdir -p $(VENV) && rm -f $(VENV)/.gpu-* && touch $@
 
 status: setup
 	$(SQUEEZE) status recipes/$(recipe).yaml

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,15 +14,25 @@ from pipeline.engine import toolchain as tc
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
 from pipeline.fsutil import atomic_path
+from pipeline.measure.gpu_rates import gpu as gpu_spec
+from pipeline.measure.rates import machine_rates
 from pipeline.recipe.load import dump_recipe
 from pipeline.report.card import write_card
 from pipeline.report.compare import compare as compare_runs
-from pipeline.report.compare import run_folder
+from pipeline.report.compare import is_published_table, run_folder
 from pipeline.report.statistics import write_statistics
 from pipeline.report.tables import report_markdown, scored_variants
-from pipeline.run.runner import Runner
+from pipeline.run.ray_executor import RayExecutor
+from pipeline.run.runner import Interrupted, Runner, signals_interrupt
+from pipeline.stages.estimate import estimate_run, format_estimate, parse_count
 from pipeline.stages.freshness import remember_recipe, require_fresh, run_context
+from pipeline.stages.publish import publish as publish_run
 from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run
+
+
+def _one_line(text: str) -> str:
+    """A message that quotes what the user wrote ('unknown quant type 'Q4\nK'') stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _errors_as_one_line(fn):
@@ -30,7 +41,12 @@ def _errors_as_one_line(fn):
         try:
             return fn(*args, **kwargs)
         except SqueezeError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(str(exc))) from None
+        except KeyboardInterrupt as exc:  # Interrupted (SIGINT/SIGTERM in `run`), or Ctrl-C elsewhere
+            if not isinstance(exc, Interrupted):
+                exc = Interrupted(signal.SIGINT)
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
     return wrapper
 
 
@@ -53,25 +69,46 @@ allow_stale_opt = click.option("--allow-stale", is_flag=True,
 @click.option("--force", "force", multiple=True, metavar="STAGE", help="Redo this stage even if up to date.")
 @click.option("--from", "from_stage", metavar="STAGE", help="Redo this stage and every later one.")
 @click.option("--variant", "variants", multiple=True, metavar="NAME", help="Only build and score this variant.")
+@click.option("--keep-going", is_flag=True,
+              help="When a step fails, record why, skip the steps that need it and go on with the rest; "
+                   "the report lists the failed variants. Exits non-zero at the end.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run every step whose inputs are ready as a Ray task (pip install 'squeeze[ray]').")
+@click.option("--address", metavar="ADDR",
+              help="With --executor ray: the Ray cluster to join (default: RAY_ADDRESS, else a local one).")
 @_errors_as_one_line
-def run(recipe, results, force, from_stage, variants):
+def run(recipe, results, force, from_stage, variants, keep_going, executor, address):
     """Run the recipe's stages, redoing only what changed."""
+    with signals_interrupt(exiting=True):
+        _run(recipe, results, force, from_stage, variants, keep_going, executor, address)
+
+
+def _run(recipe, results, force, from_stage, variants, keep_going=False, executor="local", address=None):
     for stage in force:
         check_stage(stage, "--force")
     check_stage(from_stage, "--from")
+    if address and executor != "ray":
+        raise SqueezeError("--address names a Ray cluster: give --executor ray too")
     ctx = open_run(recipe, results)
     remember_recipe(ctx)
     steps = build_steps(ctx, tuple(variants))
     start = time.monotonic()
-    counts = Runner(ctx.folder, echo=click.echo).run(steps, set(force), from_stage, STAGE_ORDER)
+    runner = Runner(ctx.folder, echo=click.echo)
+    run_steps = RayExecutor(runner, address).run if executor == "ray" else runner.run
+    counts = run_steps(steps, set(force), from_stage, STAGE_ORDER, keep_going=keep_going)
     elapsed = time.monotonic() - start
-    if counts["ran"] == 0:
+    if counts["ran"] == 0 and not counts.get("failed"):
         click.echo(f"every stage is up to date ({counts['skipped']} steps)")
     else:
         click.echo(f"{counts['ran']} steps run, {counts['skipped']} up to date, {elapsed:.0f} s")
     report = ctx.folder / "scores.md"
     if report.exists():
         click.echo(f"report: {report}")
+    if counts.get("failed"):
+        failed = counts["failed"]
+        blocked = f"; {len(counts['blocked'])} skipped as blocked" if counts["blocked"] else ""
+        raise SqueezeError(f"{len(failed)} step{'s' if len(failed) > 1 else ''} failed: "
+                           f"{', '.join(f'{k} ({why})' for k, why in failed.items())}{blocked}")
 
 
 @main.command()
@@ -79,19 +116,37 @@ def run(recipe, results, force, from_stage, variants):
 @results_opt
 @click.option("--dump", is_flag=True,
               help="Print the recipe as squeeze reads it (extends: resolved, defaults filled) instead.")
+@click.option("--estimate", is_flag=True,
+              help="Predict each step's wall time, disk and peak memory for a fresh run on this machine "
+                   "(rates measured once by a short probe, then cached).")
+@click.option("--gpu", metavar="NAME", help="With --estimate: evaluate the model at this GPU's spec rates "
+                                            "(H100, H200, A100, RTX4090, RTX3090, L4, T4, M2-Max, M2-Ultra, M3-Max).")
+@click.option("--params", metavar="N", help="With --estimate, for a model not downloaded yet: its parameter "
+                                            "count (12.2B, 270M).")
+@click.option("--vocab", type=int, metavar="N", help="With --estimate, for a model not downloaded yet: its "
+                                                     "vocabulary size.")
 @_errors_as_one_line
-def plan(recipe, results, dump):
+def plan(recipe, results, dump, estimate, gpu, params, vocab):
     """Validate a recipe and print the stages, variants and what each step would produce."""
     if dump:
         click.echo(dump_recipe(open_run(recipe, results, check_model=False).recipe), nl=False)
+        return
+    if estimate or gpu:
+        ctx = open_run(recipe, results)
+        rates = machine_rates(ctx.threads, echo=click.echo)
+        result = estimate_run(ctx, build_steps(ctx), rates, gpu_spec(gpu) if gpu else None,
+                              parse_count(params) if params else None, vocab)
+        for line in format_estimate(result):
+            click.echo(line)
         return
 
     ctx = open_run(recipe, results)
     r = ctx.recipe
     info = ctx.model_info
+    steps = build_steps(ctx)  # may still find a mistake (a dataset not found): before any output
     click.echo(f"recipe {r.name} ({r.path}): {info.arch}, {info.n_layers} layers, "
                f"{len(r.variants)} variants -> {ctx.folder}")
-    for step in build_steps(ctx):
+    for step in steps:
         click.echo(f"  {step.stage:<10} {step.key:<28} -> {step.produces}")
 
 
@@ -100,10 +155,10 @@ def plan(recipe, results, dump):
 @results_opt
 @_errors_as_one_line
 def status(recipe, results):
-    """Show each step as done, stale (and why) or missing."""
+    """Show each step as done, stale (and why), missing or failed (and why; --keep-going)."""
     ctx = open_run(recipe, results)
     for v in Runner(ctx.folder, echo=click.echo).status(build_steps(ctx)):
-        detail = f" ({v.reason})" if v.state == "stale" else ""
+        detail = f" ({v.reason})" if v.state in ("stale", "failed") else ""
         click.echo(f"{v.step.key:<30} {v.state}{detail}")
 
 
@@ -119,7 +174,8 @@ def compare(runs, variants, reference, csv_path, allow_stale):
     runs, side by side with deltas and better/worse arrows."""
     stale = {}
     for run_path in runs:
-        run_folder(run_path)  # "no scores found" before anything else
+        if is_published_table(run_folder(run_path)):  # "no scores found" before anything else
+            continue  # someone's published figures: nothing of ours to be stale
         ctx = run_context(run_path)
         if ctx is not None:
             stale[ctx.folder.resolve()] = require_fresh(ctx, "compare", allow_stale)
@@ -147,6 +203,27 @@ def card(recipe, results, output, allow_stale):
     stale = require_fresh(ctx, "card", allow_stale)
     path = write_card(ctx, output, stale)
     click.echo(f"model card: {path}" + (f" (marked stale: {', '.join(sorted(stale))})" if stale else ""))
+
+
+@main.command()
+@recipe_arg
+@click.option("--repo", "repo_id", required=True, metavar="OWNER/NAME", help="Hugging Face model repository (created if needed).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@results_opt
+@allow_stale_opt
+@_errors_as_one_line
+def publish(recipe, repo_id, private, results, allow_stale):
+    """Upload a scored run to the Hugging Face hub: the variants' GGUFs, the model card, the score
+    tables and plots; only new or changed files are sent [env: HF_TOKEN, HF_ENDPOINT]."""
+    ctx = open_run(recipe, results, check_model=False)
+    done = publish_run(ctx, repo_id, private, allow_stale, echo=click.echo)
+    if done.commit:
+        click.echo(f"published {len(done.sent)} files ({len(done.unchanged)} unchanged): {done.url} "
+                   f"(commit {done.commit[:12]})")
+    else:
+        click.echo(f"published: {done.url}")
+    if done.others:
+        click.echo(f"left as they are on the hub (not in this run): {', '.join(done.others)}")
 
 
 @main.command()

@@ -15,3 +15,15 @@ def did_you_mean(word: str, choices) -> str:
         if str(word).lower() in lowered:
             close = [lowered[str(word).lower()]]
     return f"; did you mean '{close[0]}'?" if close and close[0] != str(word) else ""
+
+
+class DamagedFile(SqueezeError):
+    """A file squeeze reads is truncated or corrupt. The reader names the problem; whoever knows
+    where the file came from may give a better `remedy` (the runner names the stage that makes it)."""
+
+    def __init__(self, path, problem: str, remedy: str = "delete it and rerun"):
+        self.path, self.problem, self.remedy = path, problem, remedy
+        super().__init__(path, problem, remedy)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {self.remedy}"

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from pipeline.errors import SqueezeError
@@ -74,3 +75,26 @@ def read_text(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SqueezeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+# A large file is written only when the disk has room for it and this much more.
+DISK_MARGIN_FRACTION = 0.02
+DISK_MARGIN_BYTES = 16 << 20
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 30) else f"{n / (1 << 20):.1f} MiB"
+
+
+def ensure_free_space(what: str, folder: Path, needed: int) -> None:
+    """Refuse, in one line, to start writing `needed` bytes into `folder` (its filesystem) when the
+    disk has less free than that plus a margin: a full disk mid-write leaves nothing usable."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:  # the folder may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = int(needed * (1 + DISK_MARGIN_FRACTION)) + DISK_MARGIN_BYTES
+    if free < want:
+        raise SqueezeError(f"{what}: not enough disk space in {folder}: it writes about {_gib(needed)} "
+                           f"(needs {_gib(want)} with margin), {_gib(free)} free")

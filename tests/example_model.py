@@ -1,11 +1,18 @@
 """The model the tests and benchmarks run: Google's Gemma 3 270M from its PyPI package (Q4_K_M),
 dequantized once to an F16 base in squeeze's cache. Not part of the library: squeeze itself
-knows no model by name."""
+knows no model by name.
+
+The cached base is keyed (pipeline.cache) by the sha256 of the Q4_K_M file and the versions of
+gguf-py and squeeze that dequantized it: a new model package or a new gguf rebuilds it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Mapping
 
+from pipeline import __version__
+from pipeline.cache import MadeFrom, cached, package_versions
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.fsutil import atomic_path, cache_dir
 from pipeline.sources.model_source import fetch_pypi_gguf
@@ -18,9 +25,26 @@ def example_source_gguf() -> Path:
     return fetch_pypi_gguf(PACKAGE)
 
 
+def dequantizer_versions() -> dict[str, str]:
+    """What the bytes of a dequantized base depend on besides its source."""
+    return {**package_versions("gguf"), "squeeze": __version__}
+
+
+def dequantized_base(source: Path, target: Path, base_type: str = "F16",
+                     versions: Mapping[str, str] | None = None) -> Path:
+    """`target`, dequantized from `source` unless its record says it already was, from these
+    bytes by these versions."""
+    made_from = MadeFrom({"model": Path(source)}, versions or dequantizer_versions(), {"base_type": base_type})
+
+    def build() -> None:
+        with atomic_path(target) as tmp:
+            dequantize_gguf(source, tmp, base_type)
+
+    cached(target, made_from, build,
+           lambda why: print(f"test model: dequantizing {Path(source).name} -> {target.name} ({why})",
+                             file=sys.stderr))
+    return target
+
+
 def example_base_f16() -> Path:
-    path = cache_dir("test-models") / "gemma3-270m-f16.gguf"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            dequantize_gguf(example_source_gguf(), tmp, "F16")
-    return path
+    return dequantized_base(example_source_gguf(), cache_dir("test-models") / "gemma3-270m-f16.gguf")

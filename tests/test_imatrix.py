@@ -9,6 +9,9 @@ import gguf
 import numpy as np
 import pytest
 
+from pipeline.engine.context import Context
+from pipeline.engine.eval_hook import GGML_TYPE_F32, EvalHook, ggml
+from pipeline.engine.model import Model
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import (Imatrix, ImatrixEntry, check_against_model, combine_imatrices, read_imatrix,
                                            write_imatrix)
@@ -159,7 +162,8 @@ def test_truncated_imatrix_is_one_line(tmp_path):
     path.write_bytes(data[:len(data) - 20])
     with pytest.raises(SqueezeError) as exc:
         read_imatrix(path)
-    assert str(exc.value) == f"{path}: truncated imatrix file ({len(data) - 20} bytes; its tensors need {len(data)})"
+    assert str(exc.value) == (f"{path}: truncated imatrix file ({len(data) - 20} bytes; its tensors need {len(data)}); "
+                              f"make it again")
     path.write_bytes(data[:100])
     with pytest.raises(SqueezeError) as exc:
         read_imatrix(path)
@@ -175,7 +179,7 @@ def test_truncated_legacy_imatrix_is_one_line(tmp_path):
     path.write_bytes(data[:-5])
     with pytest.raises(SqueezeError) as exc:
         read_imatrix(path)
-    assert str(exc.value) == f"{path}: truncated imatrix file (ends at byte {len(data) - 5} inside entry 1)"
+    assert str(exc.value) == f"{path}: truncated imatrix file (ends at byte {len(data) - 5} inside entry 1); make it again"
     path.write_bytes(data)
     im = read_imatrix(path)
     assert im.legacy and im.entries["blk.0.ffn_down.weight"].counts.tolist() == [2]
@@ -195,3 +199,38 @@ def test_imatrix_from_another_model_is_one_line(base_f16, tmp_path):
         check_against_model(other, path, info)
     assert str(exc.value) == (f"{path}: imatrix entry blk.29.attn_q.weight is not a tensor of the model "
                               f"(gemma3, 18 layers); the imatrix was made for another model")
+
+
+# ---- the device-memory path of the eval hook ----------------------------------------------------
+
+class _ViewAgainstCopy(EvalHook):
+    """For every matrix product, read its activations both ways: the host view the CPU build uses
+    and the ggml_backend_tensor_get copy an offloaded (GPU) layer needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = ggml()
+        self.compared = 0
+        self.max_diff = 0.0
+
+    def ask(self, t):
+        return t.op == self.g.MUL_MAT
+
+    def collect(self, t):
+        src1 = t.src[1].contents
+        if src1.type == GGML_TYPE_F32:
+            view, copy = self.g.array(src1), self.g.array(src1, copy=True)
+            self.max_diff = max(self.max_diff, float(np.abs(view - copy).max()))
+            self.compared += 1
+        return True
+
+
+def test_device_copy_path_reads_the_same_activations_as_the_host_view(source_gguf):
+    with Model(source_gguf) as model:
+        hook = _ViewAgainstCopy()
+        tokens = model.tokenize("The quick brown fox jumps over the lazy dog. " * 8)
+        with Context(model, 128, 1, cb_eval=hook.callback) as lctx:
+            lctx.eval([tokens[:128]])
+        hook.check()
+    assert hook.compared >= 7 * model.n_layer  # q, k, v, o, gate, up, down of every block
+    assert hook.max_diff == 0.0

@@ -181,4 +181,4 @@ def test_compare_errors_are_one_line(tmp_path, run_ctx):
     (tmp_path / "nothing").mkdir()
     r = runner.invoke(main, ["compare", str(tmp_path / "nothing")])
     assert r.output == (f"Error: {tmp_path / 'nothing'}: no scores found (expected a results folder with "
-                        f"scores/, or a recipe whose run has been scored)\n")
+                        f"scores/, a recipe whose run has been scored, or a published table, .md or .csv)\n")

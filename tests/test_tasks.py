@@ -109,15 +109,18 @@ def test_mmlu_row_with_bad_answer_names_file_and_line(tmp_path):
 
 # ---- against llama-perplexity ---------------------------------------------------------------
 
-def _cli(tools, model, *args) -> str:
-    out = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-c", str(TASK_CTX), *args],
+N_TASKS = 50  # per benchmark, the tasks the CLI's --*-tasks 50 picks
+
+
+def _cli(tools, model, *args, ctx: int = TASK_CTX) -> str:
+    out = subprocess.run([str(tools / "llama-perplexity"), "-m", str(model), "-c", str(ctx), *args],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout + out.stderr
 
 
 def _outcomes_from_running_accuracy(lines: list[tuple[int, float]]) -> str:
-    """Per-task 1/0 from the CLI's running accuracy (percent after task i)."""
+    """Per-task 1/0 from the CLI's running accuracy (percent after task i, 8 decimals)."""
     outcomes, correct = [], 0
     for i, acc in lines:
         now = round(acc * i / 100)
@@ -132,47 +135,69 @@ def model(source_gguf):
         yield m
 
 
+# Flash attention: llama.cpp's CPU kernel accumulates attention in F16, and the CLI packs up to
+# 32 tasks into one decode, so with it on (the default) a task's score moves with the tasks packed
+# beside it: on these 50 HellaSwag tasks one outcome differs from the same task decoded alone.
+# With `-fa off` the CLI's scores do not depend on the packing, so both sides run without it here;
+# the task logic (tokens, shared prefix, scored ranges, first maximum wins) is what is compared.
+
 @pytest.mark.slow
 @pytest.mark.reference
 def test_hellaswag_equals_llama_perplexity(model, llama_tools, source_gguf):
-    n = 8
-    selected = tasks.load_selected("hellaswag", resolve_dataset("hellaswag"), n)
-    ours = tasks.run_benchmark(model, "hellaswag", selected, TASK_CTX)
-    out = _cli(llama_tools, source_gguf, "--hellaswag", "--hellaswag-tasks", str(n),
+    selected = tasks.load_selected("hellaswag", resolve_dataset("hellaswag"), N_TASKS)
+    ours = tasks.run_benchmark(model, "hellaswag", selected, TASK_CTX, flash_attn=False)
+    out = _cli(llama_tools, source_gguf, "--hellaswag", "--hellaswag-tasks", str(N_TASKS), "-fa", "off",
                "-f", str(resolve_dataset("hellaswag")))
     running = [(int(i), float(a)) for i, a in re.findall(r"^(\d+)\t([\d.]+)%\t\[", out, re.M)]
-    assert len(running) == n
+    assert len(running) == N_TASKS
     assert "".join(map(str, ours.outcomes)) == _outcomes_from_running_accuracy(running)
+
+
+def _winogrande_tokens(model, task) -> int:
+    seqs = [model.tokenize(task.first + c + task.second, add_special=True) for c in task.choices]
+    prefix = tasks._common_prefix(seqs)
+    return prefix + sum(len(s) - prefix for s in seqs)
 
 
 @pytest.mark.slow
 @pytest.mark.reference
 def test_winogrande_equals_llama_perplexity(model, llama_tools, source_gguf):
-    n = 10
-    selected = tasks.load_selected("winogrande", resolve_dataset("winogrande"), n)
+    """Outcome per task, and the two scores the CLI prints per task."""
+    selected = tasks.load_selected("winogrande", resolve_dataset("winogrande"), N_TASKS)
     ours = tasks.run_benchmark(model, "winogrande", selected, TASK_CTX)
-    out = _cli(llama_tools, source_gguf, "--winogrande", "--winogrande-tasks", str(n),
-               "-f", str(resolve_dataset("winogrande")))
+    # -c such that the CLI's 4 x ctx cells hold one task but never two: one task per decode, as squeeze does
+    need = [_winogrande_tokens(model, t) for t in selected]
+    ctx = -(-max(need) // 4)
+    assert 4 * ctx < min(a + b for a, b in zip(need, need[1:]))
+    out = _cli(llama_tools, source_gguf, "--winogrande", "--winogrande-tasks", str(N_TASKS),
+               "-f", str(resolve_dataset("winogrande")), ctx=ctx)
     rows = re.findall(r"^(\d+)\t[\d.]+\t\s*(-?[\d.]+)\s+(-?[\d.]+)\s+(\d)\s+(\d)$", out, re.M)
-    assert len(rows) == n
+    assert len(rows) == N_TASKS
     assert "".join(map(str, ours.outcomes)) == "".join(str(int(r[3] == r[4])) for r in rows)
+    diffs = sorted(abs(float(r[1 + j]) - ours.scores[i][j]) for i, r in enumerate(rows) for j in (0, 1))
+    # The CLI normalizes each log-prob with a float32 sum of 262,144 exps (compute_logprobs), which
+    # comes out ~2e-4 of itself low; squeeze sums in float64. Most scores agree to that; a few of
+    # them (up to 0.16 on these tasks) move with the CLI's context size for a reason not yet found.
+    assert diffs[len(diffs) // 2] < 5e-4, diffs
 
 
 @pytest.mark.slow
 @pytest.mark.reference
-@pytest.mark.parametrize("bench,n,extra", [("arc-easy", 8, []), ("truthfulqa", 5, ["-np", "16"])])
+@pytest.mark.parametrize("bench", ["arc-easy", "arc-challenge", "mmlu", "truthfulqa"])
 def test_multiple_choice_equals_llama_perplexity_on_the_converted_file(model, llama_tools, source_gguf, tmp_path,
-                                                                       bench, n, extra):
+                                                                       bench):
     """squeeze reads the original file; the CLI reads squeeze's conversion; same tasks picked."""
-    ours = tasks.run_benchmark(model, bench, tasks.load_selected(bench, resolve_dataset(bench), n), TASK_CTX)
+    selected = tasks.load_selected(bench, resolve_dataset(bench), N_TASKS)
+    ours = tasks.run_benchmark(model, bench, selected, TASK_CTX, flash_attn=False)
     from pipeline.formats.task_data import read_choice_tasks
 
     path = tmp_path / f"{bench}.bin"
     write_multiple_choice(read_choice_tasks(bench, resolve_dataset(bench)), path)
-    out = _cli(llama_tools, source_gguf, "--multiple-choice", "--multiple-choice-tasks", str(n), "-bf", str(path),
-               *extra)
+    n_parallel = max(4, max(len(t.endings) for t in selected))  # the CLI needs a sequence per answer
+    out = _cli(llama_tools, source_gguf, "--multiple-choice", "--multiple-choice-tasks", str(N_TASKS), "-bf", str(path),
+               "-np", str(n_parallel), "-fa", "off")
     running = [(int(i), float(a)) for i, a in re.findall(r"^(\d+)\t([\d.]+)$", out, re.M)]
-    assert len(running) == n
+    assert len(running) == N_TASKS
     assert "".join(map(str, ours.outcomes)) == _outcomes_from_running_accuracy(running)
 
 

@@ -4,6 +4,7 @@ installed llama-cpp-python, its converter, and a user's own llama.cpp build or c
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -15,8 +16,9 @@ from click.testing import CliRunner
 
 from pipeline import __version__
 from pipeline.cli import main
-from pipeline.engine import toolchain
+from pipeline.engine import build_flags, toolchain
 from pipeline.errors import SqueezeError
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,12 @@ def test_switching_converter_is_recorded_as_a_version(source_root, tmp_path, mon
 
     from pipeline.run.runner import Runner, Step
 
+    def write_base(io) -> None:
+        io.out(tmp_path / "base.gguf").write_bytes(b"x")
+
     def convert_step():
-        return Step("convert", "convert", {}, [], [tmp_path / "base.gguf"], lambda io: io.out(tmp_path / "base.gguf")
-                    .write_bytes(b"x"), versions={"convert_hf_to_gguf": toolchain.converter_label()})
+        return Step("convert", "convert", {}, [], [tmp_path / "base.gguf"], write_base,
+                    versions={"convert_hf_to_gguf": toolchain.converter_label()})
 
     monkeypatch.delenv("SQUEEZE_LLAMA_CPP_SRC", raising=False)
     runner = Runner(tmp_path, echo=lambda _: None)
@@ -124,3 +129,28 @@ def test_switching_converter_is_recorded_as_a_version(source_root, tmp_path, mon
     assert verdict.state == "stale"
     assert verdict.reason == (f"convert_hf_to_gguf version changed (llama-cpp-python {llama_cpp.__version__} sdist "
                               f"-> {own} ($SQUEEZE_LLAMA_CPP_SRC))")
+
+
+def test_a_cuda_build_has_its_own_flags_and_cache_name(monkeypatch):
+    monkeypatch.setenv("SQUEEZE_GPU", "")
+    cpu_args, cpu_id = build_flags.cmake_args(), build_flags.flags_id()
+    monkeypatch.setenv("SQUEEZE_GPU", "cuda")
+    assert build_flags.cmake_args() == cpu_args + ["-DGGML_CUDA=ON"]
+    assert build_flags.flags_id() != cpu_id  # the CPU wheel is never reused for a CUDA build
+    monkeypatch.setenv("SQUEEZE_GPU", "rocm")
+    with pytest.raises(SystemExit, match="GPU=rocm: expected one of: cuda"):
+        build_flags.cmake_args()
+
+
+def test_setup_without_a_cuda_toolkit_says_so_in_one_line(tmp_path):
+    # install_engine.sh with GPU=cuda where no nvcc can be found stops before building anything
+    if shutil.which("nvcc", path="/usr/bin:/bin"):
+        pytest.skip("this machine has nvcc in /usr/bin")
+    env = {"PATH": "/usr/bin:/bin", "GPU": "cuda", "HOME": str(tmp_path), "CUDA_HOME": str(tmp_path / "no-cuda")}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "install_engine.sh"), sys.executable],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"Error: GPU=cuda: no CUDA toolkit found (nvcc is neither on PATH nor in "
+                           f"{tmp_path / 'no-cuda'}/bin); install it (or set CUDA_HOME), or drop GPU=cuda for a "
+                           "CPU build\n")
+    assert proc.stdout == ""

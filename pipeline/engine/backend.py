@@ -10,6 +10,7 @@ from importlib.metadata import version
 import llama_cpp
 
 from pipeline import __version__
+from pipeline.errors import SqueezeError
 
 _LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR
 _log_lines: list[str] = []
@@ -51,6 +52,21 @@ def engine_version() -> str:
 def engine_versions() -> dict[str, str]:
     """What a stage's results depend on besides its inputs: the engine and squeeze itself."""
     return {"llama-cpp-python": engine_version(), "gguf": version("gguf"), "squeeze": __version__}
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build has a backend that can take layers (CUDA, Metal, Vulkan...)."""
+    init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def check_offload(n_gpu_layers: int, key: str) -> None:
+    """Refuse before any work when layers are to be offloaded and the build cannot: llama.cpp would
+    otherwise run everything on the CPU without a word."""
+    if n_gpu_layers != 0 and not supports_gpu_offload():
+        raise SqueezeError(f"{key}: {n_gpu_layers} asks for GPU offload, but this llama.cpp build has no GPU "
+                           "backend (llama_supports_gpu_offload() is false); rebuild it with "
+                           "`make setup GPU=cuda`, or set it to 0")
 
 
 def default_threads() -> int:

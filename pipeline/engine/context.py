@@ -21,7 +21,8 @@ class ContextBase:
     decide how sequences are laid out in it."""
 
     def _open(self, model: Model, n_tokens: int, n_seq: int, n_threads: int | None, *, n_ubatch: int = 512,
-              cb_eval=None, kv_unified: bool = False, seq_ids_per_token: int = 1, what: str = "a context") -> None:
+              cb_eval=None, kv_unified: bool = False, seq_ids_per_token: int = 1, what: str = "a context",
+              flash_attn: bool | None = None) -> None:
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = n_tokens
@@ -31,6 +32,8 @@ class ContextBase:
             params.kv_unified = True  # sequences may share cells (a common prefix)
         params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.no_perf = True
+        if flash_attn is not None:  # None: llama.cpp's default (auto, on for the CPU backend)
+            params.flash_attn_type = 1 if flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
         if cb_eval is not None:
             self._cb = cb_eval  # keep the ctypes callback alive as long as the context
             params.cb_eval = cb_eval
@@ -121,13 +124,15 @@ class SharedPrefixContext(ContextBase):
     """A context that decodes one group of sequences at a time: a common prefix shared by up to
     `max_seq` sequences (several sequence ids on one token), then each sequence's own tokens."""
 
-    def __init__(self, model: Model, ctx: int, max_seq: int, n_threads: int | None = None):
+    def __init__(self, model: Model, ctx: int, max_seq: int, n_threads: int | None = None,
+                 flash_attn: bool | None = None):
         # Like llama-perplexity's task modes: -c ctx with n_parallel sequences is a unified
         # cache of n_parallel x ctx cells, and a group fits when all its tokens fit in it.
         self.ctx = ctx
         self.n_ctx = ctx * max_seq
         self.max_seq = max_seq
         self._open(model, self.n_ctx, max_seq, n_threads, kv_unified=True, seq_ids_per_token=max_seq,
+                   flash_attn=flash_attn,
                    what=f"a task context of {self.n_ctx} tokens")
 
     def decode(self, seqs: list[np.ndarray], prefix: int, all_logits: bool, what: str) -> np.ndarray:

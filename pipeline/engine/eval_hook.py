@@ -72,12 +72,13 @@ class _Ggml:
         self.MUL_MAT = ops["MUL_MAT"]
         self.MUL_MAT_ID = ops["MUL_MAT_ID"]
 
-    def array(self, t: GgmlTensor, dtype=np.float32) -> np.ndarray:
-        """The tensor as a (ne3, ne2, ne1, ne0) numpy view (host memory) or copy (device memory)."""
+    def array(self, t: GgmlTensor, dtype=np.float32, copy: bool = False) -> np.ndarray:
+        """The tensor as a (ne3, ne2, ne1, ne0) numpy view (host memory) or copy (device memory,
+        or `copy`: the device path, which tests take on the CPU since CI has no GPU)."""
         shape = tuple(int(t.ne[i]) for i in (3, 2, 1, 0))
         strides = tuple(int(t.nb[i]) for i in (3, 2, 1, 0))
         span = sum((n - 1) * s for n, s in zip(shape, strides)) + np.dtype(dtype).itemsize
-        if not t.buffer or self.lib.ggml_backend_buffer_is_host(t.buffer):
+        if not copy and (not t.buffer or self.lib.ggml_backend_buffer_is_host(t.buffer)):
             buf = (ctypes.c_char * span).from_address(t.data)
         else:
             buf = ctypes.create_string_buffer(span)

@@ -10,7 +10,11 @@ import llama_cpp
 import numpy as np
 
 from pipeline.engine.backend import clear_errors, init_backend, last_error
-from pipeline.errors import SqueezeError
+from pipeline.errors import DamagedFile, SqueezeError
+from pipeline.formats.gguf_io import gguf_problem
+
+
+ALL_LAYERS = 2**31 - 1  # n_gpu_layers: -1 in a recipe; llama.cpp offloads min(this, layers + output)
 
 
 class Model:
@@ -20,10 +24,14 @@ class Model:
         if not path.is_file():
             raise SqueezeError(f"{path}: model file not found")
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
         clear_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
+            # llama.cpp says "failed to load model"; the file's own header usually says why
+            problem = gguf_problem(path)
+            if problem is not None:
+                raise DamagedFile(path, problem)
             raise SqueezeError(f"{path}: cannot load model: {last_error('llama.cpp could not load it')}")
         self.path = path
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)

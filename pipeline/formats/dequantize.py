@@ -11,14 +11,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from pipeline.formats import ggml_types
-from pipeline.formats.gguf_io import copy_metadata, stream_gguf
+from pipeline.formats.gguf_io import copy_metadata, open_gguf, stream_gguf
 from pipeline.progress import bar
 
 _NUMPY = {"F16": np.float16, "F32": np.float32}
 
 
 def dequantize_gguf(src: Path, dst: Path, base_type: str = "F16") -> None:
-    reader = gguf.GGUFReader(str(src), "r")
+    reader = open_gguf(src)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     target = ggml_types.TENSOR_TYPES[base_type.upper()]
     by_name = {t.name: t for t in reader.tensors}

@@ -11,7 +11,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from pipeline.errors import SqueezeError
+from pipeline.errors import DamagedFile, SqueezeError
+from pipeline.formats.gguf_io import open_gguf
 
 
 @dataclass
@@ -42,33 +43,32 @@ class Imatrix:
         return out
 
 
-def read_imatrix(path: Path) -> Imatrix:
+def read_imatrix(path: Path, remedy: str = "make it again") -> Imatrix:
+    """A GGUF or legacy .dat imatrix; a truncated or damaged file is one line naming it (DamagedFile,
+    whose `remedy` the caller may know better: the runner says which stage to force)."""
     path = Path(path)
     if not path.is_file():
         raise SqueezeError(f"{path}: imatrix file not found")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return _read_gguf(path)
-    return _read_legacy(path)
+        return _read_gguf(path, remedy)
+    return _read_legacy(path, remedy)
 
 
-def _read_gguf(path: Path) -> Imatrix:
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # gguf-py raises ValueError, IndexError, struct errors ... on short files
-        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise SqueezeError(f"{path}: truncated or damaged imatrix file ({path.stat().st_size} bytes; "
-                           f"gguf-py: {detail})") from None
-    # gguf-py reads a file cut inside the last tensor's padding without complaint; llama.cpp does not
+def _read_gguf(path: Path, remedy: str) -> Imatrix:
+    reader = open_gguf(path, "imatrix", remedy)
+    # gguf-py reads a file cut inside the last tensor's padding without complaint; llama.cpp's
+    # imatrix loader reads the whole padded data section and does not
     align = 32
     f = reader.get_field(gguf.Keys.General.ALIGNMENT)
     if f is not None:
         align = int(f.contents())
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     need = -(-end // align) * align
-    if path.stat().st_size < need:
-        raise SqueezeError(f"{path}: truncated imatrix file ({path.stat().st_size} bytes; its tensors need {need})")
+    size = path.stat().st_size
+    if size < need:
+        raise DamagedFile(path, f"truncated imatrix file ({size} bytes; its tensors need {need})", remedy)
     im = Imatrix()
     f = reader.get_field("imatrix.datasets")
     if f is not None:
@@ -84,20 +84,23 @@ def _read_gguf(path: Path) -> Imatrix:
         elif t.name.endswith(".counts"):
             counts[t.name[: -len(".counts")]] = t
     if not sums:
-        raise SqueezeError(f"{path}: not an imatrix file (no <tensor>.in_sum2 entries)")
+        raise DamagedFile(path, "not an imatrix file (no <tensor>.in_sum2 entries)", remedy)
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
-            raise SqueezeError(f"{path}: {name} has {'sums' if name in sums else 'counts'} but no "
-                               f"{'counts' if name in sums else 'sums'}")
+            raise DamagedFile(path, f"damaged imatrix file ({name} has {'sums' if name in sums else 'counts'} "
+                                    f"but no {'counts' if name in sums else 'sums'})", remedy)
         s, c = sums[name], counts[name]
         n_mat = int(c.shape[1]) if len(c.shape) > 1 else 1
+        if n_mat < 1 or s.data.size % n_mat or c.data.size != n_mat:
+            raise DamagedFile(path, f"damaged imatrix file ({name}: {s.data.size} sums and {c.data.size} "
+                                    f"counts for {n_mat} matrices)", remedy)
         im.entries[name] = ImatrixEntry(
             np.array(s.data, dtype=np.float32).reshape(n_mat, -1),
             np.rint(np.array(c.data, dtype=np.float32).ravel()).astype(np.int64))
     return im
 
 
-def _read_legacy(path: Path) -> Imatrix:
+def _read_legacy(path: Path, remedy: str) -> Imatrix:
     data = path.read_bytes()
     im = Imatrix(legacy=True)
     pos = 0
@@ -106,23 +109,23 @@ def _read_legacy(path: Path) -> Imatrix:
         nonlocal pos
         size = struct.calcsize(fmt)
         if pos + size > len(data):
-            raise SqueezeError(f"{path}: truncated imatrix file (ends at byte {len(data)} inside entry "
-                               f"{len(im.entries) + 1})")
+            raise DamagedFile(path, f"truncated imatrix file (ends at byte {len(data)} inside entry "
+                                    f"{len(im.entries) + 1})", remedy)
         vals = struct.unpack_from(fmt, data, pos)
         pos += size
         return vals
 
     (n_entries,) = take("<i")
     if n_entries < 1 or n_entries > 1_000_000:
-        raise SqueezeError(f"{path}: not an imatrix file (neither GGUF nor llama.cpp's legacy .dat)")
+        raise DamagedFile(path, "not an imatrix file (neither GGUF nor llama.cpp's legacy .dat)", remedy)
     for _ in range(n_entries):
         (length,) = take("<i")
         if not 0 < length < 4096:
-            raise SqueezeError(f"{path}: damaged imatrix file (entry name length {length})")
+            raise DamagedFile(path, f"damaged imatrix file (entry name length {length})", remedy)
         name = take(f"<{length}s")[0].decode("utf-8", "replace")
         ncall, nval = take("<ii")
         if nval < 1:
-            raise SqueezeError(f"{path}: damaged imatrix file ({name} has {nval} values)")
+            raise DamagedFile(path, f"damaged imatrix file ({name} has {nval} values)", remedy)
         sums = np.frombuffer(bytes(take(f"<{nval * 4}s")[0]), dtype=np.float32).copy()
         im.entries[name] = ImatrixEntry(sums.reshape(1, -1), np.array([ncall], dtype=np.int64))
     if pos + 4 <= len(data):

@@ -11,6 +11,7 @@ from pathlib import Path
 import gguf
 
 from pipeline.errors import SqueezeError
+from pipeline.formats.gguf_io import open_gguf
 from pipeline.fsutil import cache_dir, write_json_atomic
 
 
@@ -54,10 +55,7 @@ def read_model_info(path: Path) -> ModelInfo:
 
 
 def _parse_model_info(path: Path) -> ModelInfo:
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # gguf raises ValueError/struct errors for truncated files
-        raise SqueezeError(f"{path}: not a readable GGUF file ({exc})") from None
+    reader = open_gguf(path)
     arch = _field_str(reader, gguf.Keys.General.ARCHITECTURE)
     if arch is None:
         raise SqueezeError(f"{path}: GGUF file has no general.architecture")

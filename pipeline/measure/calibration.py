@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -219,8 +220,8 @@ def load_checkpoint(path: Path, fp: str) -> Collected | None:
                     totals.sums[name] = z[key].copy()
                     totals.counts[name] = z[f"count:{name}"].copy()
             return totals
-    except (OSError, ValueError, KeyError):
-        return None
+    except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile):
+        return None  # a damaged checkpoint: the pass starts over
 
 
 _BATCH_TOKENS = 2048  # llama-imatrix's default n_batch: it packs n_batch / ctx chunks per decode
@@ -228,13 +229,15 @@ _BATCH_TOKENS = 2048  # llama-imatrix's default n_batch: it packs n_batch / ctx 
 
 def collect(model_path: Path, tokens: np.ndarray, n_ctx: int, n_chunks: int, *, threads: int | None = None,
             checkpoint: Path | None = None, on_batch: Callable[[int], None] | None = None,
-            n_seq: int | None = None, progress_desc: str = "imatrix") -> tuple[Collected, dict]:
+            n_seq: int | None = None, progress_desc: str = "imatrix",
+            n_gpu_layers: int = 0) -> tuple[Collected, dict]:
     """Run the pass over the first `n_chunks` chunks of `tokens`; resume from `checkpoint` when it
     holds an interrupted pass over the same model and tokens, and save it after every decode.
 
-    `on_batch(chunks_done)` is called after each saved checkpoint (tests interrupt there)."""
+    `on_batch(chunks_done)` is called after each saved checkpoint (tests interrupt there).
+    With layers offloaded, the hook copies each observed node out of device memory."""
     n_seq = n_seq or max(1, _BATCH_TOKENS // n_ctx)
-    with Model(model_path) as model:
+    with Model(model_path, n_gpu_layers) as model:
         chunks = chunk_tokens(tokens, n_ctx, n_chunks, model.bos if model.add_bos else None)
         fp = fingerprint(model_path, tokens[:n_chunks * n_ctx], n_ctx, n_seq)
         totals = load_checkpoint(checkpoint, fp) if checkpoint and checkpoint.exists() else None

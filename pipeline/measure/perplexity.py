@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
-from pipeline.errors import SqueezeError
+from pipeline.errors import DamagedFile, SqueezeError
 from pipeline.progress import bar
 
 TOP_K = 256  # exact entries per scored token
@@ -184,7 +184,7 @@ def save_base(path: Path, dist: dict[str, np.ndarray]) -> None:
         np.savez(f, **dist)
 
 
-def load_base(path: Path) -> dict[str, np.ndarray]:
+def load_base(path: Path, remedy: str = "delete it and rerun") -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise SqueezeError(f"{path}: base distribution not found; score the base first "
@@ -192,12 +192,36 @@ def load_base(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             base = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise SqueezeError(f"{path}: not a base distribution file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile, EOFError, ValueError ... on a cut or damaged .npz
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DamagedFile(path, f"truncated or damaged base distribution file ({detail})", remedy) from None
     missing = {"tokens", "first", "top_ids", "top_logp", "target_logp", "n_vocab"} - set(base)
     if missing:
-        raise SqueezeError(f"{path}: not a base distribution file (no {', '.join(sorted(missing))})")
+        raise DamagedFile(path, f"not a base distribution file (no {', '.join(sorted(missing))})", remedy)
+    problem = _shape_problem(base)
+    if problem:
+        raise DamagedFile(path, f"damaged base distribution file ({problem})", remedy)
     return base
+
+
+def _shape_problem(base: dict[str, np.ndarray]) -> str | None:
+    """Arrays whose shapes do not fit together (what a flipped byte in a .npy header leaves)."""
+    tokens = base["tokens"]
+    if tokens.ndim != 2 or base["first"].ndim != 0 or base["n_vocab"].ndim != 0:
+        return f"tokens of shape {tokens.shape}"
+    n, ctx = tokens.shape
+    first = int(base["first"])
+    if not 0 <= first < ctx:
+        return f"first scored position {first} outside a context of {ctx}"
+    m = ctx - first - 1
+    want = {"top_ids": (n, m), "top_logp": (n, m), "target_logp": (n, m), "tail_ids": (n, m),
+            "tail_logp": (n, m), "tail_mass": (n, m)}
+    for name, lead in want.items():
+        if name in base and base[name].shape[:2] != lead:
+            return f"{name} of shape {base[name].shape}, expected {lead} first"
+    if base["top_ids"].shape != base["top_logp"].shape:
+        return f"top_ids {base['top_ids'].shape} and top_logp {base['top_logp'].shape} differ"
+    return None
 
 
 def check_same_vocabulary(model: Model, base: dict[str, np.ndarray]) -> None:
@@ -248,11 +272,14 @@ def _cli_base_argmax(ids: np.ndarray, logp: np.ndarray) -> np.ndarray:
 
 def cli_base_target_logp(base: dict[str, np.ndarray]) -> np.ndarray:
     """The base's log-prob of each actual next token as llama-perplexity's KLD mode reads it back
-    from its base file: never below the row's maximum - 16 (lower values are stored as that
-    floor). PPL(base) and its ratios in the KLD printout use these, so squeeze does too; the
-    exact PPL(base) is reported beside it."""
-    lb = base["target_logp"].astype(np.float64)
-    return np.maximum(lb, base["top_logp"][..., 0].astype(np.float64) + LOGP_FLOOR)
+    from its base file: 16-bit steps of 16/65535 nats up from the row's maximum - 16, so rounded
+    to that grid and never below its floor (log_softmax() in tools/perplexity stores
+    nearest_int((logit - (max - 16)) / scale), 0 for anything lower). PPL(base), its ratios and
+    Δp in the KLD printout use these, so squeeze does too; the exact PPL(base) is reported
+    beside it. (The rounding alone moves PPL(base) by about 1e-6 of itself.)"""
+    top = base["top_logp"][..., 0].astype(np.float64)
+    steps = np.rint((base["target_logp"].astype(np.float64) - top - LOGP_FLOOR) * _Q_SCALE).clip(0, 65535)
+    return top + LOGP_FLOOR + steps / _Q_SCALE
 
 
 def kld_from_sketch(logp: np.ndarray, logq: np.ndarray, tail_mass: np.ndarray, logp_tail: np.ndarray,

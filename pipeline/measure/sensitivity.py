@@ -22,6 +22,7 @@ import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from pipeline.formats.tensor_names import ATTN_KINDS, MLP_KINDS, TOKEN_EMBD, exa
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
 from pipeline.measure.statistics import layer_statistics, tensor_statistics
-from pipeline.progress import bar
+from pipeline.progress import serial_map
 
 LOW_TYPE = "Q2_K"
 # For rows whose length is not a multiple of 256 (K-quants' block): the smallest 32-block type.
@@ -85,13 +86,15 @@ class KLDProbe:
     against it. The base distribution is cached in `cache` (an .npz) when given."""
 
     def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
-                 cache: Path | None = None):
+                 cache: Path | None = None, n_gpu_layers: int = 0):
         self.threads = threads
         self.ctx = ctx
+        self.n_gpu_layers = n_gpu_layers
+        self.cache = Path(cache) if cache is not None else None
         if cache is not None and Path(cache).exists():
             self.base = perplexity.load_base(cache)
             return
-        with Model(base) as model:
+        with Model(base, n_gpu_layers) as model:
             ch = perplexity.make_chunks(model, text, ctx, chunks, what="calibration text")
             with Context(model, ctx, len(ch.tokens), threads) as c:
                 self.base = perplexity.base_distribution(model, c, ch)
@@ -99,8 +102,23 @@ class KLDProbe:
             with atomic_path(Path(cache)) as tmp:
                 perplexity.save_base(tmp, self.base)
 
+    def __getstate__(self):
+        """A probe with a cache pickles as the path to it (a Ray task measuring a share of the
+        probes loads the base distribution from there once, instead of a copy through the
+        object store); the arrays are those np.savez wrote, so the KLDs are the same."""
+        state = dict(self.__dict__)
+        if self.cache is not None:
+            del state["base"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "base" not in state:
+            self.base = perplexity.load_base(self.cache)
+
     def measure(self, path: Path) -> dict[str, float]:
-        with Model(path) as model, Context(model, self.ctx, len(self.base["tokens"]), self.threads) as c:
+        with Model(path, self.n_gpu_layers) as model, \
+                Context(model, self.ctx, len(self.base["tokens"]), self.threads) as c:
             per_token = perplexity.score_against_base(model, c, self.base)
         return perplexity.summarize(self.base, per_token)
 
@@ -130,31 +148,38 @@ def _column_weights(weights: dict[str, np.ndarray], name: str, n_cols: int) -> n
 
 
 def tensor_errors(base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
-                  types=CANDIDATE_TYPES, threads: int | None = None, only=None) -> list[TensorError]:
+                  types=CANDIDATE_TYPES, threads: int | None = None, only=None, map=serial_map) -> list[TensorError]:
     """A row for every quantizable tensor (or those in `only`)
-    and every type its rows fit, measured on files llama.cpp quantized (with the imatrix)."""
+    and every type its rows fit, measured on files llama.cpp quantized (with the imatrix).
+    One file per type: `map` (pipeline.progress.serial_map, or a step's `io.map`) runs them."""
     weights = read_imatrix(imatrix_path).normalized() if imatrix_path else {}
-    base_index = read_index(base)
-    wanted = [t for t in info.quantizable() if group_of(t.name) is not None and (only is None or t.name in only)]
+    wanted = [(t.name, t.shape) for t in info.quantizable()
+              if group_of(t.name) is not None and (only is None or t.name in only)]
+    per_type = map(partial(type_errors, base, imatrix_path, weights, wanted, workdir, threads), list(types),
+                   "weight error per type")
+    return [row for rows in per_type for row in rows]
+
+
+def type_errors(base: Path, imatrix_path: Path | None, weights: dict[str, np.ndarray], wanted, workdir: Path,
+                threads: int | None, qtype: str) -> list[TensorError]:
+    """The rows of tensor_errors for one type: the `wanted` tensors ((name, shape) pairs) whose
+    rows fit it, quantized in one file."""
+    todo = {name: qtype for name, shape in wanted if fits(shape, qtype)}
+    if not todo:
+        return []
     rows = []
-    with bar(total=len(types), desc="weight error per type", unit="type") as progress:
-        for qtype in types:
-            todo = {t.name: qtype for t in wanted if fits(t.shape, qtype)}
-            if not todo:
-                progress.update(1)
-                continue
-            with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-                out = Path(tmp) / f"all-{qtype}.gguf"
-                build_mixed(base, out, todo, imatrix_path, threads)
-                for name, entry in read_index(out).items():
-                    if name not in todo or entry.type.name != qtype:
-                        continue  # llama.cpp fell back to another type: not a choice for this tensor
-                    q = tensor_values(out, entry)
-                    w = tensor_values(base, base_index[name])
-                    d2 = np.square(w - q).sum(axis=0, dtype=np.float64)  # per column (input channel)
-                    err = float((d2 * _column_weights(weights, name, d2.size)).sum())
-                    rows.append(TensorError(name, group_of(name), qtype, int(entry.n_bytes), err))
-            progress.update(1)
+    base_index = read_index(base)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        out = Path(tmp) / f"all-{qtype}.gguf"
+        build_mixed(base, out, todo, imatrix_path, threads)
+        for name, entry in read_index(out).items():
+            if name not in todo or entry.type.name != qtype:
+                continue  # llama.cpp fell back to another type: not a choice for this tensor
+            q = tensor_values(out, entry)
+            w = tensor_values(base, base_index[name])
+            d2 = np.square(w - q).sum(axis=0, dtype=np.float64)  # per column (input channel)
+            err = float((d2 * _column_weights(weights, name, d2.size)).sum())
+            rows.append(TensorError(name, group_of(name), qtype, int(entry.n_bytes), err))
     return rows
 
 
@@ -207,27 +232,54 @@ def low_types(info: ModelInfo, layer: int, kinds) -> dict[str, str]:
             if layer_of(t.name) == layer and kind_of(t.name) in kinds}
 
 
+# What one probe changes in the base: a layer removed, or a group of tensors at the low type.
+LAYER_PROBES = ("removed", "attn", "mlp")
+EMBEDDING = (None, "token_embd")  # the probe of the token embedding at the low type
+
+
+def probe_types(info: ModelInfo, unit: tuple[int | None, str]) -> dict[str, str]:
+    """The tensors a probe quantizes (name -> type); empty for a layer removed."""
+    layer, what = unit
+    if what == "token_embd":
+        return {t.name: low_type_for(t.shape) for t in info.quantizable() if t.name == TOKEN_EMBD}
+    if what == "removed":
+        return {}
+    return low_types(info, layer, ATTN_KINDS if what == "attn" else MLP_KINDS)
+
+
+def probe_kld(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
+              threads: int | None, unit: tuple[int | None, str]) -> float:
+    """Mean KLD against the base of the base changed as `unit` (layer, one of LAYER_PROBES), or
+    EMBEDDING, says: one variant file built in `workdir`, measured, removed."""
+    layer, what = unit
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "variant.gguf"
+        if what == "removed":
+            prune_gguf(base, path, [layer])
+        else:
+            build_mixed(base, path, probe_types(info, unit), imatrix_path, threads)
+        return probe.kld(path)
+
+
+def measure_probes(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
+                   units: list, threads: int | None = None, map=serial_map) -> dict:
+    """unit -> KLD for each probe unit; `map` runs them (each unit is independent of the others)."""
+    klds = map(partial(probe_kld, probe, base, imatrix_path, info, workdir, threads), list(units),
+               "sensitivity probes")
+    return dict(zip(units, klds))
+
+
+def layer_rows(info: ModelInfo, layers, kld: dict) -> list[LayerRow]:
+    return [LayerRow(layer, kld[(layer, "removed")], kld[(layer, "attn")], kld[(layer, "mlp")],
+                     _types_label(probe_types(info, (layer, "attn"))), _types_label(probe_types(info, (layer, "mlp"))))
+            for layer in layers]
+
+
 def measure_layer_map(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo,
-                      workdir: Path, layers=None, threads: int | None = None) -> list[LayerRow]:
+                      workdir: Path, layers=None, threads: int | None = None, map=serial_map) -> list[LayerRow]:
     layers = list(range(info.n_layers)) if layers is None else list(layers)
-    rows = []
-    with bar(total=len(layers), desc="layer sensitivity", unit="layer") as progress:
-        for layer in layers:
-            with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-                path = Path(tmp) / "variant.gguf"
-                prune_gguf(base, path, [layer])
-                removed = probe.kld(path)
-                path.unlink()
-                attn = low_types(info, layer, ATTN_KINDS)
-                build_mixed(base, path, attn, imatrix_path, threads)
-                kld_attn = probe.kld(path)
-                path.unlink()
-                mlp = low_types(info, layer, MLP_KINDS)
-                build_mixed(base, path, mlp, imatrix_path, threads)
-                kld_mlp = probe.kld(path)
-            rows.append(LayerRow(layer, removed, kld_attn, kld_mlp, _types_label(attn), _types_label(mlp)))
-            progress.update(1)
-    return rows
+    units = [(layer, what) for layer in layers for what in LAYER_PROBES]
+    return layer_rows(info, layers, measure_probes(probe, base, imatrix_path, info, workdir, units, threads, map))
 
 
 def _types_label(types: dict[str, str]) -> str:
@@ -309,22 +361,24 @@ def load_sensitivity(json_path: Path) -> Sensitivity:
 # ---- everything at once (the stage and the benchmarks) ----------------------------------------
 def run_sensitivity(base: Path, imatrix_path: Path | None, info: ModelInfo, probe: KLDProbe, workdir: Path,
                     layers_csv: Path | None = None, threads: int | None = None, layers=None,
-                    types=CANDIDATE_TYPES) -> Sensitivity:
-    """The layer map, the embedding's sensitivity, per-tensor errors and per-group alphas."""
-    rows = measure_layer_map(probe, base, imatrix_path, info, workdir, layers, threads)
+                    types=CANDIDATE_TYPES, map=serial_map) -> Sensitivity:
+    """The layer map, the embedding's sensitivity, per-tensor errors and per-group alphas. `map`
+    runs the independent pieces: the KLD probes (3 per layer and the embedding's) in one call, the
+    weight errors (one file per type) in another."""
+    layers = list(range(info.n_layers)) if layers is None else list(layers)
+    units = [(layer, what) for layer in layers for what in LAYER_PROBES]
+    if probe_types(info, EMBEDDING):
+        units.append(EMBEDDING)
+    kld = measure_probes(probe, base, imatrix_path, info, workdir, units, threads, map)
+    rows = layer_rows(info, layers, kld)
     add_proxies(rows, read_imatrix(imatrix_path) if imatrix_path else None, layers_csv)
-    embd = next((t for t in info.quantizable() if t.name == TOKEN_EMBD), None)
     group_kld = {}
     for r in rows:
-        group_kld[f"{r.layer}.attn"] = GroupKLD(r.kld_attn_low, low_types(info, r.layer, ATTN_KINDS))
-        group_kld[f"{r.layer}.mlp"] = GroupKLD(r.kld_mlp_low, low_types(info, r.layer, MLP_KINDS))
-    if embd is not None:
-        embd_types = {TOKEN_EMBD: low_type_for(embd.shape)}
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = Path(tmp) / "embd.gguf"
-            build_mixed(base, path, embd_types, imatrix_path, threads)
-            group_kld["token_embd"] = GroupKLD(probe.kld(path), embd_types)
-    errors = tensor_errors(base, imatrix_path, info, workdir, types, threads)
+        group_kld[f"{r.layer}.attn"] = GroupKLD(r.kld_attn_low, probe_types(info, (r.layer, "attn")))
+        group_kld[f"{r.layer}.mlp"] = GroupKLD(r.kld_mlp_low, probe_types(info, (r.layer, "mlp")))
+    if EMBEDDING in kld:
+        group_kld["token_embd"] = GroupKLD(kld[EMBEDDING], probe_types(info, EMBEDDING))
+    errors = tensor_errors(base, imatrix_path, info, workdir, types, threads, map=map)
     measured = {g for g in group_kld}
     errors = [e for e in errors if e.group in measured]
     return Sensitivity(rows, group_kld, group_alphas(errors, group_kld), errors, proxy_correlations(rows))

@@ -46,6 +46,7 @@ class TaskResult:
     n_correct: int
     ctx: int
     outcomes: tuple[int, ...] = ()  # 1/0 per task, in evaluation order
+    scores: tuple[tuple[float, ...], ...] = ()  # per task, each answer's score (mean log-prob)
 
     @property
     def accuracy(self) -> float:
@@ -102,6 +103,13 @@ def choice_scores(scorer: SharedPrefixContext, task: ChoiceTask) -> list[float]:
 
 def winogrande_choice(scorer: SharedPrefixContext, task: WinograndeTask) -> int:
     """1 or 2: the choice whose continuation scores higher, with the CLI's exact token ranges."""
+    scores = winogrande_scores(scorer, task)
+    return 1 if scores[0] > scores[1] else 2
+
+
+def winogrande_scores(scorer: SharedPrefixContext, task: WinograndeTask) -> list[np.float32]:
+    """The two scores llama-perplexity --winogrande prints: the mean log-prob (float32, as the
+    CLI keeps it) of the words after the blank, for each choice."""
     model = scorer.model
     seqs = [model.tokenize(task.first + c + task.second, add_special=True) for c in task.choices]
     n_base = [len(model.tokenize(task.first + c, add_special=True)) for c in task.choices]
@@ -121,22 +129,29 @@ def winogrande_choice(scorer: SharedPrefixContext, task: WinograndeTask) -> int:
             li += 1
         count = len(seq) - base - last
         scores.append(np.float32(total) / np.float32(count) if count else np.float32("nan"))
-    return 1 if scores[0] > scores[1] else 2
+    return scores
 
 
-def run_benchmark(model: Model, name: str, tasks: list, n_ctx: int, threads: int | None = None) -> TaskResult:
+def run_benchmark(model: Model, name: str, tasks: list, n_ctx: int, threads: int | None = None,
+                  flash_attn: bool | None = None) -> TaskResult:
+    """Score `tasks` one decode each. `flash_attn` None keeps llama.cpp's default (on for the CPU
+    backend); False gives scores that do not depend on how tasks are packed into a decode (the CPU
+    flash-attention kernel accumulates in F16, so llama-perplexity's scores, which pack many
+    tasks per decode, move with their neighbours: compare with its `-fa off`)."""
     max_seq = 2 if name == "winogrande" else max(4, max(len(t.endings) for t in tasks))
-    outcomes = []
-    with SharedPrefixContext(model, n_ctx, max_seq, threads) as scorer, \
+    outcomes, all_scores = [], []
+    with SharedPrefixContext(model, n_ctx, max_seq, threads, flash_attn) as scorer, \
             bar(total=len(tasks), desc=f"{name} {model.path.stem}", unit="task") as progress:
         for task in tasks:
             if name == "winogrande":
-                outcomes.append(int(winogrande_choice(scorer, task) == task.answer))
+                scores = winogrande_scores(scorer, task)
+                outcomes.append(int((1 if scores[0] > scores[1] else 2) == task.answer))
             else:
                 scores = choice_scores(scorer, task)
                 outcomes.append(int(int(np.argmax(scores)) == task.gold))  # first maximum wins, as in the CLI
+            all_scores.append(tuple(float(x) for x in scores))
             progress.update(1)
-    return TaskResult(name, len(tasks), sum(outcomes), n_ctx, tuple(outcomes))
+    return TaskResult(name, len(tasks), sum(outcomes), n_ctx, tuple(outcomes), tuple(all_scores))
 
 
 def average_accuracy(results: list[dict]) -> float:

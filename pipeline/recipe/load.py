@@ -12,12 +12,14 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import yaml
 
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats import ggml_types
+from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import check_benchmark
 from pipeline.recipe.schema import SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
@@ -185,6 +187,9 @@ def validate(recipe: Recipe) -> None:
                            f"got '{recipe.model.base_type}'{did_you_mean(recipe.model.base_type, ggml_types.BASE_TYPES)}")
     if recipe.model.layers is not None and recipe.model.layers < 1:
         raise SqueezeError(f"{w('model', 'layers')}expected a positive layer count")
+    if recipe.model.n_gpu_layers < -1:
+        raise SqueezeError(f"{w('model', 'n_gpu_layers')}expected a layer count, or -1 for all layers, "
+                           f"got {recipe.model.n_gpu_layers}")
     for section, spec in (("calibration", recipe.calibration), ("score", recipe.score)):
         if spec is None:
             continue
@@ -214,6 +219,23 @@ def validate(recipe: Recipe) -> None:
     ref = recipe.report.reference
     if ref is not None and ref not in names:
         raise SqueezeError(f"{w('report', 'reference')}unknown variant '{ref}'{did_you_mean(ref, names)}")
+    _check_published(recipe, w)
+
+
+def _check_published(recipe: Recipe, w) -> None:
+    """The published table parses, and the base row it names is in it."""
+    spec = recipe.report.published
+    if spec is None:
+        return
+    folder = Path(recipe.path).parent if recipe.path else Path.cwd()
+    path = folder / spec.table
+    if not path.is_file():
+        raise SqueezeError(f"{w('report', 'published', 'table')}{path}: no such file (a Markdown or CSV table "
+                           "of published figures)")
+    rows = [r.variant for r in read_score_table(path)]
+    if spec.base is not None and spec.base not in rows:
+        raise SqueezeError(f"{w('report', 'published', 'base')}'{spec.base}' is not a row of {path}"
+                           f"{did_you_mean(spec.base, rows)} (its rows: {', '.join(rows)})")
 
 
 def _check_score(score, w):
@@ -225,14 +247,20 @@ def _check_score(score, w):
                                (("drift", "tokens"), score.drift.tokens, 0)):
         if value < least:
             raise SqueezeError(f"{w('score', *path)}expected at least {least}, got {value}")
+    if score.drift.prompts is not None and not score.drift.prompts.strip():
+        raise SqueezeError(f"{w('score', 'drift', 'prompts')}expected the name of a prompts file, got an empty string")
 
 
 def _check_rules(rules, path, w):
     for i, rule in enumerate(rules):
         try:
-            rule.regex
-        except re.error as exc:
+            with warnings.catch_warnings():  # "possible nested set" for '[[:alpha:]]': compiled (and cached) quietly
+                warnings.simplefilter("ignore")
+                rule.regex
+        except (re.error, OverflowError) as exc:  # OverflowError: a repeat count like a{99999999999}
             raise SqueezeError(f"{w(*path, i, 'pattern')}invalid regex '{rule.pattern}': {exc}") from None
+        except RecursionError:
+            raise SqueezeError(f"{w(*path, i, 'pattern')}invalid regex: groups nested too deeply") from None
         ggml_types.tensor_type(rule.type, w(*path, i, "type"))
 
 

@@ -102,7 +102,22 @@ class SpeedSpec:
 
 @dataclass(frozen=True)
 class DriftSpec:
+    """Behaviour drift against the base (pipeline.measure.drift): greedy continuations of a prompt
+    suite, where the variant's first parts from the base's, and the KLD and top-1 agreement at
+    every position of the base's continuation fed to both models.
+
+    `prompts` names a file, relative to the recipe (or absolute), in YAML or JSON: either a list
+    of prompts (named 1, 2, ... in the tables) or a mapping of name to prompt, e.g.
+
+        story: "Once upon a time, in a small village"
+        code: |
+          def fibonacci(n):
+
+    Without it the five built-in prompts (story, factual, programming, science news, math QA)
+    are used. Editing the file measures drift again."""
+
     tokens: int = 0  # greedy tokens per prompt of the drift suite; 0 (default) skips it
+    prompts: str | None = None  # a prompts file (see above); None: the built-in suite
 
 
 @dataclass(frozen=True)
@@ -117,11 +132,22 @@ class ScoreSpec:
 
 
 @dataclass(frozen=True)
+class PublishedSpec:
+    """Someone's published figures for the same variants (pipeline.formats.score_table), shown
+    beside squeeze's in the report: the table a recipe reproduces."""
+
+    table: str  # a Markdown or CSV table, relative to the recipe
+    base: str | None = None  # the table's row for the base every KLD is measured against
+    source: str | None = None  # where the figures come from (a URL), named in the report
+
+
+@dataclass(frozen=True)
 class ReportSpec:
     reference: str | None = None  # the variant the size table measures shrinkage against
     title: str | None = None
     license: str | None = None  # model card front matter (`squeeze card`)
     base_model: str | None = None  # the Hugging Face model the quants derive from
+    published: PublishedSpec | None = None
 
 
 @dataclass(frozen=True)

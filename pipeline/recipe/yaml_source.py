@@ -39,7 +39,12 @@ def dotted(path: KeyPath) -> str:
     """('select', 'rules', 0, 'type') -> 'select.rules[0].type'."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isprintable() and part.strip() == part and part:
+            out += f".{part}" if out else part
+        else:  # a key a user could not see in a message (a newline, spaces at its ends, not a string)
+            out += f"[{part!r}]"
     return out
 
 

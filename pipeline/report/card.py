@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import write_text_atomic
-from pipeline.report.tables import PLOT_FILE, load_run, requant_caveat, stale_banner, tables_of
+from pipeline.report.tables import PLOT_FILE, load_run, published_section, requant_caveat, stale_banner, tables_of
 from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
 from pipeline.sources.model_source import BaseInfo
@@ -90,6 +90,7 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
               t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if (ctx.folder / PLOT_FILE).exists():
         parts += [f"![mean KLD against file size]({PLOT_FILE})", ""]
+    parts += published_section(ctx, tables.scores, "##")
     if not t["tasks.csv"].empty:
         parts += ["## Benchmarks", "", "Accuracy (%) ± standard error.", "", t["tasks.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if not t["speed.csv"].empty:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.errors import SqueezeError, did_you_mean
+from pipeline.formats.score_table import read_score_table
 from pipeline.recipe.load import load_recipe
 from pipeline.report.tables import STALE_MARK, load_run
 from pipeline.run.layout import results_root
@@ -41,19 +42,42 @@ METRICS = (
 )
 
 
+TABLE_SUFFIXES = (".md", ".csv")  # a published score table (pipeline.formats.score_table)
+
+
+def is_published_table(path: str | Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() in TABLE_SUFFIXES
+
+
 def run_folder(path: str | Path) -> Path:
-    """A results folder, or the folder a recipe's results go to."""
+    """A results folder, the folder a recipe's results go to, or a published score table."""
     p = Path(path)
+    if is_published_table(p):
+        return p
     if p.is_file() and p.suffix in (".yaml", ".yml"):
         p = results_root() / load_recipe(p).name
     if not (p / "scores").is_dir():
-        raise SqueezeError(f"{path}: no scores found (expected a results folder with scores/, or a recipe "
-                           f"whose run has been scored)")
+        raise SqueezeError(f"{path}: no scores found (expected a results folder with scores/, a recipe "
+                           f"whose run has been scored, or a published table, .md or .csv)")
     return p
 
 
+def published_metrics(path: Path) -> pd.DataFrame:
+    """A card's table as compared rows: what it gives, NaN for the rest."""
+    rows = read_score_table(path)
+    df = pd.DataFrame([vars(r) for r in rows])
+    df["size_mib"] = df.pop("size_bytes") / 2**20
+    for m in METRICS:
+        if m.key not in df:
+            df[m.key] = math.nan
+    return df
+
+
 def metrics_of(folder: Path) -> pd.DataFrame:
-    """One row per variant of a run with the compared metrics (NaN where not scored)."""
+    """One row per variant of a run (or of a published table) with the compared metrics (NaN
+    where not scored)."""
+    if is_published_table(folder):
+        return published_metrics(folder)
     t = load_run(folder)
     if t.scores.empty:
         raise SqueezeError(f"{folder}: no variant scores in {folder / 'scores'}")

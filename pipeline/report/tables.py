@@ -4,9 +4,11 @@ pipeline.stages.report, writes them after every score).
 Tables (results/<recipe>/): sizes.csv (with shrinkage against a reference variant),
 ppl-kld.csv (PPL, KLD, Δp, same top p, each ± its uncertainty, as llama-perplexity prints them),
 kld-percentiles.csv, tasks.csv (accuracy ± standard error per benchmark, average column),
-speed.csv (tokens/s mean ± sd), drift.csv (first diverging token per prompt); scores.md holds
-them all, kld-vs-size.png plots mean KLD against file size with the Pareto front, and
-scores.csv keeps one row per variant with every number.
+speed.csv (tokens/s mean ± sd), drift.csv (per prompt: first diverging token of free generation,
+top-1 agreement and mean KLD along the base's continuation); scores.md holds them all,
+kld-vs-size.png plots mean KLD against file size with the Pareto front, drift-kld-by-position.png
+the drift KLD at each position of the base's continuation, and scores.csv keeps one row per
+variant with every number (the drift summary in its drift_* columns).
 """
 
 from __future__ import annotations
@@ -16,17 +18,24 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.errors import SqueezeError
+from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import LABELS
 from pipeline.fsutil import atomic_path
-from pipeline.report.plotting import pyplot
+from pipeline.report.plotting import plot_kld_by_position, pyplot
 from pipeline.run.layout import BASE, RunContext
 from pipeline.sources.model_source import BaseInfo
 
 TABLE_FILES = ("sizes.csv", "ppl-kld.csv", "kld-percentiles.csv", "tasks.csv", "speed.csv", "drift.csv")
 PLOT_FILE = "kld-vs-size.png"
+DRIFT_PLOT_FILE = "drift-kld-by-position.png"  # written when the recipe measures drift
+PUBLISHED_FILE = "published.csv"  # written when the recipe names published figures (report.published)
+# scores.csv columns from a variant's drift summary (pipeline.measure.drift.DriftSummary)
+DRIFT_COLUMNS = {"top1_agreement_pct": "drift_top1_agreement_pct", "mean_kld": "drift_mean_kld",
+                 "median_first_divergence": "drift_median_first_divergence", "positions": "drift_positions"}
 _SIDE_FILES = (".tasks", ".speed", ".drift")  # scores/<name>.tasks.json etc. beside <name>.json
 
 
@@ -65,6 +74,7 @@ def load_run(folder: Path, variants: list[str] | None = None) -> RunTables:
                 scores[col] = ""
         scores["pruned_layers"] = scores["pruned_layers"].fillna("")
     task_rows, speed_rows, drift_rows = [], [], []
+    drift_summary: dict[str, dict] = {}
     for name in [BASE] + list(variants):
         p = sdir / f"{name}.tasks.json"
         if p.exists():
@@ -78,8 +88,14 @@ def load_run(folder: Path, variants: list[str] | None = None) -> RunTables:
                                    "tokens_per_s": r["mean"], "sd": r["sd"], "repetitions": d["repetitions"]})
         p = sdir / f"{name}.drift.json"
         if p.exists() and name != BASE:
-            for r in _read_json(p).get("comparison", []):
+            d = _read_json(p)
+            for r in d.get("comparison", []):
                 drift_rows.append({"model": name, **r})
+            if "summary" in d:
+                drift_summary[name] = {**d["summary"], "tokens": d.get("tokens")}
+    if drift_summary and not scores.empty:  # NaN for a variant without one
+        for key, col in {**DRIFT_COLUMNS, "tokens": "drift_tokens"}.items():
+            scores[col] = [drift_summary.get(v, {}).get(key, math.nan) for v in scores["variant"]]
     return RunTables(folder, scores, pd.DataFrame(task_rows), pd.DataFrame(speed_rows), pd.DataFrame(drift_rows))
 
 
@@ -107,7 +123,7 @@ def error_table(df: pd.DataFrame) -> pd.DataFrame:
         errs = df[f"{key}_err"] if f"{key}_err" in df else [0.0] * len(df)
         return [_pm(v, e, digits, suffix) for v, e in zip(df[key], errs)]
 
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "Variant": df["variant"],
         "PPL ↓": col("ppl", 4),
         "PPL ratio ↓": col("ppl_ratio", 4),
@@ -117,6 +133,19 @@ def error_table(df: pd.DataFrame) -> pd.DataFrame:
         "RMS Δp ↓": col("rms_dp_pct", 2, "%"),
         "Mean Δp": col("mean_dp_pct", 3, "%") if "mean_dp_pct_err" in df else df["mean_dp_pct"].round(3),
     })
+    if "drift_top1_agreement_pct" in df:  # the recipe measures drift (score.drift.tokens > 0)
+        table[DRIFT_TOP1] = [_or_dash(x, lambda v: f"{v:.2f}%") for x in df["drift_top1_agreement_pct"]]
+        table[DRIFT_FIRST] = [_or_dash(x, lambda v: f"{v:g}") for x in df["drift_median_first_divergence"]]
+    return table
+
+
+DRIFT_TOP1 = "Drift top-1 agree ↑"
+DRIFT_FIRST = "Drift median first divergence ↑"
+
+
+def _or_dash(x, fmt) -> str:
+    """A number formatted, or '-' where there is none (NaN: not measured for this row)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt(x)
 
 
 def percentile_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -169,11 +198,33 @@ def drift_table(drift: pd.DataFrame) -> pd.DataFrame:
     def where(x, n):
         return "same" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{int(x)} / {n}"
 
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "Variant": drift["model"], "Prompt": drift["prompt"],
         "First diverging token ↑": [where(x, n) for x, n in zip(drift["first_divergence"], drift["n_tokens"])],
-        "Base": drift["base"].map(_md_cell), "Variant output": drift["variant"].map(_md_cell),
     })
+    if "top1_agreement_pct" in drift:  # teacher forcing (drift files before it have none)
+        table["Top-1 agree ↑"] = [_or_dash(x, lambda v: f"{v:.1f}%") for x in drift["top1_agreement_pct"]]
+        table["Mean KLD ↓"] = [_or_dash(x, lambda v: f"{v:.5f}") for x in drift["mean_kld"]]
+    table["Base"] = drift["base"].map(_md_cell)
+    table["Variant output"] = drift["variant"].map(_md_cell)
+    return table
+
+
+def kld_by_position(drift: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per variant, the teacher-forced KLD at each position of the base's continuation, mean
+    over the prompts that reach it (a continuation may end early at an end-of-generation token)."""
+    if drift.empty or "kld" not in drift:
+        return {}
+    out = {}
+    for model, g in drift.groupby("model", sort=False):
+        rows = [r for r in g["kld"] if isinstance(r, list) and r]
+        if not rows:
+            continue
+        grid = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+        for i, r in enumerate(rows):
+            grid[i, :len(r)] = r
+        out[model] = np.nanmean(grid, axis=0)
+    return out
 
 
 def _md_cell(text: str) -> str:
@@ -216,6 +267,53 @@ def plot_kld_vs_size(df: pd.DataFrame, path: Path, title: str) -> None:
 
 
 # ---- writing --------------------------------------------------------------------------------
+
+def published_path(ctx: RunContext) -> Path | None:
+    spec = ctx.recipe.report.published
+    if spec is None:
+        return None
+    return (ctx.recipe_dir or Path.cwd()) / spec.table
+
+
+def published_table(ctx: RunContext, df: pd.DataFrame) -> pd.DataFrame:
+    """squeeze's figures beside the published ones, variant by variant, and the base's PPL beside
+    the published base row's; empty when the recipe names no published table."""
+    path = published_path(ctx)
+    if path is None or df.empty:
+        return pd.DataFrame()
+    spec = ctx.recipe.report.published
+    card = {r.variant: r for r in read_score_table(path)}
+
+    def num(x, digits):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+    rows = []
+    for _, r in df.iterrows():
+        c = card.get(r["variant"])
+        rows.append({"Variant": r["variant"], "Size (GB)": num(r["file_bytes"] / 1e9, 2),
+                     "PPL": num(r["ppl"], 4), "KLD": num(r["mean_kld"], 5),
+                     "Published size (GB)": num(c.size_bytes / 1e9 if c else None, 2),
+                     "Published PPL": num(c.ppl if c else None, 2), "Published KLD": num(c.mean_kld if c else None, 3)})
+    base = card.get(spec.base) if spec.base else None
+    rows.append({"Variant": f"Base ({ctx.recipe.model.base_type.upper()})", "Size (GB)": "-",
+                 "PPL": num(float(df["ppl_base"].iloc[0]), 4), "KLD": "-",
+                 "Published size (GB)": num(base.size_bytes / 1e9 if base else None, 2),
+                 "Published PPL": num(base.ppl if base else None, 2), "Published KLD": "-"})
+    return pd.DataFrame(rows)
+
+
+def published_section(ctx: RunContext, df: pd.DataFrame, h2: str) -> list[str]:
+    table = published_table(ctx, df)
+    if table.empty:
+        return []
+    spec = ctx.recipe.report.published
+    source = f" ({spec.source})" if spec.source else ""
+    return [f"{h2} Against the published figures", "",
+            f"The figures of `{spec.table}`{source} beside squeeze's. The published KLDs are measured against "
+            f"their own base (the row '{spec.base or 'base'}'), on their own text and chunks: compare the "
+            "ranking and the gaps, not the decimals.", "",
+            table.to_markdown(index=False, disable_numparse=True), ""]
+
 
 def tables_of(tables: RunTables, reference: str | None, stale: set[str] = frozenset()) -> dict[str, pd.DataFrame]:
     df = tables.scores
@@ -262,9 +360,10 @@ def requant_caveat(base: BaseInfo, df: pd.DataFrame) -> str | None:
             "Compare quality below that and for pruning.")
 
 
-def write_report(ctx: RunContext, tables: RunTables, out=None) -> None:
+def write_report(ctx: RunContext, tables: RunTables, out=None, failed: dict[str, str] | None = None) -> None:
     """Write every table, scores.md and the plot; `out(final) -> temporary path` (a step's io.out),
-    else each file is written atomically in place."""
+    else each file is written atomically in place. `failed` (variant -> reason) are listed in
+    scores.md (a --keep-going run)."""
     def write(name: str, writer) -> None:
         final = ctx.report_path(name)
         if out is not None:
@@ -278,12 +377,17 @@ def write_report(ctx: RunContext, tables: RunTables, out=None) -> None:
     write("scores.csv", lambda p: tables.scores.to_csv(p, index=False))
     for name, table in t.items():
         write(name, lambda p, table=table: table.to_csv(p, index=False))
-    write("scores.md", lambda p: p.write_text(render_markdown(ctx, tables, t), encoding="utf-8"))
+    write("scores.md", lambda p: p.write_text(render_markdown(ctx, tables, t, failed=failed), encoding="utf-8"))
     write(PLOT_FILE, lambda p: plot_kld_vs_size(tables.scores, p, f"{r.name}: mean KLD vs file size"))
+    if r.report.published is not None:
+        write(PUBLISHED_FILE, lambda p: published_table(ctx, tables.scores).to_csv(p, index=False))
+    if r.score.drift.tokens > 0:
+        write(DRIFT_PLOT_FILE, lambda p: plot_kld_by_position(
+            kld_by_position(tables.drift), p, f"{r.name}: drift KLD along the base's greedy continuation"))
 
 
 def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFrame] | None = None,
-                    heading: str = "#", stale: set[str] = frozenset()) -> str:
+                    heading: str = "#", stale: set[str] = frozenset(), failed: dict[str, str] | None = None) -> str:
     r = ctx.recipe
     df = tables.scores
     t = t or tables_of(tables, r.report.reference, stale)
@@ -302,6 +406,7 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
              "KLD and Δp distribution (as `llama-perplexity --kl-divergence` prints it):", "",
              t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), "",
              f"![mean KLD against file size]({PLOT_FILE})", ""]
+    parts += published_section(ctx, df, h2)
     if not t["tasks.csv"].empty:
         s = r.score.tasks
         parts += [f"{h2} Tasks", "",
@@ -312,10 +417,22 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
         parts += [f"{h2} Speed", "", "Tokens per second, mean ± sd over repetitions after a warm-up run "
                   "(llama-bench's pp/tg tests, CPU).", "", t["speed.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if not t["drift.csv"].empty:
+        n = r.score.drift.tokens
         parts += [f"{h2} Behaviour drift", "",
-                  f"Greedy continuations ({r.score.drift.tokens} tokens) of base and variant: the first token "
-                  "where they differ (`same`: identical), and the text from just before it.", "",
+                  f"Greedy continuations ({n} tokens) of base and variant: the first token "
+                  "where they differ (`same`: identical), and the text from just before it. "
+                  "Top-1 agree and mean KLD: the base's continuation fed to both models, the share of its "
+                  "positions where both pick the same top token and the mean KLD(base || variant) there. "
+                  f"In the table above, {DRIFT_TOP1.rstrip(' ↑')} pools every position of every prompt and "
+                  f"{DRIFT_FIRST.rstrip(' ↑')} is the median over prompts of the first diverging token, "
+                  f"a prompt whose continuations never part counting as its full length ({n}).", "",
                   t["drift.csv"].to_markdown(index=False, disable_numparse=True), ""]
+        if kld_by_position(tables.drift):
+            parts += [f"![drift KLD by position]({DRIFT_PLOT_FILE})", ""]
+    if failed:
+        parts += [f"{h2} Failed variants", "", "Not in the tables above: these variants failed "
+                  "(`squeeze run --keep-going`).", "",
+                  *(f"- {name}: {reason}" for name, reason in failed.items()), ""]
     parts += _choices_section(ctx, h2)
     caveat = requant_caveat(BaseInfo.load(ctx.base_info_path), df)
     if caveat:

@@ -6,8 +6,11 @@ Big files are hashed once and the hash cached by (path, size, mtime), as DVC doe
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.fsutil import sha256_file, write_json_atomic
@@ -22,13 +25,16 @@ class HashCache:
             self._data = json.loads(path.read_text())
         except (OSError, ValueError):
             self._data = {}
+        if not isinstance(self._data, dict):  # a cache: whatever it held is hashed again
+            self._data = {}
         self._dirty = False
 
     def digest(self, file: Path) -> dict:
         st = file.stat()
         key = str(file.resolve())
         hit = self._data.get(key)
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns \
+                and isinstance(hit.get("sha256"), str):
             return {"size": st.st_size, "sha256": hit["sha256"]}
         digest = sha256_file(file)
         self._data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
@@ -54,18 +60,38 @@ class StepRecord:
 
 
 class Manifest:
+    """`set_aside`: where an unreadable manifest.json was moved (it is kept, not deleted), with
+    `notice` saying so; the steps it cannot vouch for are then redone."""
+
     def __init__(self, folder: Path):
         self.folder = folder
         self.path = folder / "manifest.json"
         self.hashes = HashCache(folder / ".hashes.json")
         self.steps: dict[str, StepRecord] = {}
+        self.set_aside: Path | None = None
+        self.notice: str | None = None
+        # step key -> one-line reason, for steps that failed under --keep-going until they succeed
+        self.failures: dict[str, str] = {}
         if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except ValueError:
-                data = {}
-            if data.get("schema") == MANIFEST_SCHEMA:
-                self.steps = {k: StepRecord(**v) for k, v in data.get("steps", {}).items()}
+            self.steps, problem = _read_steps(self.path)
+            if problem is not None:
+                self._set_aside(problem)
+            else:
+                self.failures = _read_failures(self.path)
+
+    def _set_aside(self, problem: str) -> None:
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, target)
+        self.save()  # what could be read, so a later run (or `status`) starts from the same place
+        self.set_aside = target
+        kept = f"; {len(self.steps)} readable step records kept" if self.steps else ""
+        self.notice = (f"{self.path}: {problem}; set aside as {target.name}{kept}, and every step it "
+                       f"cannot vouch for runs again")
 
     def rel(self, path: Path) -> str:
         """Paths inside the results folder are stored relative to it, so the folder can move."""
@@ -83,6 +109,8 @@ class Manifest:
         self.hashes.save()
         data = {"schema": MANIFEST_SCHEMA,
                 "steps": {k: vars(v) for k, v in sorted(self.steps.items())}}
+        if self.failures:
+            data["failures"] = dict(sorted(self.failures.items()))
         write_json_atomic(self.path, data)
 
     def digest(self, path: Path) -> dict:
@@ -90,6 +118,55 @@ class Manifest:
 
     def forget(self, key: str) -> None:
         self.steps.pop(key, None)
+
+
+_RECORD_FIELDS = {f.name: f for f in dataclasses.fields(StepRecord)}
+_REQUIRED = {name for name, f in _RECORD_FIELDS.items()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+
+def _read_steps(path: Path) -> tuple[dict[str, StepRecord], str | None]:
+    """The step records of a manifest file, and what is wrong with it (None when nothing is).
+    Records that do not have the shape a finished step leaves are dropped, the others kept."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError
+        return {}, f"not valid JSON ({str(exc).splitlines()[0]})"
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), dict):
+        return {}, "not a squeeze manifest (no mapping of steps)"
+    if data.get("schema") != MANIFEST_SCHEMA:
+        return {}, f"manifest schema {data.get('schema')!r}, this squeeze reads {MANIFEST_SCHEMA}"
+    steps, bad = {}, []
+    for key, value in data["steps"].items():
+        if _well_formed(value):
+            steps[key] = StepRecord(**value)
+        else:
+            bad.append(key)
+    if bad:
+        return steps, f"step record{'s' if len(bad) > 1 else ''} {', '.join(repr(k) for k in bad[:3])}" \
+                      f"{' ...' if len(bad) > 3 else ''} damaged"
+    return steps, None
+
+
+def _read_failures(path: Path) -> dict[str, str]:
+    """The `failures` section (step key -> reason); a damaged one is dropped: the steps rerun anyway."""
+    failures = json.loads(path.read_bytes()).get("failures", {})
+    if not isinstance(failures, dict):
+        return {}
+    return {k: v for k, v in failures.items() if isinstance(v, str)}
+
+
+def _well_formed(value) -> bool:
+    if not isinstance(value, dict) or not _REQUIRED <= set(value) or not set(value) <= set(_RECORD_FIELDS):
+        return False
+    if not isinstance(value["stage"], str) or not all(isinstance(value[k], dict) for k in ("params", "versions")):
+        return False
+    for files in (value["inputs"], value["outputs"]):
+        if not isinstance(files, dict) or not all(
+                isinstance(d, dict) and isinstance(d.get("size"), int) and isinstance(d.get("sha256"), str)
+                for d in files.values()):
+            return False
+    return isinstance(value.get("extra", {}), dict)
 
 
 def params_diff(old: dict, new: dict) -> list[str]:

@@ -5,7 +5,8 @@ an HTTP Range request (up to 5 times without progress); squeeze retries a failed
 times. A run that fails for good loses only the file in flight: huggingface_hub 1.x deletes
 partial files, but every finished file stays in the cache and a later run fetches only the rest.
 The endpoint ($HF_ENDPOINT) and token ($HF_TOKEN) are read at call time, so a test can point
-squeeze at a local server without re-importing anything.
+squeeze at a local server without re-importing anything. Uploads (`squeeze publish`) are in
+pipeline.sources.hub_upload and use the same endpoint and token.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def _token() -> str | None:
+def token() -> str | None:
     # None lets huggingface_hub fall back to a token saved by `hf auth login`.
     return os.environ.get("HF_TOKEN") or None
 
@@ -48,7 +49,7 @@ def hub_cache() -> Path:
     return cache_dir("hub")
 
 
-def _quiet_bars() -> None:
+def quiet_progress_bars() -> None:
     if os.environ.get("SQUEEZE_PROGRESS", "1") == "0":
         from huggingface_hub.utils import disable_progress_bars
 
@@ -60,14 +61,14 @@ def download_file(repo_id: str, filename: str, repo_type: str = "model", revisio
     """One file of a hub repository, from the cache when it is there already."""
     from huggingface_hub import hf_hub_download
 
-    _quiet_bars()
+    quiet_progress_bars()
     what = f"{'dataset' if repo_type == 'dataset' else 'hub model'} '{repo_id}'"
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision,
-                                        cache_dir=hub_cache(), token=_token(), endpoint=endpoint()))
+                                        cache_dir=hub_cache(), token=token(), endpoint=endpoint()))
         except Exception as exc:  # noqa: BLE001 - translated into one line below
-            if attempt < ATTEMPTS and _transient(exc):
+            if attempt < ATTEMPTS and transient(exc):
                 continue
             raise _explain(exc, where, what, revision, filename) from None
     raise AssertionError("unreachable")
@@ -77,10 +78,10 @@ def download_model(repo_id: str, revision: str | None = None, where: str = "", e
     """The files of a model repository that conversion needs; returns the local snapshot folder."""
     from huggingface_hub import HfApi
 
-    _quiet_bars()
+    quiet_progress_bars()
     what = f"hub model '{repo_id}'"
     try:
-        info = HfApi(endpoint=endpoint(), token=_token()).model_info(repo_id, revision=revision)
+        info = HfApi(endpoint=endpoint(), token=token()).model_info(repo_id, revision=revision)
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, where, what, revision, None) from None
     names = [s.rfilename for s in (info.siblings or [])]
@@ -135,7 +136,7 @@ def _marker(repo_id: str, revision: str | None) -> Path:
     return cache_dir("hub", "squeeze-snapshots") / f"{safe}@{(revision or 'main').replace('/', '--')}.json"
 
 
-def _transient(exc: Exception) -> bool:
+def transient(exc: Exception) -> bool:
     """A dropped or timed-out connection (httpx's TransportError family; huggingface_hub 2.x
     uses the httpx2 fork), worth another try that resumes the partial file."""
     from huggingface_hub.errors import OfflineModeIsEnabled

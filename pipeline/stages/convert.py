@@ -13,6 +13,7 @@ from pipeline.run.runner import Step
 from pipeline.sources.hf_convert import folder_inputs
 from pipeline.sources.hub import cached_model
 from pipeline.sources.model_source import Source, make_base, parse_source
+from pipeline.stages.estimate import check_room, predicted_base_bytes
 
 
 def steps(ctx: RunContext) -> list[Step]:
@@ -31,6 +32,7 @@ def steps(ctx: RunContext) -> list[Step]:
         inputs = folder_inputs(Path(source.ref))
 
     def action(io):
+        check_room("convert", ctx.folder, predicted_base_bytes(ctx))
         info, extra = make_base(recipe, source, io.out(ctx.base_path), ctx.folder / "logs" / "convert.log")
         info.save(io.out(ctx.base_info_path))
         return {"source": source.describe(), **extra}

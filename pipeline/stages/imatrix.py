@@ -68,7 +68,8 @@ def _calibrate(ctx: RunContext, files: list[Path], io) -> dict:
         print(f"imatrix: the calibration text has {available} chunks of {cal.ctx} tokens, "
               f"not calibration.chunks = {cal.chunks}; using {available}", file=sys.stderr)
     checkpoint = ctx.folder / "imatrix.checkpoint.npz"
-    totals, extra = collect(ctx.base_path, tokens, cal.ctx, n_chunks, threads=ctx.threads, checkpoint=checkpoint)
+    totals, extra = collect(ctx.base_path, tokens, cal.ctx, n_chunks, threads=ctx.threads, checkpoint=checkpoint,
+                            n_gpu_layers=ctx.recipe.model.n_gpu_layers)
     write_imatrix(io.out(ctx.imatrix_path), to_imatrix(totals, cal.ctx, list(cal.datasets)))
     write_layers_csv(io.out(ctx.layers_path), layer_rows(totals))
     checkpoint.unlink(missing_ok=True)

@@ -27,4 +27,4 @@ def probe_for(ctx: RunContext, chunks: int, cache: Path | None = None) -> KLDPro
     else:
         path = resolve_dataset(recipe.score.dataset, ctx.recipe_dir, recipe.where("score", "dataset"))
         n_ctx = recipe.score.ctx
-    return KLDProbe(ctx.base_path, read_text(path), n_ctx, chunks, ctx.threads, cache)
+    return KLDProbe(ctx.base_path, read_text(path), n_ctx, chunks, ctx.threads, cache, recipe.model.n_gpu_layers)

@@ -16,6 +16,7 @@ from pipeline.measure.prune_auto import choose_layers, default_candidates, proxy
 from pipeline.measure.sensitivity import imatrix_layer_stats
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
+from pipeline.stages.estimate import check_room, predicted_base_bytes
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
 from pipeline.stages.probes import probe_for, probe_params
 
@@ -89,6 +90,7 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
             extra = {"layers": list(layers), "probe_kld": choice.kld}
         else:
             layers = what
+        check_room(f"prune {tag}", ctx.pruned_base_path(tag).parent, predicted_base_bytes(ctx, layers))
         info = prune_gguf(ctx.base_path, io.out(ctx.pruned_base_path(tag)), layers)
         if imatrix:
             write_imatrix(io.out(ctx.pruned_imatrix_path(tag)), remap_imatrix(read_imatrix(imatrix), n_layers, layers))

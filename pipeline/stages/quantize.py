@@ -17,6 +17,7 @@ from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, te
 from pipeline.recipe.schema import VariantSpec
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
+from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.units import MiB, parse_size
 
@@ -95,6 +96,9 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
         if budget is not None and token_embd_type:
             lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
         io.out(ctx.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
+        needed = extra.get("predicted_bytes") or predicted_variant_bytes(ctx, v, {n: c.type for n, c in choices.items()},
+                                                                          layers)
+        check_room(f"quantize {v.name}", ctx.variant_path(v.name).parent, needed)
         quantize_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
                       imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
                       output_type=recipe.output_type_for(v),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.engine.backend import check_offload
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.recipe.check import check_recipe_against_model
 from pipeline.recipe.load import load_recipe
@@ -33,6 +34,7 @@ def open_run(recipe_path: str | Path, results: str | Path | None = None, check_m
     recipe = load_recipe(recipe_path)
     folder = Path(results) if results else results_root() / recipe.name
     ctx = RunContext(recipe, folder)
+    check_offload(recipe.model.n_gpu_layers, recipe.where("model", "n_gpu_layers").rstrip(": "))
     if check_model:
         check_recipe_against_model(recipe, ctx.model_info)
     return ctx

@@ -7,7 +7,10 @@
 - `tasks base`, `tasks V`: HellaSwag, WinoGrande, ARC, MMLU, TruthfulQA accuracies
   (scores/V.tasks.json), the same task selection as the CLI's `--*-tasks N`.
 - `speed V`: llama-bench style tokens/s (scores/V.speed.json).
-- `drift base`, `drift V`: greedy continuations of a prompt suite (scores/V.drift.json).
+- `drift base`, `drift V`: greedy continuations of a prompt suite (`score.drift.prompts`, else
+  pipeline.measure.drift.PROMPTS) and, for a variant, the first token where its own greedy
+  continuation parts from the base's, and the KLD and top-1 agreement per position of the base's
+  continuation fed to both models (scores/V.drift.json).
 
 Each is its own step, so changing the task count reruns only the task steps.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
+from pipeline.errors import SqueezeError
 from pipeline.formats.task_data import BENCHMARKS
 from pipeline.fsutil import read_text
 from pipeline.measure import drift, perplexity, speed, tasks
@@ -44,6 +49,7 @@ def steps(ctx: RunContext) -> list[Step]:
     data = resolve_dataset(s.dataset, ctx.recipe_dir, recipe.where("score", "dataset"))
     threads = s.threads or ctx.threads
     n_gpu = recipe.model.n_gpu_layers
+    gpu = n_gpu != 0  # every score step loads a model with n_gpu layers offloaded
     versions = engine_versions()
 
     def base_action(io):
@@ -56,14 +62,14 @@ def steps(ctx: RunContext) -> list[Step]:
 
     base_params = {**score_params(ctx), "score.base_format": perplexity.BASE_FORMAT}
     out = [Step("score base", "score", base_params, [ctx.base_path, data], [ctx.base_distribution_path],
-                base_action, versions=versions,
+                base_action, versions=versions, gpu=gpu,
                 produces=f"scores/base-topk.npz (base top-{perplexity.TOP_K} log-probs + {perplexity.TAIL_SAMPLES} "
                          f"sampled tail ids per token on {s.dataset}, "
                          f"{s.chunks} chunks of {s.ctx})")]
     for v in recipe.variants:
         out.append(Step(f"score {v.name}", "score", score_params(ctx),
                         [ctx.variant_path(v.name), ctx.base_distribution_path], [ctx.score_path(v.name)],
-                        _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=versions,
+                        _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=versions, gpu=gpu,
                         produces=f"scores/{v.name}.json (size, bpw, PPL, KLD, Δp, same top p, each ± error)"))
     names = [(BASE, ctx.base_path, None)] + [(v.name, ctx.variant_path(v.name), v.name) for v in recipe.variants]
     if s.tasks.benchmarks and s.tasks.count > 0:
@@ -73,7 +79,7 @@ def steps(ctx: RunContext) -> list[Step]:
         for name, model_path, variant in names:
             out.append(Step(f"tasks {name}", "score", params, [model_path] + [f for f in task_files if f.is_file()],
                             [ctx.tasks_path(name)], _tasks_action(ctx, name, model_path, threads, n_gpu),
-                            variant=variant, versions=versions,
+                            variant=variant, versions=versions, gpu=gpu,
                             produces=f"scores/{name}.tasks.json ({', '.join(s.tasks.benchmarks)}; "
                                      f"{s.tasks.count} tasks each, ctx {s.tasks.ctx})"))
     if s.speed.repetitions > 0:
@@ -81,18 +87,24 @@ def steps(ctx: RunContext) -> list[Step]:
                   "score.threads": threads}  # the threads it ran with, also when model.threads gave them
         for name, model_path, variant in names[1:]:
             out.append(Step(f"speed {name}", "score", params, [model_path], [ctx.speed_path(name)],
-                            _speed_action(ctx, name, model_path, threads, n_gpu), variant=variant, versions=versions,
+                            _speed_action(ctx, name, model_path, threads, n_gpu), variant=variant,
+                            versions=versions, gpu=gpu,
                             produces=f"scores/{name}.speed.json (pp{s.speed.pp}, tg{s.speed.tg} tokens/s "
                                      f"x{s.speed.repetitions})"))
     if s.drift.tokens > 0:
-        params = recipe.values("score.drift.tokens")
+        prompts_file, prompts = drift_prompts(ctx)
+        params = {**recipe.values("score.drift.tokens", "score.drift.prompts"),
+                  "score.drift.prompts_sha256": drift.prompts_digest(prompts), "score.drift.format": drift.FORMAT}
+        extra = [prompts_file] if prompts_file else []
+        forced = "; first divergence, KLD and top-1 agreement per position of the base's continuation"
         for name, model_path, variant in names:
-            inputs = [model_path] + ([] if variant is None else [ctx.drift_path(BASE)])
+            # a variant's step teacher-forces the base's continuations through the base model too
+            inputs = [model_path] + ([] if variant is None else [ctx.base_path, ctx.drift_path(BASE)]) + extra
             out.append(Step(f"drift {name}", "score", params, inputs, [ctx.drift_path(name)],
-                            _drift_action(ctx, name, model_path, variant is None, threads, n_gpu),
-                            variant=variant, versions=versions,
+                            _drift_action(ctx, name, model_path, variant is None, prompts, threads, n_gpu),
+                            variant=variant, versions=versions, gpu=gpu,
                             produces=f"scores/{name}.drift.json (greedy {s.drift.tokens} tokens, "
-                                     f"{len(drift.PROMPTS)} prompts)"))
+                                     f"{len(prompts)} prompts{'' if variant is None else forced})"))
     return out
 
 
@@ -144,14 +156,42 @@ def _speed_action(ctx: RunContext, name: str, model_path: Path, threads, n_gpu):
     return run
 
 
-def _drift_action(ctx: RunContext, name: str, model_path: Path, is_base: bool, threads, n_gpu):
+def drift_prompts(ctx: RunContext) -> tuple[Path | None, dict[str, str]]:
+    """The drift prompt suite: `score.drift.prompts` (a file beside the recipe) or the built-in one."""
+    name = ctx.recipe.score.drift.prompts
+    if name is None:
+        return None, drift.PROMPTS
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = (ctx.recipe_dir or Path.cwd()) / path
+    return path, drift.load_prompts(path, ctx.recipe.where("score", "drift", "prompts"))
+
+
+def _drift_action(ctx: RunContext, name: str, model_path: Path, is_base: bool, prompts: dict[str, str],
+                  threads, n_gpu):
     def run(io):
         n = ctx.recipe.score.drift.tokens
+        if is_base:
+            with Model(model_path, n_gpu) as model:
+                result = {"model": name, "tokens": n, "continuations": drift.continuations(model, n, threads, prompts)}
+            _write_json(io, ctx.drift_path(name), result)
+            return None
+        # Both models' teacher-forced logits are held, one model loaded at a time (n_prompts x
+        # tokens x n_vocab floats: 160 MiB for 5 prompts of 32 tokens and a 262k vocabulary).
+        base = json.loads(ctx.drift_path(BASE).read_text())["continuations"]
+        with Model(ctx.base_path, n_gpu) as model:
+            base_logits = drift.forced_logits(model, base, threads)
+            base_vocab = perplexity.vocab_fingerprint(model)
         with Model(model_path, n_gpu) as model:
-            mine = drift.continuations(model, n, threads)
-            result = {"model": name, "tokens": n, "continuations": mine}
-            if not is_base:
-                base = json.loads(ctx.drift_path(BASE).read_text())["continuations"]
-                result["comparison"] = drift.compare(model, base, mine)
-        _write_json(io, ctx.drift_path(name), result)
+            if perplexity.vocab_fingerprint(model) != base_vocab:
+                raise SqueezeError(f"{model_path}: vocabulary differs from the base's; refusing to compare drift")
+            mine = drift.continuations(model, n, threads, {k: b["prompt"] for k, b in base.items()})
+            forced = {k: drift.compare_forced(base_logits[k], v)
+                      for k, v in drift.forced_logits(model, base, threads).items()}
+            rows = drift.compare(model, base, mine, forced)
+        summary = drift.summarize(rows)
+        _write_json(io, ctx.drift_path(name), {"model": name, "tokens": n, "continuations": mine,
+                                               "comparison": rows, "summary": asdict(summary)})
+        return {"top1_agreement_pct": round(summary.top1_agreement_pct, 2),
+                "median_first_divergence": summary.median_first_divergence}
     return run

@@ -3,6 +3,9 @@ only when a variant chooses its types for a size budget (allocation needs the al
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from pipeline.engine.backend import engine_versions
 from pipeline.measure.sensitivity import CANDIDATE_TYPES, LOW_TYPE, run_sensitivity
 from pipeline.report.sensitivity import save_sensitivity
@@ -29,9 +32,13 @@ def steps(ctx: RunContext) -> list[Step]:
                ctx.sensitivity_md_path]
 
     def action(io):
-        probe = probe_for(ctx, PROBE_CHUNKS)
-        layers_csv = ctx.layers_path if ctx.layers_path.exists() else None
-        result = run_sensitivity(ctx.base_path, imatrix, ctx.model_info, probe, ctx.folder, layers_csv, ctx.threads)
+        # The base distribution goes in a file in the results folder (which every Ray node sees):
+        # the tasks that measure shares of the probes (io.map) each load it from there.
+        with tempfile.TemporaryDirectory(dir=ctx.folder, prefix=".sensitivity-") as work:
+            probe = probe_for(ctx, PROBE_CHUNKS, cache=Path(work) / "probe-base.npz")
+            layers_csv = ctx.layers_path if ctx.layers_path.exists() else None
+            result = run_sensitivity(ctx.base_path, imatrix, ctx.model_info, probe, ctx.folder, layers_csv,
+                                     ctx.threads, map=io.map)
         save_sensitivity(result, *(io.out(p) for p in outputs))
         return {"correlations": result.correlations}
 

@@ -1,0 +1,366 @@
+"""How fast this machine does each kind of work a run is made of, measured by a short probe and
+cached: the rates `squeeze plan --estimate` turns a model's shape into seconds with.
+
+The probe runs squeeze's own code paths (llama.cpp's prompt processing and token generation,
+llama_model_quantize, the calibration pass with its eval hook, the base-distribution sketch and
+the KLD scoring, gguf-py's dequantization) on a small synthetic model written with gguf-py (a
+llama-architecture F16 GGUF of random weights with a byte-level vocabulary), so it needs no
+download and measures the same thing on every machine. Its figures are per unit of work (FLOP,
+weight, vocabulary entry, byte), which estimate.py scales to the model at hand.
+
+Rates are cached under squeeze's cache (`rates/`), keyed by the engine version, its build flags,
+the CPU and the thread count; a different key measures again (about half a minute).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from pipeline.engine.backend import default_threads, engine_versions
+from pipeline.engine.build_flags import flags_id
+from pipeline.engine.context import Context
+from pipeline.engine.model import Model
+from pipeline.engine.quantize import quantize_file
+from pipeline.formats.dequantize import dequantize_gguf
+from pipeline.formats.imatrix_file import write_imatrix
+from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
+from pipeline.measure import calibration, perplexity, speed
+
+RATES_FORMAT = 2  # of the cached record; bump when the probe measures differently
+
+# The synthetic probe model: wide enough that matrix products dominate, small enough to build in
+# a few seconds (about 49M parameters, 98 MB in F16).
+PROBE_DIMS = {"n_embd": 768, "n_ff": 2048, "n_layers": 4, "n_head": 12, "n_head_kv": 4, "n_vocab": 32000}
+PROBE_QUANT = "Q4_K_M"
+PROBE_PP = 256  # tokens per prompt-processing batch
+PROBE_TG = 16  # single-token decodes
+PROBE_CTX = 512  # context of the calibration and scoring probes (as the recipes use it) ...
+PROBE_CHUNKS = 4  # ... and chunks: one decode of 2048 tokens, llama-perplexity's batch
+# Types whose dequantization speed (gguf-py, numpy) is measured: what sources usually hold.
+DEQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass(frozen=True)
+class Rates:
+    key: dict
+    pp_flops_f16: float  # FLOP/s of prompt processing, F16 weights
+    pp_flops_quant: float  # FLOP/s of prompt processing, quantized weights (PROBE_QUANT)
+    tg_bytes_per_s: float  # weight bytes read per second in token generation (quantized)
+    quantize_weights_per_s: dict  # weights/s through llama_model_quantize: "Q8_0", "legacy", "K" types
+    dequantize_values_per_s: dict  # ggml type -> values/s through gguf-py's dequantize
+    write_bytes_per_s: float  # streaming a file to disk (page cache included, as a run does)
+    hook_values_per_s: float  # activation values/s the calibration eval hook copies and sums
+    sketch_s_per_entry: float  # numpy seconds per (token x vocabulary entry), score base
+    kld_s_per_entry: float  # numpy seconds per (token x vocabulary entry), score variant
+    process_rss_bytes: int  # squeeze's own resident memory before any model is loaded
+    load_s: float = 0.0  # opening a model and creating a context: fixed cost per step that evaluates
+    header_s_per_token: float = 0.0  # gguf-py reading and rewriting a GGUF header, per vocabulary entry
+    probe_seconds: float = 0.0
+    measured: str = ""
+    notes: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def rates_key(threads: int | None) -> dict:
+    return {"format": RATES_FORMAT, **engine_versions(), "flags": flags_id(), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "threads": threads or default_threads()}
+
+
+def rates_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("rates") / f"rates-{digest}.json"
+
+
+def cached_rates(threads: int | None) -> Rates | None:
+    key = rates_key(threads)
+    try:
+        data = json.loads(rates_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("key") != json.loads(json.dumps(key)):
+        return None
+    return Rates(**data)
+
+
+def machine_rates(threads: int | None = None, echo=print) -> Rates:
+    """This machine's rates: from the cache when measured before with the same key, else probed."""
+    found = cached_rates(threads)
+    if found is not None:
+        return found
+    echo("measuring this machine's rates (once per engine version, CPU and thread count) ...")
+    rates = probe(threads)
+    write_json_atomic(rates_path(rates.key), rates.to_json())
+    return rates
+
+
+# ---- the synthetic model ---------------------------------------------------------------------
+def probe_flops_per_token(dims: dict) -> float:
+    """2 FLOP per weight a token passes through; the output is tied to the embedding, so every
+    parameter is one of them (the lookup itself is free, the output layer is not)."""
+    return 2.0 * probe_params(dims)
+
+
+def probe_params(dims: dict) -> int:
+    e, ff, nl, hd = dims["n_embd"], dims["n_ff"], dims["n_layers"], dims["n_embd"] // dims["n_head"]
+    kv = dims["n_head_kv"] * hd
+    return dims["n_vocab"] * e + nl * (2 * e * e + 2 * e * kv + 3 * e * ff)
+
+
+def write_probe_model(path: Path, dims: dict = PROBE_DIMS, seed: int = 0) -> None:
+    """A llama-architecture F16 GGUF of random weights (output tied to the embedding) and a
+    byte-level sentencepiece vocabulary: any text tokenizes (one token per byte)."""
+    rng = np.random.default_rng(seed)
+    e, ff, nl, nh, nkv, nv = (dims[k] for k in ("n_embd", "n_ff", "n_layers", "n_head", "n_head_kv", "n_vocab"))
+    hd = e // nh
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name("squeeze rate probe (random weights)")
+        w.add_context_length(4096)
+        w.add_embedding_length(e)
+        w.add_block_count(nl)
+        w.add_feed_forward_length(ff)
+        w.add_head_count(nh)
+        w.add_head_count_kv(nkv)
+        w.add_rope_dimension_count(hd)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        specials = ["<unk>", "<s>", "</s>"]
+        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+        filler = [f"\u2581w{i}" for i in range(nv - len(specials) - len(byte_tokens))]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(specials + byte_tokens + filler)
+        w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(len(filler))])
+        w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(filler))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+
+        def dense(rows, cols):
+            return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float16)
+
+        w.add_tensor("token_embd.weight", dense(nv, e))
+        w.add_tensor("output_norm.weight", np.ones(e, np.float32))
+        for i in range(nl):
+            p = f"blk.{i}."
+            w.add_tensor(p + "attn_norm.weight", np.ones(e, np.float32))
+            w.add_tensor(p + "attn_q.weight", dense(e, e))
+            w.add_tensor(p + "attn_k.weight", dense(nkv * hd, e))
+            w.add_tensor(p + "attn_v.weight", dense(nkv * hd, e))
+            w.add_tensor(p + "attn_output.weight", dense(e, e))
+            w.add_tensor(p + "ffn_norm.weight", np.ones(e, np.float32))
+            w.add_tensor(p + "ffn_gate.weight", dense(ff, e))
+            w.add_tensor(p + "ffn_up.weight", dense(ff, e))
+            w.add_tensor(p + "ffn_down.weight", dense(e, ff))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def probe_text(n_bytes: int, seed: int = 0) -> str:
+    """Words of random letters: with the byte-level vocabulary, about one token per character."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=int(rng.integers(2, 9)))) for _ in range(n_bytes // 5)]
+    return " ".join(words)
+
+
+# ---- the probe ------------------------------------------------------------------------------
+def _timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _dequantize_rates(rng: np.random.Generator) -> dict:
+    out = {}
+    n_values = 1 << 20
+    for name in DEQUANT_TYPES:
+        qtype = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(n_values // block) * size, dtype=np.uint8)
+        if name == "F32":
+            raw = rng.standard_normal(n_values).astype(np.float32).view(np.uint8)
+        elif name in ("F16", "BF16"):
+            raw = (rng.standard_normal(n_values).astype(np.float32) * 0.02).astype(np.float16).view(np.uint8)
+        with np.errstate(all="ignore"):  # random bytes make some scales inf/nan: speed is the same
+            seconds, _ = _timed(lambda: gguf.quants.dequantize(raw, qtype).astype(np.float16))
+        out[name] = n_values / max(seconds, 1e-9)
+    return out
+
+
+def _write_rate(folder: Path) -> float:
+    data = np.random.default_rng(1).integers(0, 256, size=64 << 20, dtype=np.uint8)
+    path = folder / f".write-probe-{os.getpid()}"
+    try:
+        seconds, _ = _timed(lambda: path.write_bytes(data.tobytes()))
+    finally:
+        path.unlink(missing_ok=True)
+    return data.nbytes / max(seconds, 1e-9)
+
+
+HEADER_VOCAB = 262144  # the header probe's vocabulary: the largest common one (Gemma 3's)
+
+
+def _header_cost(folder: Path, deq: dict, write: float) -> float:
+    """What a GGUF-to-base conversion costs beyond dequantizing and writing: gguf-py parses every
+    vocabulary entry of the header (the origin check, then the dequantization) and writes it again,
+    a cost that grows faster than the vocabulary (Python objects per entry). Measured on the real
+    dequantize_gguf of a header-only GGUF with HEADER_VOCAB entries; per vocabulary entry."""
+    src = folder / f"header-{HEADER_VOCAB}.gguf"
+    if not src.exists():
+        with atomic_path(src) as tmp:
+            w = gguf.GGUFWriter(str(tmp), "llama")
+            w.add_block_count(1)
+            w.add_tokenizer_model("llama")
+            w.add_token_list([f"t{i}" for i in range(HEADER_VOCAB)])
+            w.add_token_scores([0.0] * HEADER_VOCAB)
+            w.add_token_types([1] * HEADER_VOCAB)
+            w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+    out = folder / f".dequant-probe-{os.getpid()}.gguf"
+    try:
+        seconds, _ = _timed(lambda: (gguf.GGUFReader(str(src), "r"), dequantize_gguf(src, out, "F16")))
+        seconds -= out.stat().st_size / write
+    finally:
+        out.unlink(missing_ok=True)
+    return max(seconds, 0.0) / HEADER_VOCAB
+
+
+def _quantize_rates(f16: Path, out_dir: Path, imatrix: Path, threads: int) -> dict:
+    """Weights/s through llama_model_quantize with an importance matrix, by kind of type: Q8_0
+    (rounding only), the legacy block types (Q4_0 ... Q5_1, IQ4_NL: a weighted scale search) and
+    the K/IQ types (a search per sub-block), on the probe model (embedding included)."""
+    n = probe_params(PROBE_DIMS)
+    rates = {}
+    for kind, ftype in (("Q8_0", "Q8_0"), ("legacy", "Q5_0"), ("K", "Q4_K_M")):
+        dst = out_dir / f".quantize-probe-{os.getpid()}.gguf"
+        try:
+            # token_embd (tied output) would be Q6_K otherwise: keep every tensor of one kind
+            embd = {"Q8_0": "Q8_0", "legacy": "Q5_0", "K": "Q6_K"}[kind]
+            seconds, _ = _timed(lambda: quantize_file(f16, dst, ftype, imatrix_path=imatrix,
+                                                      token_embedding_type=embd, threads=threads))
+        finally:
+            dst.unlink(missing_ok=True)
+        rates[kind] = n / seconds
+    return rates
+
+
+def probe(threads: int | None = None) -> Rates:
+    """Measure the rates (about half a minute on 2 cores; the probe files are built once)."""
+    start = time.perf_counter()
+    threads = threads or default_threads()
+    rss = _rss_bytes()
+    folder = cache_dir("probe")
+    digest = hashlib.sha256(json.dumps(PROBE_DIMS, sort_keys=True).encode()).hexdigest()[:10]
+    f16 = folder / f"probe-{digest}-f16.gguf"
+    if not f16.exists():
+        write_probe_model(f16)
+    quant = folder / f"probe-{digest}-{PROBE_QUANT.lower()}.gguf"
+    if not quant.exists():
+        quantize_file(f16, quant, PROBE_QUANT, threads=threads)
+    n_params = probe_params(PROBE_DIMS)
+    flops = probe_flops_per_token(PROBE_DIMS)
+    nv = PROBE_DIMS["n_vocab"]
+    # the calibration and scoring probes run the real workload's shape: PROBE_CHUNKS chunks of
+    # PROBE_CTX tokens in one decode
+    n_tok = PROBE_CHUNKS * PROBE_CTX
+
+    with Model(f16) as model:
+        sp = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
+        pp_f16 = sp[f"pp{PROBE_PP}"]["mean"] * flops
+        text = probe_text(2 * n_tok)
+        tokens = model.tokenize(text)
+        chunks = perplexity.make_chunks(model, text, PROBE_CTX, PROBE_CHUNKS)
+        n_seq = min(perplexity.seqs_per_batch(PROBE_CTX), PROBE_CHUNKS)
+        with Context(model, PROBE_CTX, n_seq, threads) as c:
+            base_s, dist = _timed(lambda: perplexity.base_distribution(model, c, chunks))
+    # calibration: the forward pass plus the eval hook that copies and sums every matmul input
+    cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, PROBE_CTX, PROBE_CHUNKS, threads=threads,
+                                                            progress_desc="probe"))
+    hook_values = n_tok * hooked_values_per_token(PROBE_DIMS)
+    hook_rate = hook_values / max(cal_s - n_tok * flops / pp_f16, 0.05 * cal_s)
+    scored = chunks.tokens.shape[0] * chunks.n_scored
+    sketch = max(base_s - n_tok * flops / pp_f16, 0.0) / (scored * nv)
+    imatrix = folder / f".probe-imatrix-{os.getpid()}.gguf"
+    write_imatrix(imatrix, calibration.to_imatrix(totals, PROBE_CTX, ["probe"]))
+    try:
+        quantize = _quantize_rates(f16, folder, imatrix, threads)
+    finally:
+        imatrix.unlink(missing_ok=True)
+
+    def load():
+        with Model(quant) as m, Context(m, PROBE_CTX, 1, threads):
+            pass
+    load()  # the first open pays for reading the file; a step's model is usually in the page cache
+    load_s, _ = _timed(load)
+
+    with Model(quant) as model:
+        sp = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
+        pp_q = sp[f"pp{PROBE_PP}"]["mean"] * flops
+        tg_s_per_token = 1.0 / sp[f"tg{PROBE_TG}"]["mean"]
+        qbytes = model.size_bytes
+        with Context(model, PROBE_CTX, n_seq, threads) as c:
+            kld_s, _ = _timed(lambda: perplexity.score_against_base(model, c, dist))
+    kld = max(kld_s - n_tok * flops / pp_q, 0.0) / (scored * nv)
+    # a single-token decode reads every weight once: bandwidth-bound (its fixed cost folded in)
+    tg_rate = qbytes / tg_s_per_token
+
+    rng = np.random.default_rng(0)
+    deq = _dequantize_rates(rng)
+    write = _write_rate(folder)
+    header = _header_cost(folder, deq, write)
+    return Rates(
+        key=rates_key(threads), pp_flops_f16=pp_f16, pp_flops_quant=pp_q, tg_bytes_per_s=tg_rate,
+        quantize_weights_per_s=quantize, dequantize_values_per_s=deq,
+        write_bytes_per_s=write, hook_values_per_s=hook_rate, sketch_s_per_entry=sketch, kld_s_per_entry=kld,
+        process_rss_bytes=rss, load_s=load_s, header_s_per_token=header,
+        probe_seconds=round(time.perf_counter() - start, 1), measured=time.strftime("%Y-%m-%d %H:%M:%S"),
+        notes={"probe_model": {**PROBE_DIMS, "params": n_params, "quant": PROBE_QUANT, "quant_bytes": qbytes},
+               "pp_tokens": PROBE_PP, "tg_tokens": PROBE_TG, "ctx": PROBE_CTX, "chunks": PROBE_CHUNKS,
+               "header_vocab": HEADER_VOCAB})
+
+
+def hooked_values_per_token(dims_or_shape) -> int:
+    """Activation values the calibration hook reads per token: the input row of every block matmul."""
+    if isinstance(dims_or_shape, dict):
+        e, ff, nl = dims_or_shape["n_embd"], dims_or_shape["n_ff"], dims_or_shape["n_layers"]
+        return nl * (6 * e + ff)  # q, k, v, output, gate, up read n_embd; down reads n_ff
+    return int(dims_or_shape)
+

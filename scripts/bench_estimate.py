@@ -1,0 +1,200 @@
+"""Benchmark: what `squeeze plan --estimate` predicts for a fresh run against the run itself.
+
+The recipe (default recipes/gemma3-270m-pruned.yaml) is estimated for a results folder that does
+not exist yet, with the library code behind `squeeze plan RECIPE --results TMP --estimate`
+(pipeline.stages.estimate.estimate_run, at this machine's cached or newly probed rates); then
+`python -m pipeline run RECIPE --results TMP` runs it into that folder as a child process, timed
+end to end. Per stage and per step: predicted seconds against the runner's own seconds
+(manifest.json), predicted bytes against the sizes of the files written; the totals, the files
+over 1 MiB one by one, and predicted peak memory against the run's peak RSS.
+
+Writes results/bench/estimate.json and estimate.md (`--out DIR`, `--name NAME` elsewhere). The
+temporary results folder is removed afterwards unless `--keep`. Run it on a quiet machine: the
+estimate assumes one.
+Usage: python scripts/bench_estimate.py [--recipe PATH] [--out DIR] [--name estimate] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import OUT, ROOT, log, run_child
+
+from pipeline.engine.backend import engine_versions
+from pipeline.fsutil import write_json_atomic, write_text_atomic
+from pipeline.measure.rates import cached_rates, cpu_name, machine_rates
+from pipeline.stages.estimate import estimate_run, format_estimate
+from pipeline.stages.registry import build_steps, open_run
+
+DEFAULT_RECIPE = "recipes/gemma3-270m-pruned.yaml"
+LARGE_FILE = 1 << 20  # files above this are compared one by one
+
+
+def load_average() -> tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def pct(predicted: float, measured: float) -> float | None:
+    """Prediction error in percent of the measured value (positive: predicted too much)."""
+    return round(100 * (predicted / measured - 1), 1) if measured else None
+
+
+def compare(costs, manifest: dict, folder: Path) -> tuple[dict, list, dict]:
+    """(per stage, per step, large files): predicted against measured."""
+    records = manifest["steps"]
+    stages: dict[str, dict] = {}
+    steps = []
+    for c in costs:
+        rec = records.get(c.key)
+        measured_s = rec["seconds"] if rec else None
+        written = sum(o["size"] for o in rec["outputs"].values()) if rec else None
+        steps.append({"key": c.key, "stage": c.stage, "predicted_s": round(c.seconds, 2), "measured_s": measured_s,
+                      "predicted_bytes": c.bytes_written, "written_bytes": written})
+        s = stages.setdefault(c.stage, {"steps": 0, "predicted_s": 0.0, "measured_s": 0.0,
+                                        "predicted_bytes": 0, "written_bytes": 0})
+        s["steps"] += 1
+        s["predicted_s"] += c.seconds
+        s["predicted_bytes"] += c.bytes_written
+        s["measured_s"] += measured_s or 0.0
+        s["written_bytes"] += written or 0
+    for s in stages.values():
+        s["time_error_pct"] = pct(s["predicted_s"], s["measured_s"])
+        s["predicted_s"], s["measured_s"] = round(s["predicted_s"], 1), round(s["measured_s"], 1)
+        s["bytes_error_pct"] = pct(s["predicted_bytes"], s["written_bytes"])
+    sizes = {rel: o["size"] for rec in records.values() for rel, o in rec["outputs"].items()}
+    large = {}
+    for c in costs:
+        for path, predicted in c.writes.items():
+            rel = str(Path(path).relative_to(folder))
+            if predicted > LARGE_FILE and rel in sizes:
+                large[rel] = {"predicted": predicted, "written": sizes[rel],
+                              "error_pct": round(100 * (predicted / sizes[rel] - 1), 3)}
+    return stages, steps, large
+
+
+def cell(value) -> str:
+    """A table cell: '-' where nothing was measured (a step of 0.0 s has no error in percent)."""
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown(r: dict) -> str:
+    t, la = r["total"], r["load_average"]
+    md = [f"# {r['title']}", "",
+          f"{r['date']}, {r['machine']}. Load average (1/5/15 min) {la['before']} before the estimate, "
+          f"{la['before_run']} before the run, {la['after']} after it.", "",
+          f"- predicted: `{r['commands']['predicted']}` (the library call `{r['commands']['predicted_call']}`), "
+          f"rates {r['rates_source']}",
+          f"- measured: `{r['commands']['measured']}`, {t['measured_wall_s']:.0f} s wall, "
+          f"{t['measured_steps_s']:.0f} s in the steps", "",
+          "| stage | steps | predicted s | measured s | time error % | predicted bytes | written bytes | bytes error % |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in r["stages"].items():
+        md.append(f"| {name} | {s['steps']} | {s['predicted_s']} | {s['measured_s']} | {cell(s['time_error_pct'])} | "
+                  f"{cell(s['predicted_bytes'])} | {cell(s['written_bytes'])} | {cell(s['bytes_error_pct'])} |")
+    md.append(f"| **total** | {len(r['steps'])} | {t['predicted_s']} | {t['measured_steps_s']} | "
+              f"{cell(t['time_error_pct'])} | {cell(t['predicted_folder_bytes'])} | {cell(t['written_bytes'])} | "
+              f"{cell(t['bytes_error_pct'])} |")
+    md += ["", f"Peak memory: predicted {t['predicted_peak_memory_bytes'] / 2**20:.0f} MiB, the run's peak RSS "
+               f"{t['measured_peak_rss_bytes'] / 2**20:.0f} MiB.", ""]
+    if r["large_files"]:
+        md += ["## Files over 1 MiB", "", "| file | predicted bytes | written bytes | error % |", "|---|---:|---:|---:|"]
+        md += [f"| {rel} | {f['predicted']:,} | {f['written']:,} | {f['error_pct']} |"
+               for rel, f in r["large_files"].items()]
+        md.append("")
+    md += ["## Steps", "", "| step | predicted s | measured s | predicted bytes | written bytes |",
+           "|---|---:|---:|---:|---:|"]
+    md += [f"| {s['key']} | {s['predicted_s']} | {cell(s['measured_s'])} | {cell(s['predicted_bytes'])} | "
+           f"{cell(s['written_bytes'])} |" for s in r["steps"]]
+    md += ["", "## The estimate as `squeeze plan --estimate` printed it", "", "```", *r["estimate_printout"], "```"]
+    return "\n".join(md) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe to estimate and run (default {DEFAULT_RECIPE})")
+    ap.add_argument("--out", type=Path, default=OUT, help="folder for NAME.json and NAME.md (default results/bench)")
+    ap.add_argument("--name", default="estimate")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary results folder")
+    args = ap.parse_args()
+    given = Path(args.recipe).resolve()
+    if given.exists():  # named from elsewhere: as the repository root sees it
+        args.recipe = str(given.relative_to(ROOT)) if given.is_relative_to(ROOT) else str(given)
+    os.chdir(ROOT)  # the run starts where `make` starts it: relative recipe paths from the repository root
+    load_before = load_average()
+
+    tmp = Path(tempfile.mkdtemp(prefix="squeeze-estimate-"))
+    results = tmp / "results"  # fresh: the estimate is for a folder holding nothing yet
+    try:
+        ctx = open_run(args.recipe, results)
+        cached = cached_rates(ctx.threads) is not None
+        log(f"estimating {args.recipe} ({'cached rates' if cached else 'probing this machine first'})")
+        rates = machine_rates(ctx.threads, echo=log)
+        estimate = estimate_run(ctx, build_steps(ctx), rates)
+        printout = format_estimate(estimate)
+        for line in printout:
+            print(line)
+
+        argv = [sys.executable, "-m", "pipeline", "run", args.recipe, "--results", str(results)]
+        load_before_run = load_average()
+        log(f"running: {subprocess.list2cmdline(argv)}")
+        wall, rss, output = run_child(argv, tmp / "run.log")
+        load_after = load_average()
+        log(f"ran in {wall:.0f} s, peak RSS {rss / 2**20:.0f} MiB, load {load_before_run[0]} -> {load_after[0]}")
+        manifest = json.loads((results / "manifest.json").read_text())
+        stages, steps, large = compare(estimate.costs, manifest, results)
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    steps_s = sum(s["measured_s"] or 0 for s in steps)
+    written = sum(o["size"] for rec in manifest["steps"].values() for o in rec["outputs"].values())
+    threads = rates.key.get("threads")
+    result = {
+        "benchmark": args.name,
+        "title": f"squeeze plan --estimate against a measured run of {Path(args.recipe).name}",
+        "what": "the estimate for a fresh results folder, then one `squeeze run` of the same recipe into it",
+        "recipe": args.recipe,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, {threads} threads, "
+                   f"Python {platform.python_version()}",
+        "versions": engine_versions(),
+        "commands": {"predicted": f"squeeze plan {args.recipe} --results {results} --estimate",
+                     "predicted_call": "pipeline.stages.estimate.estimate_run(open_run(recipe, results), "
+                                       "build_steps(ctx), machine_rates(ctx.threads))",
+                     "measured": subprocess.list2cmdline(argv), "measured_argv": argv},
+        "rates_source": "from the cache (measured earlier)" if cached else "probed by this benchmark",
+        "rates": {k: v for k, v in rates.to_json().items() if k != "key"},
+        "load_average": {"before": load_before, "before_run": load_before_run, "after": load_after,
+                         "note": "os.getloadavg() (1, 5, 15 min); the run's own threads count in it"},
+        "total": {"predicted_s": round(estimate.seconds, 1), "measured_steps_s": round(steps_s, 1),
+                  "measured_wall_s": round(wall, 1), "time_error_pct": pct(estimate.seconds, steps_s),
+                  "predicted_folder_bytes": estimate.folder_bytes, "written_bytes": written,
+                  "bytes_error_pct": pct(estimate.folder_bytes, written),
+                  "predicted_peak_memory_bytes": estimate.peak_memory, "measured_peak_rss_bytes": rss},
+        "stages": stages,
+        "large_files": large,
+        "steps": steps,
+        "estimate_printout": printout,
+        "run_output_tail": output.splitlines()[-5:],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / f"{args.name}.json", result)
+    write_text_atomic(args.out / f"{args.name}.md", markdown(result))
+    t = result["total"]
+    log(f"total: predicted {t['predicted_s']} s, measured {t['measured_steps_s']} s in steps "
+        f"({t['time_error_pct']} %); bytes {t['bytes_error_pct']} %; wrote {args.out / args.name}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
