@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.run.ray_executor import RayExecutor
 from pipeline.errors import SqueezeError
+from pipeline.run.ray_executor import RayExecutor
 from pipeline.run.runner import Runner, Step
 from pipeline.stages.registry import build_steps, open_run
 

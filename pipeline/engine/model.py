@@ -13,7 +13,6 @@ from pipeline.engine.backend import clear_errors, init_backend, last_error
 from pipeline.errors import DamagedFile, SqueezeError
 from pipeline.formats.gguf_io import gguf_problem
 
-
 ALL_LAYERS = 2**31 - 1  # n_gpu_layers: -1 in a recipe; llama.cpp offloads min(this, layers + output)
 
 

@@ -13,7 +13,6 @@ from pipeline.formats.model_info import ModelInfo
 from pipeline.recipe.schema import Recipe, VariantSpec
 from pipeline.sources.model_source import model_info_for
 
-
 # The name the base model's score files go under (scores/base.tasks.json, ...), beside the variants'.
 BASE = "base"
 

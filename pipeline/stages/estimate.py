@@ -14,8 +14,8 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_index
 from pipeline.formats.model_info import read_model_info
 from pipeline.formats.task_data import BENCHMARKS
-from pipeline.fsutil import ensure_free_space
 from pipeline.formats.tensor_names import layer_of
+from pipeline.fsutil import ensure_free_space
 from pipeline.measure import drift as drift_measure
 from pipeline.measure import estimate as est
 from pipeline.measure.estimate import Pricer, Shape, StepCost

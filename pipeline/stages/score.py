@@ -34,7 +34,6 @@ from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
 
 
-
 def score_params(ctx: RunContext) -> dict:
     return ctx.recipe.values("score.dataset", "score.ctx", "score.chunks")
 
