@@ -36,6 +36,14 @@ def base_f16(source_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def base_dithered(source_gguf) -> Path:
+    """The F16 base taken off its Q4_K_M grid (model.dither), for claims about quality per byte."""
+    from tests.example_model import example_base_dithered
+
+    return example_base_dithered()
+
+
+@pytest.fixture(scope="session")
 def llama_tools() -> Path:
     """Folder with llama-quantize, llama-imatrix, llama-perplexity and llama-bench."""
     from pipeline.engine.toolchain import reference_bin_dir

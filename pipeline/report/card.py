@@ -42,6 +42,9 @@ def _method(ctx: RunContext) -> list[str]:
     r = ctx.recipe
     lines = [f"- **Base**: `{r.model.source}` converted to {r.model.base_type.upper()}; every variant is "
              "quantized from it and every score is measured against it."]
+    if r.model.dither:
+        lines.append("- **Dithered base**: the source was quantized, so each of its quantized tensors was taken off "
+                     "that grid (uniform noise of ±half the grid step per block of 32) before anything was measured.")
     c = r.calibration
     if c is not None:
         src = f"`{c.imatrix}`" if c.imatrix else f"{', '.join(c.datasets)}, {c.chunks} chunks of {c.ctx} tokens"

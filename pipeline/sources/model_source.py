@@ -24,6 +24,7 @@ import gguf
 from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.dequantize import dequantize_gguf
+from pipeline.formats.dither import dither_gguf
 from pipeline.formats.model_info import ModelInfo, read_model_info, synthetic_model_info
 from pipeline.formats.tensor_names import layer_of
 from pipeline.fsutil import atomic_path, cache_dir, sha256_file
@@ -166,6 +167,7 @@ class BaseInfo:
     source: str
     dequantized_from: str | None = None  # the source's file type (Q4_K_M, ...) when it was quantized
     grid_bpw: float | None = None  # bits per weight of the coarsest grid among its block weights
+    dithered: bool = False  # taken off that grid (model.dither): no grid left to flatter requantizing
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -189,9 +191,29 @@ def make_base(recipe, source: Source, out: Path, log_path: Path) -> tuple[BaseIn
     if source.kind in ("gguf", "pypi"):
         src = source_gguf(recipe, source)
         info = gguf_origin(src, source)
+        if recipe.model.dither:
+            return _dithered_base(recipe, src, info, out, base_type), {}
         _gguf_to_base(src, out, base_type)
         return info, {}
+    if recipe.model.dither:
+        raise SqueezeError(f"{recipe.where('model', 'dither')}{source.describe()} is not a quantized GGUF, so there "
+                           "is no grid to take its base off; drop model.dither")
     return BaseInfo(source.describe()), convert_to_base(recipe, source, out, log_path)
+
+
+def _dithered_base(recipe, src: Path, info: BaseInfo, out: Path, base_type: str) -> BaseInfo:
+    """The base dequantized as usual, then each tensor the source held quantized dithered off its grid."""
+    reader = gguf.GGUFReader(str(src), "r")
+    quantized = {t.name for t in reader.tensors if t.tensor_type.name not in ggml_types.BASE_TYPES}
+    del reader
+    if not quantized:
+        raise SqueezeError(f"{recipe.where('model', 'dither')}{src} holds no quantized tensor, so there is no grid "
+                           "to take its base off; drop model.dither")
+    if base_type not in ("F16", "F32"):
+        raise SqueezeError(f"{recipe.where('model', 'base_type')}dithering needs an F16 or F32 base, got {base_type}")
+    dequantize_gguf(src, out, base_type)  # a new file: the source itself is never written
+    dither_gguf(out, quantized)
+    return BaseInfo(info.source, info.dequantized_from, None, dithered=True)
 
 
 def gguf_origin(src: Path, source: Source) -> BaseInfo:

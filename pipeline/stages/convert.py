@@ -20,6 +20,8 @@ def steps(ctx: RunContext) -> list[Step]:
     recipe = ctx.recipe
     source = parse_source(recipe)
     params = recipe.values("model.source", "model.revision", "model.base_type", "model.sha256")
+    if recipe.model.dither:  # only when asked: existing runs stay up to date
+        params["model.dither"] = True
     inputs: list[Path] = []
     if source.kind == "gguf":
         inputs = [Path(source.ref)]
