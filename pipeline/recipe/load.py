@@ -227,8 +227,7 @@ def _check_published(recipe: Recipe, w) -> None:
     spec = recipe.report.published
     if spec is None:
         return
-    folder = Path(recipe.path).parent if recipe.path else Path.cwd()
-    path = folder / spec.table
+    path = recipe.beside(spec.table)
     if not path.is_file():
         raise SqueezeError(f"{w('report', 'published', 'table')}{path}: no such file (a Markdown or CSV table "
                            "of published figures)")

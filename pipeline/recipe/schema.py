@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.recipe.yaml_source import Located, dotted
@@ -229,6 +230,12 @@ class Recipe:
         if budget is not None:
             out[f"{name}.{budget[0]}"] = budget[1]
         return out
+
+    def beside(self, name: str) -> Path:
+        """A file the recipe names (a prompts file, a published table): relative to the recipe's
+        folder, or as given when absolute."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else (Path(self.path).parent if self.path else Path.cwd()) / path
 
     def where(self, *path) -> str:
         """'file:line: key.path: ' for error messages about a value of this recipe."""

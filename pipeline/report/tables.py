@@ -272,7 +272,7 @@ def published_path(ctx: RunContext) -> Path | None:
     spec = ctx.recipe.report.published
     if spec is None:
         return None
-    return (ctx.recipe_dir or Path.cwd()) / spec.table
+    return ctx.recipe.beside(spec.table)
 
 
 def published_table(ctx: RunContext, df: pd.DataFrame) -> pd.DataFrame:

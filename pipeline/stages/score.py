@@ -160,9 +160,7 @@ def drift_prompts(ctx: RunContext) -> tuple[Path | None, dict[str, str]]:
     name = ctx.recipe.score.drift.prompts
     if name is None:
         return None, drift.PROMPTS
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = (ctx.recipe_dir or Path.cwd()) / path
+    path = ctx.recipe.beside(name)
     return path, drift.load_prompts(path, ctx.recipe.where("score", "drift", "prompts"))
 
 
