@@ -43,7 +43,6 @@ REPORT_S = 0.2
 CHARS_PER_TOKEN = 4.0
 # Tokens a drift prompt has before the continuation (the built-in prompts are one sentence).
 DRIFT_PROMPT_TOKENS = 20
-DISK_MARGIN = 0.02  # of the predicted size, plus a fixed 16 MiB (pipeline.fsutil.ensure_free_space)
 
 
 @dataclass

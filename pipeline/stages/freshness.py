@@ -56,10 +56,11 @@ def freshness(ctx: RunContext) -> Freshness:
     return Freshness(str(ctx.recipe.path or ctx.recipe.name), unfinished, started, frozenset(stale))
 
 
-def require_fresh(ctx: RunContext, command: str, allow_stale: bool) -> set[str]:
+def require_fresh(ctx: RunContext, command: str, allow_stale: bool, f: Freshness | None = None) -> set[str]:
     """Refuse, in one line naming the stale steps, unless every step is current or `allow_stale`;
-    returns the variants whose rows must then be marked stale."""
-    f = freshness(ctx)
+    returns the variants whose rows must then be marked stale. `f`: the run's state when the
+    caller has it already."""
+    f = f or freshness(ctx)
     if not f.started:
         raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {f.recipe}` first")
     if not f.current and not allow_stale:

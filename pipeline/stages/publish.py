@@ -25,7 +25,7 @@ from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
 from pipeline.sources.hub_upload import LocalFile, Published, check_repo_id, publish_files
 from pipeline.stages import report
-from pipeline.stages.freshness import freshness, require_fresh
+from pipeline.stages.freshness import Freshness, freshness, require_fresh
 
 
 def gguf_name(ctx: RunContext, variant: str) -> str:
@@ -35,8 +35,9 @@ def gguf_name(ctx: RunContext, variant: str) -> str:
 def publish(ctx: RunContext, repo_id: str, private: bool = False, allow_stale: bool = False,
             echo: Callable[[str], None] = print) -> Published:
     check_repo_id(repo_id)
-    stale = require_fresh(ctx, "publish", allow_stale)
-    _refuse_unfinished(ctx)
+    state = freshness(ctx)  # every step's verdict once: it hashes inputs and outputs
+    stale = require_fresh(ctx, "publish", allow_stale, state)
+    _refuse_unfinished(ctx, state)
     if stale:
         echo(f"publish: stale results for {', '.join(sorted(stale))} (--allow-stale); their rows are marked")
     write_card(ctx, None, stale)
@@ -72,10 +73,10 @@ def published_files(ctx: RunContext) -> list[LocalFile]:
     return files
 
 
-def _refuse_unfinished(ctx: RunContext) -> None:
+def _refuse_unfinished(ctx: RunContext, state: Freshness) -> None:
     """One line naming every variant that is not built, not scored or whose step failed."""
     failed, unfinished = {}, {}
-    for v in freshness(ctx).unfinished:
+    for v in state.unfinished:
         if v.step.variant is not None and v.state == "failed":  # recorded by `squeeze run --keep-going`
             failed.setdefault(v.step.variant, v.step.key)
         elif v.step.variant is not None and v.state == "missing":  # never run, or killed or failed without a record
