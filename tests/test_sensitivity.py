@@ -1,5 +1,6 @@
 """Layer and tensor sensitivities: variants with only some tensors quantized, KLD against the
-base on real text, weight errors read back from llama.cpp's files, and the proxies."""
+base on real text, weight errors at every type, and the proxies. (The in-memory probes against
+the files they stand for: tests/test_memory_probe.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 
 from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
 from pipeline.formats.tensor_names import ATTN_KINDS
-from pipeline.measure.sensitivity import (LayerRow, build_mixed, group_of, imatrix_layer_stats, low_type_for, low_types,
-                                          proxy_correlations, spearman, tensor_errors)
+from pipeline.measure.file_probes import build_mixed
+from pipeline.measure.groups import group_of, low_type_for, low_types
+from pipeline.measure.sensitivity import LayerRow, imatrix_layer_stats, proxy_correlations, spearman
+from pipeline.measure.weight_errors import tensor_errors
 from pipeline.report.sensitivity import plot_heatmap
 
 
@@ -73,7 +76,7 @@ def probe(base_f16):
     from pathlib import Path
 
     from pipeline.fsutil import read_text
-    from pipeline.measure.sensitivity import KLDProbe
+    from pipeline.measure.file_probes import KLDProbe
 
     text = read_text(Path(os.environ["SQUEEZE_DATA"]) / "imatrix-calibration" / "groups_merged.txt")
     return KLDProbe(base_f16, text, 256, 2)
@@ -103,7 +106,7 @@ def test_weight_errors_shrink_with_more_bits(base_dithered, info, tmp_path):
     # On the dithered base: the plain one holds this tensor on its source's Q4_K grid, where Q4_K
     # is nearly lossless and beats Q6_K (the requantization artifact of shared/FINDINGS.md).
     only = {"blk.3.attn_output.weight", "blk.3.attn_q.weight"}
-    rows = tensor_errors(base_dithered, None, info, tmp_path, types=("Q2_K", "Q4_K", "Q6_K", "Q4_0"), only=only)
+    rows = tensor_errors(base_dithered, None, info, ("Q2_K", "Q4_K", "Q6_K", "Q4_0"), group_of, only=only)
     err = {(r.tensor, r.type): r.error for r in rows}
     out = "blk.3.attn_output.weight"
     assert err[(out, "Q2_K")] > err[(out, "Q4_0")] > err[(out, "Q4_K")] > err[(out, "Q6_K")] > 0

@@ -56,6 +56,8 @@ class _Ggml:
         lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_backend_tensor_set.restype = None
         lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
         lib.ggml_nbytes.restype = ctypes.c_size_t
         lib.ggml_tensor_overhead.restype = ctypes.c_size_t

@@ -1,5 +1,6 @@
 """A loaded llama_model: tokenizer, vocabulary facts, metadata and sizes, through llama-cpp-python's
-low-level bindings (weights mmapped; closed explicitly or as a context manager)."""
+low-level bindings (weights mmapped unless asked to be writable; closed explicitly or as a context
+manager)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,22 @@ from pipeline.formats.gguf_io import gguf_problem
 ALL_LAYERS = 2**31 - 1  # n_gpu_layers: -1 in a recipe; llama.cpp offloads min(this, layers + output)
 
 
+# llama_load_mode: read into allocated buffers (the default maps the file read-only: writes fault)
+LOAD_MODE_NONE = 0
+
+
 class Model:
-    def __init__(self, path: Path, n_gpu_layers: int = 0):
+    def __init__(self, path: Path, n_gpu_layers: int = 0, writable: bool = False):
+        """`writable`: read the weights into buffers of their own instead of mapping the file
+        read-only, so they can be overwritten in place (pipeline.engine.weights)."""
         init_backend()
         path = Path(path)
         if not path.is_file():
             raise SqueezeError(f"{path}: model file not found")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
+        if writable:
+            params.load_mode = LOAD_MODE_NONE
         clear_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:

@@ -60,10 +60,10 @@ class Shape:
 
     @property
     def n_params(self) -> int:
-        return sum(_count(t.shape) for t in self.tensors)
+        return sum(n_values(t.shape) for t in self.tensors)
 
     def layer_params(self, layer: int) -> int:
-        return sum(_count(t.shape) for t in self.tensors if layer_of(t.name) == layer)
+        return sum(n_values(t.shape) for t in self.tensors if layer_of(t.name) == layer)
 
     @property
     def tied_output(self) -> bool:
@@ -73,7 +73,7 @@ class Shape:
         """2 FLOP per weight a token passes through: the output layer (the embedding when tied)
         counts, the embedding lookup does not."""
         params = self.n_params - sum(self.layer_params(i) for i in set(drop))
-        embd = sum(_count(t.shape) for t in self.tensors if t.name == TOKEN_EMBD)
+        embd = sum(n_values(t.shape) for t in self.tensors if t.name == TOKEN_EMBD)
         return 2.0 * (params - (0 if self.tied_output else embd))
 
     @property
@@ -91,7 +91,7 @@ class Shape:
 
     @property
     def largest_tensor_values(self) -> int:
-        return max((_count(t.shape) for t in self.tensors), default=0)
+        return max((n_values(t.shape) for t in self.tensors), default=0)
 
     def hooked_values_per_token(self) -> int:
         """Activation values the calibration hook reads per token: each block matmul's input row."""
@@ -99,7 +99,7 @@ class Shape:
                    if layer_of(t.name) is not None and t.shape and len(t.shape) >= 2)
 
 
-def _count(shape) -> int:
+def n_values(shape) -> int:
     return math.prod(shape) if shape else 0
 
 
@@ -140,7 +140,7 @@ def shape_from_size(arch: str, n_layers: int, n_params: int, n_vocab: int) -> Sh
 # ---- file sizes -----------------------------------------------------------------------------------
 def tensor_nbytes(type_name: str, shape) -> int:
     qtype = ggml_types.tensor_type(type_name)
-    rows = _count(shape[1:]) if len(shape) > 1 else 1
+    rows = n_values(shape[1:]) if len(shape) > 1 else 1
     return ggml_types.bytes_per_row(qtype, int(shape[0])) * rows
 
 
@@ -313,7 +313,7 @@ class Pricer:
     def quantize(self, shape: Shape, types: dict[str, str]) -> float:
         """llama_model_quantize writing these types (measured with an importance matrix)."""
         by_name = {t.name: t for t in shape.tensors}
-        return sum(_count(by_name[n].shape) / self.rates.quantize_weights_per_s[quantize_kind(ty)]
+        return sum(n_values(by_name[n].shape) / self.rates.quantize_weights_per_s[quantize_kind(ty)]
                    for n, ty in types.items())
 
     def quantize_weights(self, weights: float, kind: str = "K") -> float:
@@ -326,7 +326,7 @@ class Pricer:
         """Seconds for gguf-py to dequantize these tensors (types it was not measured on: the slowest)."""
         rates = self.rates.dequantize_values_per_s
         slowest = min(rates.values())
-        return sum(_count(t.shape) / rates.get(t.type or "F16", slowest) for t in tensors if t.shape)
+        return sum(n_values(t.shape) / rates.get(t.type or "F16", slowest) for t in tensors if t.shape)
 
 
 # ---- what one step costs --------------------------------------------------------------------------

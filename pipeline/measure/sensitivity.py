@@ -3,11 +3,14 @@
 Three measurements, all on a few chunks of calibration text (the choices made from them are
 then judged on the held-out scoring set):
 
-- per layer: mean KLD against the base when that layer alone is removed (a correctly pruned
-  F16 base, see pipeline.formats.prune), and when only its attention or only its MLP tensors are
-  quantized to a low type with everything else left at the base;
+- per layer: mean KLD against the base when that layer alone is removed, and when only its
+  attention or only its MLP tensors are at a low type with everything else left at the base.
+  Each is an in-memory probe (pipeline.measure.memory_probe): the base is loaded once, the
+  probe's tensors are overwritten in place, measured and restored; each result is appended to a
+  log as it comes, so a killed step resumes where it stopped;
 - per tensor and type: the imatrix-weighted squared weight error sum_j a_j sum_i (W_ij - Q_ij)^2
-  (a_j = mean squared input activation of column j), read back from files llama.cpp quantized;
+  (a_j = mean squared input activation of column j), computed with ggml's quantize in-process
+  (pipeline.measure.weight_errors);
 - the proxies: imatrix CosSim and ZD per layer (as `llama-imatrix --show-statistics` computes
   them) and Block Influence from layers.csv when the calibration pass wrote one.
 
@@ -18,169 +21,27 @@ type. pipeline.measure.allocate picks types from those predictions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.engine.context import Context
-from pipeline.engine.model import Model
-from pipeline.engine.quantize import quantize_file
+from pipeline.engine.backend import engine_version
 from pipeline.errors import SqueezeError
-from pipeline.formats.ggml_types import fits
-from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import Imatrix, read_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import ModelInfo
-from pipeline.formats.prune import prune_gguf
-from pipeline.formats.tensor_names import ATTN_KINDS, MLP_KINDS, TOKEN_EMBD, exact_pattern, kind_of, layer_of, parse
-from pipeline.fsutil import atomic_path
-from pipeline.measure import perplexity
+from pipeline.formats.tensor_names import kind_of
+from pipeline.measure.groups import (CANDIDATE_TYPES, EMBEDDING, KIND_PREFIX, LAYER_PROBES, group_of, kind_units,
+                                     probe_types)
+from pipeline.measure.memory_probe import MemoryProbe, ProbeLog
 from pipeline.measure.statistics import layer_statistics, tensor_statistics
+from pipeline.measure.weight_errors import TensorError, tensor_errors
 from pipeline.progress import serial_map
-
-LOW_TYPE = "Q2_K"
-# For rows whose length is not a multiple of 256 (K-quants' block): the smallest 32-block type.
-LOW_FALLBACK = "Q4_0"
-# Types whose per-tensor error is measured (and that pipeline.measure.allocate may choose from).
-CANDIDATE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
-
-
-def group_of(name: str) -> str | None:
-    """'token_embd', '<layer>.attn' or '<layer>.mlp': the unit a KLD is measured for."""
-    if name == TOKEN_EMBD:
-        return "token_embd"
-    n = parse(name)
-    if n.layer is None:
-        return None
-    if n.kind in ATTN_KINDS:
-        return f"{n.layer}.attn"
-    if n.kind in MLP_KINDS:
-        return f"{n.layer}.mlp"
-    return None
-
-
-def low_type_for(shape, low: str = LOW_TYPE, fallback: str = LOW_FALLBACK) -> str:
-    return low if fits(shape, low) else fallback
-
-
-# ---- building the variants that are measured --------------------------------------------------
-def build_mixed(base: Path, dst: Path, types: dict[str, str], imatrix_path: Path | None,
-                threads: int | None = None) -> None:
-    """`base` with only the tensors in `types` quantized (name -> type), the rest left as they are.
-
-    llama.cpp applies tensor overrides only under a quantized file type, so the file type is Q8_0
-    and a final catch-all keeps every other tensor at F16 (1-D tensors are never quantized)."""
-    overrides = [(exact_pattern(n), t) for n, t in types.items() if n != TOKEN_EMBD] + [(".", "F16")]
-    quantize_file(base, dst, "Q8_0", imatrix_path=imatrix_path, overrides=overrides,
-                  token_embedding_type=types.get(TOKEN_EMBD, "F16"), threads=threads)
-
-
-# ---- the KLD probe ----------------------------------------------------------------------------
-class KLDProbe:
-    """The base model's distribution on a few calibration chunks, and the KLD of a model file
-    against it. The base distribution is cached in `cache` (an .npz) when given."""
-
-    def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
-                 cache: Path | None = None, n_gpu_layers: int = 0):
-        self.threads = threads
-        self.ctx = ctx
-        self.n_gpu_layers = n_gpu_layers
-        self.cache = Path(cache) if cache is not None else None
-        if cache is not None and Path(cache).exists():
-            self.base = perplexity.load_base(cache)
-            return
-        with Model(base, n_gpu_layers) as model:
-            ch = perplexity.make_chunks(model, text, ctx, chunks, what="calibration text")
-            with Context(model, ctx, len(ch.tokens), threads) as c:
-                self.base = perplexity.base_distribution(model, c, ch)
-        if cache is not None:
-            with atomic_path(Path(cache)) as tmp:
-                perplexity.save_base(tmp, self.base)
-
-    def __getstate__(self):
-        """A probe with a cache pickles as the path to it (a Ray task measuring a share of the
-        probes loads the base distribution from there once, instead of a copy through the
-        object store); the arrays are those np.savez wrote, so the KLDs are the same."""
-        state = dict(self.__dict__)
-        if self.cache is not None:
-            del state["base"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if "base" not in state:
-            self.base = perplexity.load_base(self.cache)
-
-    def measure(self, path: Path) -> dict[str, float]:
-        with Model(path, self.n_gpu_layers) as model, \
-                Context(model, self.ctx, len(self.base["tokens"]), self.threads) as c:
-            per_token = perplexity.score_against_base(model, c, self.base)
-        return perplexity.summarize(self.base, per_token)
-
-    def kld(self, path: Path) -> float:
-        return self.measure(path)["mean_kld"]
-
-
-@dataclass(frozen=True)
-class TensorError:
-    """The imatrix-weighted squared weight error of one tensor at one type, and its size there."""
-
-    tensor: str
-    group: str  # pipeline.measure.sensitivity.group_of
-    type: str
-    bytes: int
-    error: float
-
-
-# ---- per-tensor weight error -------------------------------------------------------------------
-def _column_weights(weights: dict[str, np.ndarray], name: str, n_cols: int) -> np.ndarray:
-    """Mean squared input activation per column; ones where the imatrix has no entry (the
-    embedding: its rows are looked up, and as the tied output its inputs are not recorded)."""
-    values = weights.get(name)
-    if values is not None and values.size == n_cols:
-        return values.astype(np.float64)
-    return np.ones(n_cols)
-
-
-def tensor_errors(base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
-                  types=CANDIDATE_TYPES, threads: int | None = None, only=None, map=serial_map) -> list[TensorError]:
-    """A row for every quantizable tensor (or those in `only`)
-    and every type its rows fit, measured on files llama.cpp quantized (with the imatrix).
-    One file per type: `map` (pipeline.progress.serial_map, or a step's `io.map`) runs them."""
-    weights = read_imatrix(imatrix_path).normalized() if imatrix_path else {}
-    wanted = [(t.name, t.shape) for t in info.quantizable()
-              if group_of(t.name) is not None and (only is None or t.name in only)]
-    per_type = map(partial(type_errors, base, imatrix_path, weights, wanted, workdir, threads), list(types),
-                   "weight error per type")
-    return [row for rows in per_type for row in rows]
-
-
-def type_errors(base: Path, imatrix_path: Path | None, weights: dict[str, np.ndarray], wanted, workdir: Path,
-                threads: int | None, qtype: str) -> list[TensorError]:
-    """The rows of tensor_errors for one type: the `wanted` tensors ((name, shape) pairs) whose
-    rows fit it, quantized in one file."""
-    todo = {name: qtype for name, shape in wanted if fits(shape, qtype)}
-    if not todo:
-        return []
-    rows = []
-    base_index = read_index(base)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        out = Path(tmp) / f"all-{qtype}.gguf"
-        build_mixed(base, out, todo, imatrix_path, threads)
-        for name, entry in read_index(out).items():
-            if name not in todo or entry.type.name != qtype:
-                continue  # llama.cpp fell back to another type: not a choice for this tensor
-            q = tensor_values(out, entry)
-            w = tensor_values(base, base_index[name])
-            d2 = np.square(w - q).sum(axis=0, dtype=np.float64)  # per column (input channel)
-            err = float((d2 * _column_weights(weights, name, d2.size)).sum())
-            rows.append(TensorError(name, group_of(name), qtype, int(entry.n_bytes), err))
-    return rows
 
 
 # ---- proxies ----------------------------------------------------------------------------------
@@ -227,59 +88,51 @@ class LayerRow:
     block_influence: float = math.nan
 
 
-def low_types(info: ModelInfo, layer: int, kinds) -> dict[str, str]:
-    return {t.name: low_type_for(t.shape) for t in info.quantizable()
-            if layer_of(t.name) == layer and kind_of(t.name) in kinds}
-
-
-# What one probe changes in the base: a layer removed, or a group of tensors at the low type.
-LAYER_PROBES = ("removed", "attn", "mlp")
-EMBEDDING = (None, "token_embd")  # the probe of the token embedding at the low type
-
-
-def probe_types(info: ModelInfo, unit: tuple[int | None, str]) -> dict[str, str]:
-    """The tensors a probe quantizes (name -> type); empty for a layer removed."""
+def unit_key(unit: tuple[int | None, str]) -> str:
+    """A probe unit as text (the probe log's key): '5.removed', '5.attn', 'token_embd', 'kind:ffn_down'."""
     layer, what = unit
-    if what == "token_embd":
-        return {t.name: low_type_for(t.shape) for t in info.quantizable() if t.name == TOKEN_EMBD}
-    if what == "removed":
-        return {}
-    return low_types(info, layer, ATTN_KINDS if what == "attn" else MLP_KINDS)
+    return what if layer is None else f"{layer}.{what}"
 
 
-def probe_kld(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
-              threads: int | None, unit: tuple[int | None, str]) -> float:
-    """Mean KLD against the base of the base changed as `unit` (layer, one of LAYER_PROBES), or
-    EMBEDDING, says: one variant file built in `workdir`, measured, removed."""
+def probe_fingerprint(probe: MemoryProbe, types_of: dict[str, dict[str, str]]) -> str:
+    """What a probe log was measured with: the base and imatrix files (path, size, time), the
+    base distribution's tokens, the probes' types and the engine."""
+    h = hashlib.sha256()
+    for path in (probe.base_path, probe.imatrix_path):
+        if path is not None:
+            st = Path(path).stat()
+            h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    h.update(np.ascontiguousarray(probe.base["tokens"]).tobytes())
+    h.update(json.dumps(types_of, sort_keys=True).encode())
+    h.update(engine_version().encode())
+    return h.hexdigest()
+
+
+def probe_unit(probe: MemoryProbe, info: ModelInfo, log: ProbeLog | None, unit: tuple[int | None, str]) -> float:
+    """The KLD of one probe unit (layer, one of LAYER_PROBES) or EMBEDDING, logged when done."""
     layer, what = unit
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        path = Path(tmp) / "variant.gguf"
-        if what == "removed":
-            prune_gguf(base, path, [layer])
-        else:
-            build_mixed(base, path, probe_types(info, unit), imatrix_path, threads)
-        return probe.kld(path)
+    removed = [layer] if what == "removed" else []
+    kld = probe.kld(probe_types(info, unit), removed)
+    if log is not None:
+        log.add(unit_key(unit), kld)
+    return kld
 
 
-def measure_probes(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
-                   units: list, threads: int | None = None, map=serial_map) -> dict:
-    """unit -> KLD for each probe unit; `map` runs them (each unit is independent of the others)."""
-    klds = map(partial(probe_kld, probe, base, imatrix_path, info, workdir, threads), list(units),
-               "sensitivity probes")
-    return dict(zip(units, klds))
+def measure_probes(probe: MemoryProbe, info: ModelInfo, units: list, log: ProbeLog | None = None,
+                   map=serial_map, echo=None) -> dict:
+    """unit -> KLD for each probe unit; `map` runs the ones the log does not have yet."""
+    done = log.start() if log is not None else {}
+    todo = [u for u in units if unit_key(u) not in done]
+    if done and echo:
+        echo(f"sensitivity: resuming with {len(units) - len(todo)} of {len(units)} probes measured ({log.path.name})")
+    klds = dict(zip(todo, map(partial(probe_unit, probe, info, log), todo, "sensitivity probes")))
+    return {u: done[unit_key(u)] if unit_key(u) in done else klds[u] for u in units}
 
 
 def layer_rows(info: ModelInfo, layers, kld: dict) -> list[LayerRow]:
     return [LayerRow(layer, kld[(layer, "removed")], kld[(layer, "attn")], kld[(layer, "mlp")],
                      _types_label(probe_types(info, (layer, "attn"))), _types_label(probe_types(info, (layer, "mlp"))))
             for layer in layers]
-
-
-def measure_layer_map(probe: KLDProbe, base: Path, imatrix_path: Path | None, info: ModelInfo,
-                      workdir: Path, layers=None, threads: int | None = None, map=serial_map) -> list[LayerRow]:
-    layers = list(range(info.n_layers)) if layers is None else list(layers)
-    units = [(layer, what) for layer in layers for what in LAYER_PROBES]
-    return layer_rows(info, layers, measure_probes(probe, base, imatrix_path, info, workdir, units, threads, map))
 
 
 def _types_label(types: dict[str, str]) -> str:
@@ -307,18 +160,40 @@ def proxy_correlations(rows: list[LayerRow]) -> dict[str, float]:
     return out
 
 
-def group_alphas(errors: list[TensorError], group_kld: dict[str, GroupKLD]) -> dict[str, float]:
-    """KLD per unit of weight error for each measured group: alpha_g = KLD_g / sum of its
-    tensors' errors at the types it was measured with."""
+def kind_gains(errors: list[TensorError], kind_kld: dict[str, GroupKLD]) -> dict[str, float]:
+    """KLD per unit of weight error of each tensor kind, from the probes of that kind at the low
+    type in every layer. The weight error is each matrix's own output error; what it costs in KLD
+    depends on where the output goes (a down projection writes straight into the residual stream),
+    so within a layer's group the kinds weigh differently, and one alpha per group would let the
+    allocator starve the expensive kind."""
     err = {(r.tensor, r.type): r.error for r in errors}
     out = {}
+    for kind, g in kind_kld.items():
+        total = sum(err.get((n, t), math.nan) for n, t in g.types.items())
+        if total > 0 and g.kld > 0:
+            out[kind] = g.kld / total
+    return out
+
+
+def group_alphas(errors: list[TensorError], group_kld: dict[str, GroupKLD],
+                 gains: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(per group, per tensor) KLD per unit of weight error. Per group: alpha_g = KLD_g / the
+    sum of its tensors' errors (each weighed by its kind's gain) at the types it was measured
+    with; per tensor: alpha_g x its kind's gain, so the group's prediction at the probe's types
+    is the KLD measured. Without gains every kind weighs 1."""
+    gains = gains or {}
+    err = {(r.tensor, r.type): r.error for r in errors}
+    per_group, per_tensor = {}, {}
     for group, g in group_kld.items():
         kld, types = g.kld, g.types
-        total = sum(err.get((n, t), math.nan) for n, t in types.items())
+        weight = {n: gains.get(kind_of(n), 1.0) if len(types) > 1 else 1.0 for n in types}
+        total = sum(weight[n] * err.get((n, t), math.nan) for n, t in types.items())
         if not total > 0:
             raise SqueezeError(f"sensitivity: no weight error measured for group {group} at {types}")
-        out[group] = max(kld, 0.0) / total
-    return out
+        per_group[group] = max(kld, 0.0) / total
+        for n in types:
+            per_tensor[n] = per_group[group] * weight[n]
+    return per_group, per_tensor
 
 
 @dataclass(frozen=True)
@@ -336,9 +211,19 @@ class Sensitivity:
     alphas: dict[str, float]  # per group: predicted KLD per unit of weight error
     errors: list[TensorError]
     correlations: dict[str, float]
+    tensor_alphas: dict[str, float] = field(default_factory=dict)  # per tensor: its group's x its kind's gain
+    kind_kld: dict[str, GroupKLD] = field(default_factory=dict)  # kind -> measured at the low type in every layer
+    kind_gains: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def predictors(self) -> dict[str, float]:
+        """What the allocator multiplies a tensor's weight error by: its own alpha, else its group's."""
+        return {**self.alphas, **self.tensor_alphas}
 
     def to_json(self) -> str:
         data = {"group_kld": {g: asdict(v) for g, v in self.group_kld.items()}, "alphas": self.alphas,
+                "tensor_alphas": self.tensor_alphas, "kind_kld": {k: asdict(v) for k, v in self.kind_kld.items()},
+                "kind_gains": self.kind_gains,
                 "errors": [asdict(e) for e in self.errors], "correlations": self.correlations,
                 "layers": [asdict(r) for r in self.rows]}
         return json.dumps(data, indent=1, default=str) + "\n"
@@ -347,7 +232,10 @@ class Sensitivity:
     def from_json(data: dict) -> Sensitivity:
         return Sensitivity([LayerRow(**r) for r in data["layers"]],
                            {g: GroupKLD(v["kld"], v["types"]) for g, v in data["group_kld"].items()},
-                           data["alphas"], [TensorError(**e) for e in data["errors"]], data["correlations"])
+                           data["alphas"], [TensorError(**e) for e in data["errors"]], data["correlations"],
+                           data.get("tensor_alphas", {}),
+                           {k: GroupKLD(v["kld"], v["types"]) for k, v in data.get("kind_kld", {}).items()},
+                           data.get("kind_gains", {}))
 
 
 def load_sensitivity(json_path: Path) -> Sensitivity:
@@ -358,18 +246,27 @@ def load_sensitivity(json_path: Path) -> Sensitivity:
                            f"rerun `squeeze run --force sensitivity`") from None
 
 
-# ---- everything at once (the stage and the benchmarks) ----------------------------------------
-def run_sensitivity(base: Path, imatrix_path: Path | None, info: ModelInfo, probe: KLDProbe, workdir: Path,
-                    layers_csv: Path | None = None, threads: int | None = None, layers=None,
-                    types=CANDIDATE_TYPES, map=serial_map) -> Sensitivity:
-    """The layer map, the embedding's sensitivity, per-tensor errors and per-group alphas. `map`
-    runs the independent pieces: the KLD probes (3 per layer and the embedding's) in one call, the
-    weight errors (one file per type) in another."""
+def probe_units(info: ModelInfo, layers=None) -> list:
     layers = list(range(info.n_layers)) if layers is None else list(layers)
     units = [(layer, what) for layer in layers for what in LAYER_PROBES]
     if probe_types(info, EMBEDDING):
         units.append(EMBEDDING)
-    kld = measure_probes(probe, base, imatrix_path, info, workdir, units, threads, map)
+    return units + kind_units(info)
+
+
+def run_sensitivity(probe: MemoryProbe, info: ModelInfo, imatrix_path: Path | None = None,
+                    layers_csv: Path | None = None, layers=None, types=CANDIDATE_TYPES,
+                    log_path: Path | None = None, map=serial_map, echo=None) -> Sensitivity:
+    """The layer map, the embedding's sensitivity, per-tensor errors and per-group alphas.
+    `map` runs the probes (each independent of the others); `log_path` keeps each probe's result
+    as it comes, and a rerun after a kill measures only the rest (the caller removes the log
+    once the results are saved)."""
+    layers = list(range(info.n_layers)) if layers is None else list(layers)
+    units = probe_units(info, layers)
+    log = None
+    if log_path is not None:
+        log = ProbeLog(log_path, probe_fingerprint(probe, {unit_key(u): probe_types(info, u) for u in units}))
+    kld = measure_probes(probe, info, units, log, map, echo)
     rows = layer_rows(info, layers, kld)
     add_proxies(rows, read_imatrix(imatrix_path) if imatrix_path else None, layers_csv)
     group_kld = {}
@@ -378,7 +275,9 @@ def run_sensitivity(base: Path, imatrix_path: Path | None, info: ModelInfo, prob
         group_kld[f"{r.layer}.mlp"] = GroupKLD(r.kld_mlp_low, probe_types(info, (r.layer, "mlp")))
     if EMBEDDING in kld:
         group_kld["token_embd"] = GroupKLD(kld[EMBEDDING], probe_types(info, EMBEDDING))
-    errors = tensor_errors(base, imatrix_path, info, workdir, types, threads, map=map)
-    measured = {g for g in group_kld}
-    errors = [e for e in errors if e.group in measured]
-    return Sensitivity(rows, group_kld, group_alphas(errors, group_kld), errors, proxy_correlations(rows))
+    kind_kld = {what[len(KIND_PREFIX):]: GroupKLD(kld[(layer, what)], probe_types(info, (layer, what)))
+                for layer, what in units if what.startswith(KIND_PREFIX)}
+    errors = [e for e in tensor_errors(probe.base_path, imatrix_path, info, types, group_of) if e.group in group_kld]
+    gains = kind_gains(errors, kind_kld)
+    per_group, per_tensor = group_alphas(errors, group_kld, gains)
+    return Sensitivity(rows, group_kld, per_group, errors, proxy_correlations(rows), per_tensor, kind_kld, gains)

@@ -123,7 +123,7 @@ def _build_dataclass(tp, value, path, doc, fpath):
         value = {"pattern": pattern, "type": qtype}
     if not isinstance(value, dict):
         _fail(doc, path, f"expected a mapping, got {value!r}", fpath)
-    if tp in (SelectSpec, VariantSpec) and isinstance(value.get("prune"), dict):
+    if tp in (SelectSpec, VariantSpec) and (isinstance(value.get("prune"), dict) or value.get("prune") == "auto"):
         value = _prune_auto_form(value, path, doc, fpath)
     hints = typing.get_type_hints(tp)
     fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in ("path", "locations")}
@@ -146,20 +146,33 @@ def _build_dataclass(tp, value, path, doc, fpath):
     return tp(**kwargs)
 
 
+# `prune: auto`: remove at most this many layers, where that beats spending the bytes on bits
+PRUNE_AUTO_UP_TO = 2
+
+
 def _prune_auto_form(value: dict, path, doc, fpath) -> dict:
-    """`prune: {auto: K}` -> prune_auto: K (the layers are picked by measured KLD)."""
+    """`prune: {auto: K}` -> prune_auto: K (K layers picked by measured KLD); `prune: {up_to: K}`
+    or `prune: auto` -> prune_up_to: K (0 to K layers, against spending the bytes on bits)."""
     spec = value["prune"]
-    for key in spec:
-        if key != "auto":
+    if spec == "auto":
+        spec = {"up_to": PRUNE_AUTO_UP_TO}
+    keys = list(spec)
+    for key in keys:
+        if key not in ("auto", "up_to"):
             _fail(doc, path + ("prune", key), "unknown key; expected `prune: {auto: K}` (K layers picked "
-                  "automatically) or a list of layer numbers", fpath)
-    k = spec.get("auto")
+                  "automatically), `prune: {up_to: K}` or `prune: auto` (at most K layers, where that beats "
+                  "spending the bytes on bits) or a list of layer numbers", fpath)
+    if len(keys) != 1:
+        _fail(doc, path + ("prune",), "give one of `auto: K` and `up_to: K`, not both", fpath)
+    key = keys[0]
+    k = spec[key]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        _fail(doc, path + ("prune", "auto"), f"expected a number of layers of at least 1, got {k!r}", fpath)
-    if "prune_auto" in value:
-        _fail(doc, path + ("prune",), "give either `prune: {auto: K}` or `prune_auto`, not both", fpath)
-    out = {key: v for key, v in value.items() if key != "prune"}
-    out["prune_auto"] = k
+        _fail(doc, path + ("prune", key), f"expected a number of layers of at least 1, got {k!r}", fpath)
+    field_name = "prune_auto" if key == "auto" else "prune_up_to"
+    if field_name in value:
+        _fail(doc, path + ("prune",), f"give either `prune: {{{key}: K}}` or `{field_name}`, not both", fpath)
+    out = {k_: v for k_, v in value.items() if k_ != "prune"}
+    out[field_name] = k
     return out
 
 
@@ -214,6 +227,11 @@ def validate(recipe: Recipe) -> None:
         if v.prune is not None:
             _check_prune(v.prune, base + ("prune",), w)
         _check_budget(v, base, w)
+        if recipe.prune_up_to_for(v) is not None and recipe.budget_for(v) is None:
+            key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
+            raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against "
+                               f"spending the same bytes on bits, so variant {v.name} needs a size budget "
+                               "(target_bpw or target_size)")
         names.add(v.name)
     _check_score(recipe.score, w)
     ref = recipe.report.reference
@@ -266,10 +284,14 @@ def _check_rules(rules, path, w):
 def _check_budget(spec, path, w):
     if spec.prune_auto is not None and spec.prune_auto < 1:
         raise SqueezeError(f"{w(*path, 'prune_auto')}expected a number of layers of at least 1, got {spec.prune_auto}")
+    if spec.prune_up_to is not None and spec.prune_up_to < 1:
+        raise SqueezeError(f"{w(*path, 'prune_up_to')}expected a number of layers of at least 1, got {spec.prune_up_to}")
     if spec.target_bpw is not None and spec.target_size is not None:
         raise SqueezeError(f"{w(*path, 'target_size')}give either target_bpw or target_size, not both")
     if spec.target_bpw is not None and not 0 < spec.target_bpw <= 32:
         raise SqueezeError(f"{w(*path, 'target_bpw')}expected bits per weight between 0 and 32, got {spec.target_bpw}")
+    if getattr(spec, "refine_rounds", 0) < 0:
+        raise SqueezeError(f"{w(*path, 'refine_rounds')}expected a number of rounds of at least 0, got {spec.refine_rounds}")
     if spec.target_size is not None:
         if parse_size(spec.target_size, w(*path, "target_size")) <= 0:
             raise SqueezeError(f"{w(*path, 'target_size')}expected a size above zero, got {spec.target_size!r}")

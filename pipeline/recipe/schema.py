@@ -65,9 +65,15 @@ class SelectSpec:
     prune: tuple[int, ...] = ()
     # `prune: {auto: K}` in YAML: squeeze picks K layers by measured KLD (pipeline.measure.prune_auto).
     prune_auto: int | None = None
+    # `prune: {up_to: K}` (`prune: auto`: up to 2), under a size budget: remove 0 to K layers,
+    # whichever measures lower against spending the same bytes on bits (pipeline.stages.prune).
+    prune_up_to: int | None = None
     # A size budget: squeeze picks a type for every tensor (pipeline.measure.allocate). At most one.
     target_bpw: float | None = None
     target_size: str | None = None  # "180 MiB", "0.2 GB"
+    # Under a budget: rounds of measuring the chosen mix in memory and allocating again with the
+    # corrected predictions (pipeline.measure.measured_allocation); 0 trusts the sensitivity map.
+    refine_rounds: int = 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class VariantSpec:
     token_embedding_type: str | None = None
     imatrix: bool = True
     prune_auto: int | None = None  # `prune: {auto: K}`; replaces select.prune / select.prune_auto
+    prune_up_to: int | None = None  # `prune: {up_to: K}` or `prune: auto`; likewise
     target_bpw: float | None = None  # replaces select's budget
     target_size: str | None = None
 
@@ -175,7 +182,7 @@ class Recipe:
         raise SqueezeError(f"unknown variant '{name}'{did_you_mean(name, [v.name for v in self.variants])}")
 
     def prune_for(self, v: VariantSpec) -> tuple[int, ...]:
-        if self.prune_auto_for(v) is not None:
+        if self.prune_auto_for(v) is not None or self.prune_up_to_for(v) is not None:
             return ()  # chosen by the prune stage (pipeline.measure.prune_auto)
         return tuple(sorted(set(self.select.prune if v.prune is None else v.prune)))
 
@@ -183,7 +190,17 @@ class Recipe:
         """K when the variant's layers to drop are picked automatically, else None."""
         if v.prune_auto is not None:
             return v.prune_auto
-        return self.select.prune_auto if v.prune is None else None
+        if v.prune is not None or v.prune_up_to is not None:
+            return None
+        return self.select.prune_auto
+
+    def prune_up_to_for(self, v: VariantSpec) -> int | None:
+        """K when the variant removes at most K layers where that beats spending the bytes on bits."""
+        if v.prune_up_to is not None:
+            return v.prune_up_to
+        if v.prune is not None or v.prune_auto is not None:
+            return None
+        return self.select.prune_up_to
 
     def budget_for(self, v: VariantSpec) -> tuple[str, float | str] | None:
         """('target_bpw', X) or ('target_size', "N MiB") when the variant's types are chosen for a
@@ -226,6 +243,9 @@ class Recipe:
         auto_k = self.prune_auto_for(v)
         if auto_k is not None:
             out[f"{name}.prune_auto"] = auto_k
+        up_to = self.prune_up_to_for(v)
+        if up_to is not None:
+            out[f"{name}.prune_up_to"] = up_to
         budget = self.budget_for(v)
         if budget is not None:
             out[f"{name}.{budget[0]}"] = budget[1]

@@ -462,10 +462,13 @@ def _choices_section(ctx: RunContext, h2: str) -> list[str]:
         if explained.exists():
             lines.append(f"- {v.name}: every tensor's type and why, in "
                          f"[{explained.relative_to(ctx.folder)}]({explained.relative_to(ctx.folder)})")
-        k = ctx.recipe.prune_auto_for(v)
-        choice = ctx.prune_choice_path(f"auto{k}") if k is not None else None
+        tag = ctx.prune_choice_tag(v)
+        choice = ctx.prune_choice_path(tag) if tag is not None else None
         if choice is not None and choice.exists():
             picked = json.loads(choice.read_text())
-            lines.append(f"- {v.name}: layers {picked['layers']} dropped, picked greedily by measured KLD "
-                         f"({choice.relative_to(ctx.folder)})")
+            how = f" ({picked['method']} search)" if picked.get("method") else ""
+            if "prune_or_bits" in picked:
+                how += ", weighed against spending the bytes on bits"
+            lines.append(f"- {v.name}: layers {picked['layers']} dropped, picked by measured KLD{how}, every "
+                         f"method's set and KLD in {choice.relative_to(ctx.folder)}")
     return [f"{h2} Automatic choices", "", *lines, ""] if lines else []

@@ -14,13 +14,15 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_index
 from pipeline.formats.model_info import read_model_info
 from pipeline.formats.task_data import BENCHMARKS
-from pipeline.formats.tensor_names import layer_of
+from pipeline.formats.tensor_names import TOKEN_EMBD, layer_of
 from pipeline.fsutil import ensure_free_space
 from pipeline.measure import drift as drift_measure
 from pipeline.measure import estimate as est
 from pipeline.measure.estimate import Pricer, Shape, StepCost
 from pipeline.measure.gpu_rates import GPU
+from pipeline.measure.groups import CANDIDATE_TYPES
 from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
+from pipeline.measure.prune_auto import search_probes
 from pipeline.measure.rates import Rates
 from pipeline.measure.tasks import load_selected
 from pipeline.recipe.rules import resolve_types
@@ -30,6 +32,7 @@ from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
 from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.imatrix import imatrix_input
+from pipeline.stages.probes import PROBE_CHUNKS
 from pipeline.units import parse_size
 
 # Small outputs: typical sizes measured on the default recipe (results/bench/estimate.json).
@@ -142,7 +145,7 @@ class _Estimator:
 
     # the layers a variant drops: auto choices are not known yet, so K of the middle layers
     def drop_for(self, v: VariantSpec) -> tuple[int, ...]:
-        k = self.recipe.prune_auto_for(v)
+        k = self.recipe.prune_auto_for(v) or self.recipe.prune_up_to_for(v)
         if k is None:
             return self.recipe.prune_for(v)
         mid = self.shape.n_layers // 2
@@ -229,25 +232,29 @@ class _Estimator:
         return StepCost(step.key, step.stage, STATISTICS_S, writes, self.rss + (64 << 20))
 
     # sensitivity ---------------------------------------------------------------------------
-    def _probe_kld(self, n_probes: int, quantized: bool) -> float:
-        """n_probes KLD measurements on the calibration probe (4 chunks), each of a model written first."""
+    def _probe_kld(self, n_probes: int, chunks: int, quantized: bool = False) -> float:
+        """n_probes in-memory KLD measurements on `chunks` calibration chunks, after the base is
+        loaded once and its distribution taken (pipeline.measure.memory_probe)."""
         cal = self.recipe.calibration
         ctx_len = cal.ctx if cal else self.recipe.score.ctx
-        tokens = 4 * ctx_len
-        scored = 4 * (ctx_len - 1 - ctx_len // 2)
+        tokens = chunks * ctx_len
+        scored = chunks * (ctx_len - 1 - ctx_len // 2)
         flops = self.shape.flops_per_token()
         one = self.p.forward(tokens, flops, quantized) + self.p.kld(scored, self.shape.n_vocab)
-        base = self.p.forward(tokens, flops, False) + self.p.sketch(scored, self.shape.n_vocab)
+        base = self.p.load() + self.p.forward(tokens, flops, False) + self.p.sketch(scored, self.shape.n_vocab)
         return base + n_probes * one
 
     def _sensitivity(self, step: Step) -> StepCost:
         n = self.shape.n_layers
-        n_probes = 3 * n  # per layer: removed, attention low, MLP low
-        quantizations = 2 * n + 10  # the low-type probes and the 10 candidate types' weight errors
-        seconds = self._probe_kld(n_probes, True) + quantizations * self.p.quantize_weights(self.shape.n_params)
-        host, dev = self.mem(self.base_bytes, 4 * 512, 4 * 512)
+        n_probes = 3 * n + 1  # per layer: removed, attention low, MLP low; the embedding low
+        # every group is quantized once for its probe, and every tensor once per candidate type
+        # for its weight error (the embedding's rows sampled: not counted)
+        embd = next((est.n_values(t.shape) for t in self.shape.tensors if t.name == TOKEN_EMBD), 0)
+        quantized = self.shape.n_params + len(CANDIDATE_TYPES) * (self.shape.n_params - embd)
+        seconds = self._probe_kld(n_probes, PROBE_CHUNKS, True) + self.p.quantize_weights(quantized)
+        host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)
         return StepCost(step.key, step.stage, seconds, {}, host, dev,
-                        note=f"{n_probes} KLD probes, {quantizations} quantizations (rough)")
+                        note=f"{n_probes} in-memory KLD probes, weight errors for {len(CANDIDATE_TYPES)} types")
 
     # prune ---------------------------------------------------------------------------------
     def _prune(self, step: Step) -> StepCost:
@@ -260,14 +267,20 @@ class _Estimator:
             writes[self.ctx.pruned_imatrix_path(tag)] = est.imatrix_file_bytes(self.shape, drop)
         seconds = self.p.write(size)
         note = f"layers {list(drop)} dropped"
-        k = self.recipe.prune_auto_for(v)
+        host, dev = self.rss + 2 * self.largest_f32, 0
+        k = self.recipe.prune_auto_for(v) or self.recipe.prune_up_to_for(v)
         if k is not None:
-            from_prune = min(self.shape.n_layers, max(2 * k + 2, 6))  # pipeline.measure.prune_auto.default_candidates
-            tries = sum(from_prune - i for i in range(k))
-            seconds += tries * self.p.write(size) + self._probe_kld(tries, False)
-            writes[self.ctx.prune_choice_path(tag)] = 1500
-            note = f"{k} layers picked from {tries} KLD probes"
-        return StepCost(step.key, step.stage, seconds, writes, self.rss + 2 * self.largest_f32, note=note)
+            tries = search_probes(k, self.shape.n_layers)  # in memory: no file written per probe
+            if any(self.recipe.budget_for(x) for x in self.recipe.variants):
+                tries -= self.shape.n_layers  # the sensitivity map measured the single layers
+            if self.recipe.prune_up_to_for(v) is not None:
+                tries += 2 * k + 1  # prune or bits: each candidate's mix, and its removal alone
+            seconds += self._probe_kld(tries, PROBE_CHUNKS)
+            writes[self.ctx.prune_choice_path(tag)] = 1500 + 40 * tries
+            note = f"{k} layers picked from up to {tries} KLD probes"
+            host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)  # base, writable
+            host = max(host, self.rss + 2 * self.largest_f32)
+        return StepCost(step.key, step.stage, seconds, writes, host, dev, note=note)
 
     # quantize ------------------------------------------------------------------------------
     def _quantize(self, step: Step) -> StepCost:

@@ -1,15 +1,19 @@
-"""The KLD probe the prune and sensitivity stages measure with: the base on a few chunks of the
-calibration text (of the scoring text when the recipe has no calibration), and the recipe values
-its result depends on."""
+"""The KLD probe the prune, sensitivity and quantize (allocation) stages measure with: the base
+loaded once in memory, its distribution on a few chunks of the calibration text (of the scoring
+text when the recipe has no calibration), and the recipe values its result depends on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.fsutil import read_text
-from pipeline.measure.sensitivity import KLDProbe
+from pipeline.measure.memory_probe import MemoryProbe
 from pipeline.run.layout import RunContext
 from pipeline.sources.datasets import resolve_dataset
+
+# Calibration chunks every probe measures on (sensitivity, automatic pruning, allocation): one
+# probe costs a pass over them, and the stages share measurements only at the same count.
+PROBE_CHUNKS = 2
 
 
 def probe_params(ctx: RunContext) -> dict:
@@ -18,13 +22,19 @@ def probe_params(ctx: RunContext) -> dict:
     return ctx.recipe.values("score.dataset", "score.ctx")
 
 
-def probe_for(ctx: RunContext, chunks: int, cache: Path | None = None) -> KLDProbe:
+def probe_text(ctx: RunContext) -> tuple[str, int]:
+    """The text the probes measure on and its context length."""
     recipe = ctx.recipe
     cal = recipe.calibration
     if cal is not None and cal.datasets:
         path = resolve_dataset(cal.datasets[0], ctx.recipe_dir, recipe.where("calibration", "datasets", 0))
-        n_ctx = cal.ctx
-    else:
-        path = resolve_dataset(recipe.score.dataset, ctx.recipe_dir, recipe.where("score", "dataset"))
-        n_ctx = recipe.score.ctx
-    return KLDProbe(ctx.base_path, read_text(path), n_ctx, chunks, ctx.threads, cache, recipe.model.n_gpu_layers)
+        return read_text(path), cal.ctx
+    path = resolve_dataset(recipe.score.dataset, ctx.recipe_dir, recipe.where("score", "dataset"))
+    return read_text(path), recipe.score.ctx
+
+
+def probe_for(ctx: RunContext, chunks: int, cache: Path | None = None, imatrix: Path | None = None) -> MemoryProbe:
+    """A MemoryProbe of the run's base; `imatrix` is what its quantized tensors are made with.
+    Close it when done (it holds the loaded model)."""
+    text, n_ctx = probe_text(ctx)
+    return MemoryProbe(ctx.base_path, text, n_ctx, chunks, ctx.threads, cache, ctx.recipe.model.n_gpu_layers, imatrix)

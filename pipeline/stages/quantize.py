@@ -5,13 +5,15 @@ the recipe's rules name (pipeline.recipe.rules) or, under a size budget, one for
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
-from pipeline.measure.allocate import allocate, check_budget_fits, explain_markdown
+from pipeline.measure.allocate import check_budget_fits, explain_markdown
 from pipeline.measure.budget import Layout, layout, tensor_bytes
+from pipeline.measure.measured_allocation import choose_types
 from pipeline.measure.sensitivity import load_sensitivity
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.schema import VariantSpec
@@ -19,6 +21,7 @@ from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
+from pipeline.stages.probes import PROBE_CHUNKS, probe_for, probe_params
 from pipeline.units import MiB, parse_size
 
 
@@ -28,18 +31,22 @@ def steps(ctx: RunContext) -> list[Step]:
     for v in recipe.variants:
         prune = recipe.prune_for(v)
         auto_k = recipe.prune_auto_for(v)
+        up_to = recipe.prune_up_to_for(v)
         tag = ctx.prune_tag(v)
         imatrix = imatrix_input(ctx) if v.imatrix else None
         budget = recipe.budget_for(v)
         params = recipe.variant_values(v)
         if budget is not None:
             check_budget_reachable(ctx, v, budget)
+            params = {**params, **recipe.values("select.refine_rounds")}
+            if recipe.select.refine_rounds:
+                params.update({"refine.chunks": PROBE_CHUNKS, **probe_params(ctx)})
         # A pruned variant is quantized from its pruned base (pipeline.stages.prune), not pruned here.
         src = ctx.pruned_base_path(tag) if tag else ctx.base_path
         if imatrix and tag:
             imatrix = ctx.pruned_imatrix_path(tag)
         inputs = [src] + ([imatrix] if imatrix else [])
-        if tag and auto_k is not None:
+        if tag and ctx.prune_choice_tag(v) is not None:
             inputs.append(ctx.prune_choice_path(tag))
         if budget is not None:
             inputs.append(ctx.sensitivity_json_path)
@@ -48,7 +55,8 @@ def steps(ctx: RunContext) -> list[Step]:
             outputs.append(ctx.allocation_md_path(v.name))
         what = (f"types for {budget[0]} {budget[1]}" if budget else f"{v.ftype.upper()}") + \
                (f", layers {list(prune)} pruned" if prune else "") + \
-               (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + (", imatrix" if imatrix else "")
+               (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + \
+               (f", up to {up_to} layers pruned where that beats bits" if up_to else "") + (", imatrix" if imatrix else "")
         out.append(Step(f"quantize {v.name}", "quantize", params, inputs, outputs,
                         _action(ctx, v, src, imatrix, budget), variant=v.name, versions=engine_versions(),
                         produces=f"variants/{v.name}.gguf ({what})"))
@@ -85,13 +93,19 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
         extra = {}
         token_embd_type = recipe.token_embedding_type_for(v)
         if budget is not None:
-            choices, alloc = _budget_choices(ctx, v, budget, layers, choices)
+            choices, chosen = _budget_choices(ctx, v, budget, layers, choices, imatrix)
+            alloc = chosen.allocation
             token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
-            extra = {"predicted_kld": alloc.predicted_kld, "predicted_bytes": alloc.total_bytes,
-                     "budget_bytes": alloc.budget_bytes}
+            extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
+                     "budget_bytes": alloc.budget_bytes, "calibration_kld": chosen.measured_kld,
+                     "refinement": chosen.history}
             note = (f"Types chosen for `{budget[0]}: {budget[1]}` from measured sensitivities "
                     f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
-            io.out(ctx.allocation_md_path(v.name)).write_text(explain_markdown(alloc, f"{v.name}: every tensor's type", note))
+            weighed = _prune_or_bits_note(ctx, v)
+            if weighed:
+                note += "\n\n" + weighed
+            io.out(ctx.allocation_md_path(v.name)).write_text(
+                explain_markdown(alloc, f"{v.name}: every tensor's type", note, history=chosen.history))
         lines = tensor_type_file_lines({n: c.type for n, c in choices.items()}, layers)
         if budget is not None and token_embd_type:
             lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
@@ -108,22 +122,41 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
     return run
 
 
-def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices):
-    """Every tensor's type for the budget; recipe rules still win for the tensors they name."""
+def _prune_or_bits_note(ctx: RunContext, v) -> str:
+    """The prune stage's reasoning for `prune: {up_to: K}` (pipeline.measure.prune_or_bits)."""
+    tag = ctx.prune_choice_tag(v)
+    if tag is None or ctx.recipe.prune_up_to_for(v) is None:
+        return ""
+    return json.loads(ctx.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
+
+
+def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
+    """Every tensor's type for the budget; recipe rules still win for the tensors they name. The
+    choice is refined by measuring it in memory on the unpruned base (pruned layers removed in
+    memory) with the imatrix of the whole model, as the sensitivity map was measured."""
     sens = load_sensitivity(ctx.sensitivity_json_path)
     info = ctx.model_info
     lay = layout(info, layers, ctx.base_path)
-    want = budget_bytes(ctx, v, budget, lay)
-    errors = [e for e in sens.errors if layer_of(e.tensor) not in set(layers) and e.tensor not in rule_choices]
+    # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
+    sized = layout(info, (), ctx.base_path) if ctx.recipe.prune_up_to_for(v) is not None else lay
+    want = budget_bytes(ctx, v, budget, sized)
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}
     for name, c in rule_choices.items():  # tensors a rule pins are spent first
         if layer_of(name) not in set(layers) and name in by_name:
             fixed += tensor_bytes(c.type, by_name[name].shape)
-    alloc = allocate(errors, sens.alphas, want, fixed, _budget_where(ctx, v, budget),
-                     budget_label=f"{budget[1]}")
+    rounds = ctx.recipe.select.refine_rounds
+    where, label = _budget_where(ctx, v, budget), f"{budget[1]}"
+    if rounds == 0:
+        chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
+                              budget_label=label)
+    else:
+        with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix_input(ctx) if imatrix else None) as probe:
+            chosen = choose_types(sens, want, fixed, probe=probe, drop=layers, exclude={n: c.type for n, c in rule_choices.items()},
+                                  rounds=rounds, where=where, budget_label=label, echo=print)
     choices = dict(rule_choices)
+    alloc = chosen.allocation
     for t, ty in alloc.types.items():
         o = alloc.options[t][alloc.chosen[t]]
         choices[t] = Choice(t, ty, f"{budget[0]} {budget[1]}: predicted KLD {o.kld:.2e}")
-    return choices, alloc
+    return choices, chosen

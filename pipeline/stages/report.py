@@ -31,8 +31,8 @@ def _report_step(ctx: RunContext, failed: dict[str, str]) -> Step | None:
     # the automatic choices the report links to
     kept = [v for v in recipe.variants if v.name in names]
     inputs += [ctx.allocation_md_path(v.name) for v in kept if recipe.budget_for(v)]
-    inputs += sorted({ctx.prune_choice_path(ctx.prune_tag(v)) for v in kept
-                      if recipe.prune_auto_for(v) is not None})
+    inputs += sorted({ctx.prune_choice_path(ctx.prune_choice_tag(v)) for v in kept
+                      if ctx.prune_choice_tag(v) is not None})
     outputs = [ctx.report_path(f) for f in ("scores.csv", "scores.md", *TABLE_FILES, PLOT_FILE)]
     if published_path(ctx) is not None:
         inputs.append(published_path(ctx))

@@ -1,21 +1,19 @@
 """Stage sensitivity: what each layer and tensor costs (pipeline.measure.sensitivity), measured
-only when a variant chooses its types for a size budget (allocation needs the alphas)."""
+only when a variant chooses its types for a size budget (allocation needs the alphas).
+
+Every probe runs in memory on the base loaded once; each result is logged as it comes
+(sensitivity.probes.jsonl in the results folder), so a killed step resumes where it stopped."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from pipeline.engine.backend import engine_versions
-from pipeline.measure.sensitivity import CANDIDATE_TYPES, LOW_TYPE, run_sensitivity
+from pipeline.measure.groups import CANDIDATE_TYPES, LOW_TYPE
+from pipeline.measure.sensitivity import run_sensitivity
 from pipeline.report.sensitivity import save_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.stages.probes import probe_for, probe_params
-
-# Calibration chunks each sensitivity run is measured on (3 runs per layer: keep it small).
-PROBE_CHUNKS = 4
+from pipeline.stages.probes import PROBE_CHUNKS, probe_for, probe_params
 
 
 def steps(ctx: RunContext) -> list[Step]:
@@ -27,19 +25,22 @@ def steps(ctx: RunContext) -> list[Step]:
     if calibration_writes_layers(ctx):
         inputs.append(ctx.layers_path)
     params = {"sensitivity.chunks": PROBE_CHUNKS, "sensitivity.types": list(CANDIDATE_TYPES),
-              "sensitivity.low_type": LOW_TYPE, **probe_params(ctx)}
+              "sensitivity.low_type": LOW_TYPE, "sensitivity.probes": "in memory", **probe_params(ctx)}
     outputs = [ctx.sensitivity_csv_path, ctx.sensitivity_json_path, ctx.sensitivity_plot_path,
                ctx.sensitivity_md_path]
 
     def action(io):
         # The base distribution goes in a file in the results folder (which every Ray node sees):
         # the tasks that measure shares of the probes (io.map) each load it from there.
-        with tempfile.TemporaryDirectory(dir=ctx.folder, prefix=".sensitivity-") as work:
-            probe = probe_for(ctx, PROBE_CHUNKS, cache=Path(work) / "probe-base.npz")
+        cache = ctx.folder / "sensitivity.probe-base.npz"
+        log_path = ctx.folder / "sensitivity.probes.jsonl"
+        with probe_for(ctx, PROBE_CHUNKS, cache=cache, imatrix=imatrix) as probe:
             layers_csv = ctx.layers_path if ctx.layers_path.exists() else None
-            result = run_sensitivity(ctx.base_path, imatrix, ctx.model_info, probe, ctx.folder, layers_csv,
-                                     ctx.threads, map=io.map)
+            result = run_sensitivity(probe, ctx.model_info, imatrix, layers_csv, log_path=log_path, map=io.map,
+                                     echo=print)
         save_sensitivity(result, *(io.out(p) for p in outputs))
+        log_path.unlink(missing_ok=True)
+        cache.unlink(missing_ok=True)
         return {"correlations": result.correlations}
 
     return [Step("sensitivity", "sensitivity", params, inputs, outputs, action, versions=engine_versions(),

@@ -1,0 +1,259 @@
+"""KLD probes on a model loaded once: each probe overwrites tensors in place, measures, restores.
+
+A probe is a change to the base: some tensors at other types (their values become what ggml's
+quantize then dequantize make of them, with the imatrix, exactly what a quantized file would
+hold), and some layers removed. A layer is removed by zeroing the tensors that write into the
+residual stream (attention output and FFN down projections, and their biases): the block then
+adds nothing, and every later layer keeps its index, its attention kind and its RoPE base, which
+is what a correctly pruned file keeps too (pipeline.formats.prune). The KLD against the cached
+base distribution is then measured on a few calibration chunks, and the original bytes go back.
+
+A tensor at another type takes that type in place (pipeline.engine.weights.write_quantized), so
+ggml multiplies with the same quantized kernels a file of that mix would use, activations
+rounded to 8 bits included. (Writing the dequantized values back as F16 instead skips that
+rounding: measured here, 1 to 2 % off the file's KLD on single-group probes.)
+
+The probe pickles as its settings: a worker process (a Ray task measuring a share of the probes)
+loads the model and the cached base distribution once, the first time it measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.engine.context import Context
+from pipeline.engine.ggml_quant import quantize_rows, round_trip
+from pipeline.engine.model import Model
+from pipeline.engine.weights import ModelWeights
+from pipeline.errors import SqueezeError
+from pipeline.formats.imatrix_file import read_imatrix
+from pipeline.formats.tensor_names import RESIDUAL_OUT_KINDS, kind_of, layer_of
+from pipeline.fsutil import atomic_path
+from pipeline.measure import perplexity
+
+_open_probes: dict[tuple, tuple] = {}  # settings -> (model, weights, context): one per process
+
+
+class MemoryProbe:
+    """The base model loaded writable, its distribution on `chunks` chunks of `text` (cached in
+    `cache`, an .npz, when given), and the KLD of any change to it."""
+
+    def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
+                 cache: Path | None = None, n_gpu_layers: int = 0, imatrix_path: Path | None = None):
+        self.base_path = Path(base)
+        self.ctx = ctx
+        self.threads = threads
+        self.n_gpu_layers = n_gpu_layers
+        self.imatrix_path = Path(imatrix_path) if imatrix_path else None
+        self.cache = Path(cache) if cache is not None else None
+        self._columns = None
+        self._holds = False  # whether this probe counts among the users of the loaded model
+        if self.cache is not None and self.cache.exists():
+            self.base = perplexity.load_base(self.cache)
+            return
+        model = self._loaded()["model"]
+        try:
+            ch = perplexity.make_chunks(model, text, ctx, chunks, what="calibration text")
+            self.base = perplexity.base_distribution(model, self._context(len(ch.tokens)), ch)
+        except BaseException:
+            self.close()  # the caller gets no probe to close
+            raise
+        if self.cache is not None:
+            with atomic_path(self.cache) as tmp:
+                perplexity.save_base(tmp, self.base)
+
+    # ---- the loaded model (one per process, base and offload) ------------------------------------
+    def _key(self) -> tuple:
+        return (str(self.base_path.resolve()), self.n_gpu_layers, os.getpid())
+
+    def _loaded(self) -> dict:
+        loaded = _open_probes.get(self._key())
+        if loaded is None:
+            model = Model(self.base_path, self.n_gpu_layers, writable=True)
+            loaded = _open_probes[self._key()] = {"model": model, "weights": ModelWeights(model), "contexts": {},
+                                                  "users": 0}
+        if not self._holds:
+            loaded["users"] += 1
+            self._holds = True
+        return loaded
+
+    def _context(self, n_seq: int | None = None) -> Context:
+        # as llama-perplexity packs them: n_batch / ctx sequences per decode, the rest in turns
+        n_seq = min(n_seq or len(self.base["tokens"]), perplexity.seqs_per_batch(self.ctx))
+        contexts = self._loaded()["contexts"]
+        if (self.ctx, n_seq) not in contexts:
+            contexts[(self.ctx, n_seq)] = Context(self._loaded()["model"], self.ctx, n_seq, self.threads)
+        return contexts[(self.ctx, n_seq)]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.cache is not None:
+            del state["base"]
+        state["_columns"] = None
+        state["_holds"] = False
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "base" not in state:
+            self.base = perplexity.load_base(self.cache)
+
+    @property
+    def weights(self) -> ModelWeights:
+        return self._loaded()["weights"]
+
+    def close(self) -> None:
+        """Let go of the loaded model; the last probe of this process on the same base frees it."""
+        loaded = _open_probes.get(self._key())
+        if loaded is None or not self._holds:
+            return
+        self._holds = False
+        loaded["users"] -= 1
+        if loaded["users"] == 0:
+            del _open_probes[self._key()]
+            for context in loaded["contexts"].values():
+                context.close()
+            loaded["model"].close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- changes ----------------------------------------------------------------------------------
+    def column_weights(self, name: str) -> np.ndarray | None:
+        """The imatrix entry llama_model_quantize would use for this tensor (None: no imatrix or
+        no entry, e.g. the token embedding, whose rows are looked up)."""
+        if self.imatrix_path is None:
+            return None
+        if self._columns is None:
+            self._columns = read_imatrix(self.imatrix_path).normalized()
+        return self._columns.get(name)
+
+    def values_at(self, name: str, qtype: str) -> np.ndarray:
+        """The base tensor's values once stored in `qtype` and read back (float32)."""
+        weights = self.weights
+        values = weights.original(name)
+        return quantized_values(values, weights.shape(name), qtype, self.column_weights(name))
+
+    def residual_outputs(self, layer: int) -> list[str]:
+        """The tensors of `layer` that write into the residual stream."""
+        names = [n for n in self.weights.names if layer_of(n) == layer and kind_of(n) in RESIDUAL_OUT_KINDS]
+        if not names:
+            raise SqueezeError(f"{self.base_path.name}: layer {layer} has no attention output or FFN down "
+                               "projection to zero; it cannot be removed in memory")
+        return names
+
+    def apply(self, types: dict[str, str] | None = None, removed=()) -> None:
+        """Change the loaded model: tensors at types (name -> type), layers removed."""
+        weights = self.weights
+        for name, qtype in (types or {}).items():
+            data = quantized_bytes(weights.original(name), weights.shape(name), qtype, self.column_weights(name))
+            weights.write_quantized(name, qtype, data)
+        for layer in removed:
+            for name in self.residual_outputs(layer):
+                weights.write_raw(name, np.zeros_like(weights.original_raw(name)))
+
+    def restore(self) -> None:
+        self.weights.restore()
+
+    # ---- measuring --------------------------------------------------------------------------------
+    def measure(self, types: dict[str, str] | None = None, removed=()) -> dict[str, float]:
+        """Every KLD figure of the base changed as asked, against the base; the model is restored
+        afterwards, also when measuring fails."""
+        loaded = self._loaded()
+        try:
+            self.apply(types, removed)
+            per_token = perplexity.score_against_base(loaded["model"], self._context(), self.base)
+        finally:
+            loaded["weights"].restore()
+        return perplexity.summarize(self.base, per_token)
+
+    def kld(self, types: dict[str, str] | None = None, removed=()) -> float:
+        return self.measure(types, removed)["mean_kld"]
+
+    def logits(self) -> np.ndarray:
+        """The logits of the model as it is now on the probe's chunks (tests compare them)."""
+        context, tokens = self._context(), self.base["tokens"]
+        return np.concatenate([context.eval(list(tokens[i:i + context.n_seq]), output_from=int(self.base["first"]))
+                               for i in range(0, len(tokens), context.n_seq)])
+
+
+def _matrices(values: np.ndarray, shape, column_weights: np.ndarray | None):
+    """(matrix, its imatrix slice) pairs: a 3-D tensor (experts) is quantized one matrix at a
+    time, each with its own slice of the imatrix entry, as llama_model_quantize does."""
+    n = shape[0]
+    mats = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    per = values.reshape(mats, -1, n)
+    for e in range(mats):
+        w = column_weights
+        if column_weights is not None and column_weights.size == n * mats:
+            w = column_weights[e * n:(e + 1) * n]
+        yield per[e], w
+
+
+def quantized_bytes(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
+    """`values` (rows, row length) stored in `qtype`: the bytes a quantized file holds."""
+    return np.concatenate([quantize_rows(m, qtype, w).reshape(-1) for m, w in _matrices(values, shape, column_weights)])
+
+
+def quantized_values(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
+    """`values` (rows, row length) after a round trip through `qtype`."""
+    return np.concatenate([round_trip(m, qtype, w) for m, w in _matrices(values, shape, column_weights)]
+                          ).reshape(values.shape)
+
+
+class ProbeLog:
+    """Measured probes, one JSON line each, appended as they finish: a killed step resumes with
+    the probes it had measured (a torn last line is ignored). `fingerprint` names what the
+    probes were measured on; a log of anything else is started over."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[str, float]:
+        done: dict[str, float] = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return done
+        if not lines or lines[0] != json.dumps({"fingerprint": self.fingerprint}):
+            return done
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+                done[row["unit"]] = float(row["kld"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return done
+
+    def start(self) -> dict[str, float]:
+        """The probes already measured; a log of other inputs is replaced by an empty one."""
+        done = self.load()
+        if not done and not self._matches():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        return done
+
+    def _matches(self) -> bool:
+        try:
+            with open(self.path) as f:
+                return f.readline().rstrip("\n") == json.dumps({"fingerprint": self.fingerprint})
+        except OSError:
+            return False
+
+    def add(self, unit: str, kld: float) -> None:
+        with open(self.path, "a") as f:  # one short write per line: appends from workers do not interleave
+            f.write(json.dumps({"unit": unit, "kld": kld}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
