@@ -158,12 +158,13 @@ UP_TO_SENSITIVITY = ("convert", "imatrix", "statistics", "sensitivity")
 
 
 def test_sensitivity_probes_fan_out_over_the_cluster_with_the_same_results(cluster, tiny):
-    """The sensitivity step hands its probes (3 per layer and the embedding's) and its weight
-    errors (one file per type) to io.map: the local runner measures them one after another, on
-    Ray they are dealt into 2 shares (2 CPUs), one measured in the step's task and one in a task
-    of its own. sensitivity.json comes out the same, byte for byte: every probe is computed
-    alone from the same files, and the base distribution the second task loads from the step's
-    .npz holds the very arrays the step computed."""
+    """The sensitivity step hands its in-memory probes (3 per layer, the embedding's, one per
+    tensor kind) to io.map: the local runner measures them one after another, on Ray they are
+    dealt into 2 shares (2 CPUs), one measured in the step's task and one in a task of its own,
+    which loads the base writable itself. sensitivity.json comes out the same, byte for byte:
+    every probe is computed alone from the same model, restored after each, and the base
+    distribution the second task loads from the step's .npz holds the very arrays the step
+    computed. (The weight errors are computed in-process, in the step's task.)"""
     recipe, folder = tiny
     budget = folder / "budget.yaml"
     head = recipe.read_text().split("variants:")[0]
@@ -175,17 +176,15 @@ def test_sensitivity_probes_fan_out_over_the_cluster_with_the_same_results(clust
     assert Runner(ctx.folder, echo=lambda line: None).run(steps) == {"ran": 4, "skipped": 0}
     local_json = ctx.sensitivity_json_path.read_bytes()
     local_extra = json.loads((ctx.folder / "manifest.json").read_text())["steps"]["sensitivity"]["extra"]
-    n_probes = 3 * 3 + 1  # 3 layers, and the token embedding
-    assert local_extra["fanout"] == [{"what": "sensitivity probes", "items": n_probes, "shares": 1},
-                                     {"what": "weight error per type", "items": 10, "shares": 1}]
+    n_probes = 3 * 3 + 1 + 7  # 3 layers, the token embedding, the 7 tensor kinds
+    assert local_extra["fanout"] == [{"what": "sensitivity probes", "items": n_probes, "shares": 1}]
 
     lines = []
     counts = RayExecutor(Runner(ctx.folder, echo=lines.append)).run(steps, force_stages={"sensitivity"})
     assert counts == {"ran": 1, "skipped": 3}
     assert "sensitivity: rerun, forced" in lines
     extra = json.loads((ctx.folder / "manifest.json").read_text())["steps"]["sensitivity"]["extra"]
-    assert extra["fanout"] == [{"what": "sensitivity probes", "items": n_probes, "shares": 2},
-                               {"what": "weight error per type", "items": 10, "shares": 2}]
+    assert extra["fanout"] == [{"what": "sensitivity probes", "items": n_probes, "shares": 2}]
     assert ctx.sensitivity_json_path.read_bytes() == local_json
     assert not list(ctx.folder.glob(".sensitivity-*")) and not list(ctx.folder.rglob("*.partial-*"))
 
