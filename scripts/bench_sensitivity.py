@@ -69,7 +69,7 @@ def side_main(args) -> None:
                                                 probe_types(info, unit), removed)
             n_errors = len(file_tensor_errors(args.model, args.imatrix, info, Path(work), CANDIDATE_TYPES,
                                               args.threads))
-    write_json_atomic(args.output, {"side": args.side, "probes": len(klds), "weight_errors": n_errors,
+    write_json_atomic(args.output, {"side": args.side, "probes": len(units), "weight_errors": n_errors,
                                     "seconds_inside": round(time.perf_counter() - start, 2), "kld": klds})
 
 

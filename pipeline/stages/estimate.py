@@ -20,7 +20,7 @@ from pipeline.measure import drift as drift_measure
 from pipeline.measure import estimate as est
 from pipeline.measure.estimate import Pricer, Shape, StepCost
 from pipeline.measure.gpu_rates import GPU
-from pipeline.measure.groups import CANDIDATE_TYPES
+from pipeline.measure.groups import CANDIDATE_TYPES, kind_units
 from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
 from pipeline.measure.prune_auto import search_probes
 from pipeline.measure.rates import Rates
@@ -246,7 +246,8 @@ class _Estimator:
 
     def _sensitivity(self, step: Step) -> StepCost:
         n = self.shape.n_layers
-        n_probes = 3 * n + 1  # per layer: removed, attention low, MLP low; the embedding low
+        # per layer: removed, attention low, MLP low; the embedding low; each tensor kind low in every layer
+        n_probes = 3 * n + 1 + len(kind_units(self.info)) if self.info is not None else 3 * n + 1 + 7
         # every group is quantized once for its probe, and every tensor once per candidate type
         # for its weight error (the embedding's rows sampled: not counted)
         embd = next((est.n_values(t.shape) for t in self.shape.tensors if t.name == TOKEN_EMBD), 0)
