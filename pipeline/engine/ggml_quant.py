@@ -119,24 +119,7 @@ def round_trip(values: np.ndarray, qtype: str, column_weights: np.ndarray | None
     return dequantize_rows(quantize_rows(flat, qtype, column_weights), qtype, n).reshape(values.shape)
 
 
-# ---- the float types a base model stores -------------------------------------------------------
-
-def to_storage(values: np.ndarray, stored: str) -> np.ndarray:
-    """float32 values in a float storage type (F32, F16, BF16 as llama.cpp rounds it: to nearest
-    even), as raw bytes ready for the tensor's buffer."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if stored == "F32":
-        return values.view(np.uint8).reshape(-1)
-    if stored == "F16":
-        return values.astype(np.float16).view(np.uint8).reshape(-1)
-    if stored == "BF16":
-        bits = values.view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        nan = np.isnan(values)
-        rounded[nan] = ((bits[nan] >> 16) | 64).astype(np.uint16)  # keep NaNs quiet, as ggml does
-        return rounded.view(np.uint8).reshape(-1)
-    raise SqueezeError(f"a {stored} tensor cannot be rewritten in memory; the base must be F32, F16 or BF16")
-
+# ---- the float types a base model stores: read as float32 -----------------------------------------
 
 def from_storage(raw: np.ndarray, stored: str) -> np.ndarray:
     """Raw bytes of a float tensor (F32, F16, BF16) as float32."""

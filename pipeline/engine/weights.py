@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 
 from pipeline.engine.context import Context
 from pipeline.engine.eval_hook import EvalHook, GgmlTensor, ggml, weight_name
-from pipeline.engine.ggml_quant import from_storage, row_bytes, to_storage
+from pipeline.engine.ggml_quant import from_storage, row_bytes
 from pipeline.engine.model import Model
 from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
@@ -128,10 +128,6 @@ class ModelWeights:
         self._retype_back(name)
         for addr in self._where[name]:
             self._lib.ggml_backend_tensor_set(addr, data.ctypes.data, 0, n)
-
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Overwrite the tensor with float32 `values`, rounded to its storage type."""
-        self.write_raw(name, to_storage(values, self.stored_type(name)))
 
     def write_quantized(self, name: str, qtype: str, data: np.ndarray) -> None:
         """Store the tensor as `qtype` (rows of `data`, as ggml_quant.quantize_rows makes them) in

@@ -25,7 +25,7 @@ from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
 from pipeline.measure.groups import CANDIDATE_TYPES, group_of
-from pipeline.measure.weight_errors import TensorError
+from pipeline.measure.weight_errors import TensorError, column_weights
 from pipeline.progress import serial_map
 
 
@@ -85,15 +85,6 @@ class KLDProbe:
         return self.measure(path)["mean_kld"]
 
 
-def _column_weights(weights: dict[str, np.ndarray], name: str, n_cols: int) -> np.ndarray:
-    """Mean squared input activation per column; ones where the imatrix has no entry (the
-    embedding: its rows are looked up, and as the tied output its inputs are not recorded)."""
-    values = weights.get(name)
-    if values is not None and values.size == n_cols:
-        return values.astype(np.float64)
-    return np.ones(n_cols)
-
-
 def file_tensor_errors(base: Path, imatrix_path: Path | None, info: ModelInfo, workdir: Path,
                   types=CANDIDATE_TYPES, threads: int | None = None, only=None, map=serial_map) -> list[TensorError]:
     """A row for every quantizable tensor (or those in `only`) and every type its rows fit,
@@ -126,7 +117,8 @@ def type_errors(base: Path, imatrix_path: Path | None, weights: dict[str, np.nda
             q = tensor_values(out, entry)
             w = tensor_values(base, base_index[name])
             d2 = np.square(w - q).sum(axis=0, dtype=np.float64)  # per column (input channel)
-            err = float((d2 * _column_weights(weights, name, d2.size)).sum())
+            cw = column_weights(weights, name, d2.size)  # None: every column weighs 1
+            err = float((d2 * (cw.astype(np.float64) if cw is not None else 1.0)).sum())
             rows.append(TensorError(name, group_of(name), qtype, int(entry.n_bytes), err))
     return rows
 

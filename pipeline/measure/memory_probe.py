@@ -11,7 +11,7 @@ base distribution is then measured on a few calibration chunks, and the original
 A tensor at another type takes that type in place (pipeline.engine.weights.write_quantized), so
 ggml multiplies with the same quantized kernels a file of that mix would use, activations
 rounded to 8 bits included. (Writing the dequantized values back as F16 instead skips that
-rounding: measured here, 1 to 2 % off the file's KLD on single-group probes.)
+rounding: measured here, 1 to 2 % off the file's KLD on single-group probes, so it is not done.)
 
 The probe pickles as its settings: a worker process (a Ray task measuring a share of the probes)
 loads the model and the cached base distribution once, the first time it measures.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.engine.context import Context
-from pipeline.engine.ggml_quant import quantize_rows, round_trip
+from pipeline.engine.ggml_quant import quantize_rows
 from pipeline.engine.model import Model
 from pipeline.engine.weights import ModelWeights
 from pipeline.errors import SqueezeError
@@ -135,12 +135,6 @@ class MemoryProbe:
             self._columns = read_imatrix(self.imatrix_path).normalized()
         return self._columns.get(name)
 
-    def values_at(self, name: str, qtype: str) -> np.ndarray:
-        """The base tensor's values once stored in `qtype` and read back (float32)."""
-        weights = self.weights
-        values = weights.original(name)
-        return quantized_values(values, weights.shape(name), qtype, self.column_weights(name))
-
     def residual_outputs(self, layer: int) -> list[str]:
         """The tensors of `layer` that write into the residual stream."""
         names = [n for n in self.weights.names if layer_of(n) == layer and kind_of(n) in RESIDUAL_OUT_KINDS]
@@ -200,12 +194,6 @@ def _matrices(values: np.ndarray, shape, column_weights: np.ndarray | None):
 def quantized_bytes(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
     """`values` (rows, row length) stored in `qtype`: the bytes a quantized file holds."""
     return np.concatenate([quantize_rows(m, qtype, w).reshape(-1) for m, w in _matrices(values, shape, column_weights)])
-
-
-def quantized_values(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
-    """`values` (rows, row length) after a round trip through `qtype`."""
-    return np.concatenate([round_trip(m, qtype, w) for m, w in _matrices(values, shape, column_weights)]
-                          ).reshape(values.shape)
 
 
 class ProbeLog:
