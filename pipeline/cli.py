@@ -14,8 +14,8 @@ from pipeline.engine import toolchain as tc
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
 from pipeline.fsutil import atomic_path
-from pipeline.measure.gpu_rates import gpu as gpu_spec
-from pipeline.measure.rates import machine_rates
+from pipeline.cost.gpu_rates import gpu as gpu_spec
+from pipeline.cost.rates import machine_rates
 from pipeline.recipe.load import dump_recipe
 from pipeline.report.card import write_card
 from pipeline.report.compare import compare as compare_runs
@@ -24,7 +24,7 @@ from pipeline.report.statistics import write_statistics
 from pipeline.report.tables import report_markdown, scored_variants
 from pipeline.run.ray_executor import RayExecutor
 from pipeline.run.runner import Interrupted, Runner, signals_interrupt
-from pipeline.stages.estimate import estimate_run, format_estimate, parse_count
+from pipeline.cost.run_estimate import estimate_run, format_estimate, parse_count
 from pipeline.stages.freshness import remember_recipe, require_fresh, run_context
 from pipeline.stages.publish import publish as publish_run
 from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run

@@ -7,8 +7,8 @@ The base is Gemma 3 270M's F16 base dithered off its Q4_K_M grid (model.dither; 
 "An off-grid base"): on the plain base, requantizing onto the source grid is nearly free and any
 "quality per byte" rewards landing on it. Every file is quantized with the same imatrix (20
 chunks of groups_merged on this base). The sensitivity map is measured in memory on calibration
-text (pipeline.measure.sensitivity); each allocation is refined by measuring its mix in memory on
-the same calibration chunks (pipeline.measure.measured_allocation); then the real file is built
+text (pipeline.choose.sensitivity); each allocation is refined by measuring its mix in memory on
+the same calibration chunks (pipeline.choose.measured_allocation); then the real file is built
 and, like the stock file of the same budget, scored on held-out wikitext-2 (20 x 512 tokens).
 
 Two regimes:
@@ -44,12 +44,12 @@ from pipeline.formats.gguf_index import read_index  # noqa: E402
 from pipeline.formats.model_info import read_model_info  # noqa: E402
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, exact_pattern  # noqa: E402
 from pipeline.fsutil import read_text, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.measure.allocate import explain_markdown  # noqa: E402
-from pipeline.measure.budget import layout  # noqa: E402
-from pipeline.measure.groups import CANDIDATE_TYPES  # noqa: E402
-from pipeline.measure.measured_allocation import choose_types  # noqa: E402
-from pipeline.measure.memory_probe import MemoryProbe  # noqa: E402
-from pipeline.measure.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
+from pipeline.choose.allocate import explain_markdown  # noqa: E402
+from pipeline.choose.budget import layout  # noqa: E402
+from pipeline.choose.groups import CANDIDATE_TYPES  # noqa: E402
+from pipeline.choose.measured_allocation import choose_types  # noqa: E402
+from pipeline.choose.memory_probe import MemoryProbe  # noqa: E402
+from pipeline.choose.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
 from pipeline.recipe.rules import tensor_type_file_lines  # noqa: E402
 from pipeline.report.sensitivity import save_sensitivity  # noqa: E402
 from pipeline.stages.probes import PROBE_CHUNKS  # noqa: E402

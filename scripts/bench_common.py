@@ -88,7 +88,7 @@ def calibration(base: Path, chunks: int = 20, ctx: int = 512, threads: int | Non
 def probe(base: Path, name: str, ctx: int, chunks: int, threads: int | None = None, *, work: Path = WORK):
     """A KLD probe on `chunks` chunks of `ctx` tokens of dataset `name`; its base distribution is
     kept in `work`, keyed like `calibration`."""
-    from pipeline.measure.file_probes import KLDProbe
+    from pipeline.choose.file_probes import KLDProbe
 
     text = dataset(name)
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 The recipe (default recipes/gemma3-270m-pruned.yaml) is estimated for a results folder that does
 not exist yet, with the library code behind `squeeze plan RECIPE --results TMP --estimate`
-(pipeline.stages.estimate.estimate_run, at this machine's cached or newly probed rates); then
+(pipeline.cost.run_estimate.estimate_run, at this machine's cached or newly probed rates); then
 `python -m pipeline run RECIPE --results TMP` runs it into that folder as a child process, timed
 end to end. Per stage and per step: predicted seconds against the runner's own seconds
 (manifest.json), predicted bytes against the sizes of the files written; the totals, the files
@@ -31,8 +31,8 @@ from bench_common import OUT, ROOT, log, run_child
 
 from pipeline.engine.backend import engine_versions
 from pipeline.fsutil import write_json_atomic, write_text_atomic
-from pipeline.measure.rates import cached_rates, cpu_name, machine_rates
-from pipeline.stages.estimate import estimate_run, format_estimate
+from pipeline.cost.rates import cached_rates, cpu_name, machine_rates
+from pipeline.cost.run_estimate import estimate_run, format_estimate
 from pipeline.stages.registry import build_steps, open_run
 
 DEFAULT_RECIPE = "recipes/gemma3-270m-pruned.yaml"
@@ -170,7 +170,7 @@ def main() -> None:
                    f"Python {platform.python_version()}",
         "versions": engine_versions(),
         "commands": {"predicted": f"squeeze plan {args.recipe} --results {results} --estimate",
-                     "predicted_call": "pipeline.stages.estimate.estimate_run(open_run(recipe, results), "
+                     "predicted_call": "pipeline.cost.run_estimate.estimate_run(open_run(recipe, results), "
                                        "build_steps(ctx), machine_rates(ctx.threads))",
                      "measured": subprocess.list2cmdline(argv), "measured_argv": argv},
         "rates_source": "from the cache (measured earlier)" if cached else "probed by this benchmark",

@@ -2,7 +2,7 @@
 
 All on the dithered F16 base of Gemma 3 270M (off its Q4_K_M grid, FINDINGS.md), for K = 2 and 4:
 
-1. Selection, on calibration text: pipeline.measure.prune_auto.choose_layers with the in-memory
+1. Selection, on calibration text: pipeline.choose.prune_auto.choose_layers with the in-memory
    probe the prune stage uses (MemoryProbe, groups_merged, `--probe-chunks` chunks of 512):
    SLEB-style greedy over all layers, every window of K consecutive layers, and the proxies'
    sets (lowest Block Influence and highest imatrix CosSim from a calibration pass over
@@ -38,9 +38,9 @@ from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import read_model_info
 from pipeline.formats.prune import prune_gguf
 from pipeline.fsutil import read_text, sha256_file, write_json_atomic, write_text_atomic
-from pipeline.measure.memory_probe import MemoryProbe
-from pipeline.measure.prune_auto import choose_layers
-from pipeline.measure.sensitivity import imatrix_layer_stats
+from pipeline.choose.memory_probe import MemoryProbe
+from pipeline.choose.prune_auto import choose_layers
+from pipeline.choose.sensitivity import imatrix_layer_stats
 from pipeline.stages.probes import PROBE_CHUNKS
 
 DITHERED_WORK = WORK / "dithered"  # apart from the plain base's cached files, which share their names
@@ -157,7 +157,7 @@ def main() -> None:
         "versions": engine_versions(),
         "base": base_record,
         "selection": {"text": "groups_merged (calibration)", "ctx": args.probe_ctx, "chunks": args.probe_chunks,
-                      "how": "pipeline.measure.prune_auto.choose_layers on a MemoryProbe (layers removed in memory)",
+                      "how": "pipeline.choose.prune_auto.choose_layers on a MemoryProbe (layers removed in memory)",
                       "proxies_from": {"imatrix": f"{args.calibration_chunks} chunks of 512 of groups_merged",
                                        "layers_csv": "the same pass"}},
         "held_out": {"text": "wikitext-2 test (held out)", "ctx": args.ctx, "chunks": args.chunks,

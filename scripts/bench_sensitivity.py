@@ -8,11 +8,11 @@ The full map both ways: every layer removed, its attention and its MLP at the lo
 embedding at the low type, each tensor kind at the low type in every layer (3 x 18 + 1 + 7 = 62
 KLD probes), and per-tensor weight errors for every candidate type. In memory: the base loaded once, each probe's tensors overwritten in place,
 measured, restored; weight errors from ggml's quantize in-process. From files (squeeze before
-this change, pipeline.measure.file_probes): every probe writes a variant GGUF and loads it, and
+this change, pipeline.choose.file_probes): every probe writes a variant GGUF and loads it, and
 the weight errors come from one whole-model quantization per candidate type. Both sides run as child processes,
 alternately, through the harness in bench_common. The two maps' KLDs are compared unit by unit.
 
-Also predicts the step for Gemma 3 12B on one H100 (pipeline.stages.estimate, from this
+Also predicts the step for Gemma 3 12B on one H100 (pipeline.cost.run_estimate, from this
 machine's measured rates and the GPU's spec rates). Writes results/bench/sensitivity.json/.md.
 """
 
@@ -37,16 +37,16 @@ def side_main(args) -> None:
     """Child process: the whole map one way, its KLDs and counts written to args.output."""
     from pipeline.formats.model_info import read_model_info
     from pipeline.fsutil import read_text, write_json_atomic
-    from pipeline.measure.groups import CANDIDATE_TYPES, probe_types
-    from pipeline.measure.sensitivity import probe_units, unit_key
+    from pipeline.choose.groups import CANDIDATE_TYPES, probe_types
+    from pipeline.choose.sensitivity import probe_units, unit_key
 
     info = read_model_info(args.model)
     text = read_text(args.text)
     units = probe_units(info)
     start = time.perf_counter()
     if args.side == "memory":
-        from pipeline.measure.memory_probe import MemoryProbe
-        from pipeline.measure.sensitivity import run_sensitivity
+        from pipeline.choose.memory_probe import MemoryProbe
+        from pipeline.choose.sensitivity import run_sensitivity
 
         with MemoryProbe(args.model, text, args.ctx, args.chunks, args.threads, imatrix_path=args.imatrix) as probe:
             result = run_sensitivity(probe, info, args.imatrix, args.layers_csv)
@@ -58,7 +58,7 @@ def side_main(args) -> None:
             klds["token_embd"] = result.group_kld["token_embd"].kld
         n_errors = len(result.errors)
     else:
-        from pipeline.measure.file_probes import KLDProbe, file_kld, file_tensor_errors
+        from pipeline.choose.file_probes import KLDProbe, file_kld, file_tensor_errors
 
         with tempfile.TemporaryDirectory(dir=args.work) as work:
             probe = KLDProbe(args.model, text, args.ctx, args.chunks, args.threads)
@@ -77,7 +77,7 @@ def agreement(a: dict, b: dict) -> dict:
     """How closely the two maps agree, unit by unit (relative differences of the KLDs)."""
     import numpy as np
 
-    from pipeline.measure.sensitivity import spearman
+    from pipeline.choose.sensitivity import spearman
 
     keys = sorted(a)
     rel = np.array([abs(a[k] - b[k]) / b[k] for k in keys if b[k] > 0])
@@ -91,9 +91,9 @@ def agreement(a: dict, b: dict) -> dict:
 def gpu_prediction() -> dict:
     """The sensitivity step of recipes/gemma3-12b-pruned.yaml on one H100, as `squeeze plan
     --estimate --gpu H100` predicts it (the model's shape from its parameter count and vocabulary)."""
-    from pipeline.measure.gpu_rates import gpu
-    from pipeline.measure.rates import machine_rates
-    from pipeline.stages.estimate import estimate_run
+    from pipeline.cost.gpu_rates import gpu
+    from pipeline.cost.rates import machine_rates
+    from pipeline.cost.run_estimate import estimate_run
     from pipeline.stages.registry import build_steps, open_run
 
     os.chdir(ROOT)
@@ -110,8 +110,8 @@ def gpu_prediction() -> dict:
 
     return {"model": "Gemma 3 12B (48 layers, 12.19B parameters, vocabulary 262,144)",
             "h100": step(on_gpu), "this_cpu": step(on_cpu),
-            "method": "pipeline.stages.estimate._Estimator._sensitivity: 3 x 48 + 1 + 7 = 152 probes, each a forward pass over "
-                      "2 x 512 tokens at the GPU's spec FLOP rate (pipeline.measure.gpu_rates: 35 % of dense "
+            "method": "pipeline.cost.run_estimate._Estimator._sensitivity: 3 x 48 + 1 + 7 = 152 probes, each a forward pass over "
+                      "2 x 512 tokens at the GPU's spec FLOP rate (pipeline.cost.gpu_rates: 35 % of dense "
                       "FP16 peak, an assumption) plus the KLD over 262k logits for 511 scored tokens at this "
                       "machine's measured numpy rate; the base distribution once; every tensor quantized once "
                       "for its probe and once per candidate type for its weight error, at this machine's "
@@ -166,10 +166,10 @@ def main() -> int:
                     "--output", str(outputs[name]), "--work", tmp]
 
         memory = Side("squeeze in memory", side("memory"),
-                      "pipeline.measure.sensitivity.run_sensitivity(MemoryProbe(base, text, ctx, chunks, imatrix_path=...), "
+                      "pipeline.choose.sensitivity.run_sensitivity(MemoryProbe(base, text, ctx, chunks, imatrix_path=...), "
                       "info, imatrix, layers_csv)")
         files = Side("squeeze from files", side("files"),
-                     "pipeline.measure.file_probes.file_kld for each probe, then file_tensor_errors")
+                     "pipeline.choose.file_probes.file_kld for each probe, then file_tensor_errors")
         comp = harness.compare(f"the full map: every probe on {args.chunks} x {args.ctx} tokens + weight errors",
                                memory, files)
         mem, fil = (json.loads(outputs[s].read_text()) for s in ("memory", "files"))

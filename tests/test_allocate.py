@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SqueezeError
-from pipeline.measure import knapsack
-from pipeline.measure.allocate import _hull, allocate, explain_markdown, mix_bytes, tensor_options
-from pipeline.measure.prune_or_bits import PruneCandidate, choose_prune_or_bits
-from pipeline.measure.refine import refine
-from pipeline.measure.sensitivity import Sensitivity, TensorError
+from pipeline.choose import knapsack
+from pipeline.choose.allocate import _hull, allocate, explain_markdown, mix_bytes, tensor_options
+from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
+from pipeline.choose.refine import refine
+from pipeline.choose.sensitivity import Sensitivity, TensorError
 from pipeline.recipe.rules import tensor_type_file_lines
 from pipeline.units import MiB, parse_size
 
@@ -578,8 +578,8 @@ def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp
 
     from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
     from pipeline.formats.gguf_index import read_index
-    from pipeline.measure.budget import tensor_bytes
-    from pipeline.measure.sensitivity import CANDIDATE_TYPES, group_of
+    from pipeline.choose.budget import tensor_bytes
+    from pipeline.choose.sensitivity import CANDIDATE_TYPES, group_of
     from pipeline.run.runner import Runner
     from pipeline.stages import quantize
     from pipeline.stages.registry import open_run

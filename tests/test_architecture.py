@@ -24,9 +24,11 @@ MAY_IMPORT = {
     "sources": {"engine", "formats"},
     "run": {"recipe", "sources", "formats", "engine"},
     "measure": {"engine", "formats"},
-    "report": {"measure", "run", "recipe", "sources", "formats", "engine"},
-    "stages": {"measure", "report", "run", "recipe", "sources", "formats", "engine"},
-    "cli": {"stages", "measure", "report", "run", "recipe", "sources", "formats", "engine"},
+    "choose": {"measure", "engine", "formats"},
+    "cost": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
+    "report": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
+    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "formats", "engine"},
+    "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "formats", "engine"},
     "__main__": {"cli"},
 }
 

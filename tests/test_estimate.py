@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.engine.quantize import quantize_file
 from pipeline.fsutil import read_text
-from pipeline.measure.gpu_rates import GPUS, gpu
-from pipeline.measure.rates import machine_rates, write_probe_model
+from pipeline.cost.gpu_rates import GPUS, gpu
+from pipeline.cost.rates import machine_rates, write_probe_model
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.stages.estimate import estimate_run, parse_count
+from pipeline.cost.run_estimate import estimate_run, parse_count
 from pipeline.stages.registry import build_steps, open_run
 
 TINY = {"n_embd": 256, "n_ff": 768, "n_layers": 4, "n_head": 4, "n_head_kv": 2, "n_vocab": 4096}

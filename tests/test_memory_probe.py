@@ -21,10 +21,10 @@ from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.model_info import read_model_info
 from pipeline.fsutil import read_text
-from pipeline.measure.file_probes import KLDProbe, build_mixed, file_kld, file_tensor_errors
-from pipeline.measure.groups import group_of, probe_types
-from pipeline.measure.memory_probe import MemoryProbe, ProbeLog
-from pipeline.measure.weight_errors import tensor_errors
+from pipeline.choose.file_probes import KLDProbe, build_mixed, file_kld, file_tensor_errors
+from pipeline.choose.groups import group_of, probe_types
+from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
+from pipeline.choose.weight_errors import tensor_errors
 
 CTX, CHUNKS = 256, 2
 
@@ -153,8 +153,8 @@ KILLED_RUN = textwrap.dedent("""
     from pathlib import Path
     from pipeline.formats.model_info import read_model_info
     from pipeline.fsutil import read_text
-    from pipeline.measure.memory_probe import MemoryProbe
-    from pipeline.measure.sensitivity import run_sensitivity
+    from pipeline.choose.memory_probe import MemoryProbe
+    from pipeline.choose.sensitivity import run_sensitivity
 
     base, imatrix, text, log, kill_after = sys.argv[1:6]
     done = []
@@ -185,7 +185,7 @@ def test_a_killed_sensitivity_step_resumes_with_the_probes_it_had(base_f16, imat
     lines = log.read_text().splitlines()
     assert len(lines) == 1 + 4  # the fingerprint, then the 4 probes measured before the kill
 
-    from pipeline.measure.sensitivity import run_sensitivity
+    from pipeline.choose.sensitivity import run_sensitivity
 
     said, measured = [], []
 

@@ -197,9 +197,9 @@ def Model_(path):
     return Model(path)
 
 
-# ---- the automatic choice (pipeline.measure.prune_auto) -------------------------------------------
+# ---- the automatic choice (pipeline.choose.prune_auto) -------------------------------------------
 def test_contiguous_windows_are_every_run_of_k_layers():
-    from pipeline.measure.prune_auto import windows
+    from pipeline.choose.prune_auto import windows
 
     assert windows(5, 2) == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert windows(5, 1) == [[0], [1], [2], [3], [4]]
@@ -211,7 +211,7 @@ def test_contiguous_windows_are_every_run_of_k_layers():
 
 
 def test_proxies_take_their_k_layers():
-    from pipeline.measure.prune_auto import proxy_picks
+    from pipeline.choose.prune_auto import proxy_picks
 
     bi = {0: 0.9, 1: 0.5, 2: 0.1, 3: 0.2, 4: 0.3}
     cos = {0: 0.0, 1: 0.99, 2: 0.5, 3: 0.4, 4: 0.98}
@@ -235,7 +235,7 @@ class _Costs:
 
 
 def test_sleb_remeasures_every_remaining_layer_after_each_pick():
-    from pipeline.measure.prune_auto import choose_layers
+    from pipeline.choose.prune_auto import choose_layers
 
     # alone, 2 and 3 are cheapest; together they cost more than 2 and 5
     probe = _Costs([9, 5, 1, 1.5, 7, 2.5], pair=3.0)
@@ -262,7 +262,7 @@ def test_sleb_remeasures_every_remaining_layer_after_each_pick():
 
 
 def test_the_lowest_measured_set_wins_and_candidates_restrict_the_searches():
-    from pipeline.measure.prune_auto import choose_layers
+    from pipeline.choose.prune_auto import choose_layers
 
     # adjacent layers are cheaper together: the window beats the greedy pick
     probe = _Costs([9, 1, 1.2, 1.1, 9, 9], pair=-1.5)
@@ -286,8 +286,8 @@ def test_removing_layers_in_memory_measures_what_the_pruned_file_does(base_f16, 
     within 1 %, at a context past the 512-token window, where keeping each layer's attention
     kind matters (old layer 17 is global)."""
     from pipeline.fsutil import read_text
-    from pipeline.measure.file_probes import KLDProbe
-    from pipeline.measure.memory_probe import MemoryProbe
+    from pipeline.choose.file_probes import KLDProbe
+    from pipeline.choose.memory_probe import MemoryProbe
     from pipeline.sources.datasets import resolve_dataset
 
     text = read_text(resolve_dataset("wikitext-2"))[:20000]
@@ -309,9 +309,9 @@ def test_sleb_finds_a_set_no_proxy_beats(base_f16, squeeze_imatrix, calibration_
     from pipeline.formats.imatrix_file import read_imatrix
     from pipeline.formats.layers_csv import block_influence
     from pipeline.fsutil import read_text
-    from pipeline.measure.memory_probe import MemoryProbe
-    from pipeline.measure.prune_auto import PROXIES, choose_layers
-    from pipeline.measure.sensitivity import imatrix_layer_stats
+    from pipeline.choose.memory_probe import MemoryProbe
+    from pipeline.choose.prune_auto import PROXIES, choose_layers
+    from pipeline.choose.sensitivity import imatrix_layer_stats
 
     im_path, layers_csv = squeeze_imatrix
     cossim = {k: v["cossim"] for k, v in imatrix_layer_stats(read_imatrix(im_path)).items()}

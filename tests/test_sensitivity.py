@@ -12,10 +12,10 @@ import pytest
 
 from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
 from pipeline.formats.tensor_names import ATTN_KINDS
-from pipeline.measure.file_probes import build_mixed
-from pipeline.measure.groups import group_of, low_type_for, low_types
-from pipeline.measure.sensitivity import LayerRow, imatrix_layer_stats, proxy_correlations, spearman
-from pipeline.measure.weight_errors import tensor_errors
+from pipeline.choose.file_probes import build_mixed
+from pipeline.choose.groups import group_of, low_type_for, low_types
+from pipeline.choose.sensitivity import LayerRow, imatrix_layer_stats, proxy_correlations, spearman
+from pipeline.choose.weight_errors import tensor_errors
 from pipeline.report.sensitivity import plot_heatmap
 
 
@@ -76,7 +76,7 @@ def probe(base_f16):
     from pathlib import Path
 
     from pipeline.fsutil import read_text
-    from pipeline.measure.file_probes import KLDProbe
+    from pipeline.choose.file_probes import KLDProbe
 
     text = read_text(Path(os.environ["SQUEEZE_DATA"]) / "imatrix-calibration" / "groups_merged.txt")
     return KLDProbe(base_f16, text, 256, 2)

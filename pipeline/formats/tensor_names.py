@@ -27,7 +27,7 @@ OUTPUT = gguf.TENSOR_NAMES[_T.OUTPUT] + ".weight"
 ATTN_KINDS = tuple(_kind(t) for t in (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT))
 MLP_KINDS = tuple(_kind(t) for t in (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN))
 # The kinds that write a block's result into the residual stream: zeroed, the block adds nothing
-# (a layer removed in memory, pipeline.measure.memory_probe).
+# (a layer removed in memory, pipeline.choose.memory_probe).
 RESIDUAL_OUT_KINDS = tuple(_kind(t) for t in (_T.ATTN_OUT, _T.FFN_DOWN, _T.FFN_DOWN_EXP, _T.FFN_DOWN_SHEXP))
 # The order tensor families are shown in (statistics heatmaps); unknown kinds follow, sorted.
 FAMILY_ORDER = tuple(_kind(t) for t in (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_QKV, _T.ATTN_OUT, _T.FFN_GATE,

@@ -1,2 +1,2 @@
-"""What a choice costs: perplexity/KLD, tasks, speed, drift, statistics, sensitivity probes,
-allocation, automatic pruning."""
+"""What a variant costs in quality and speed: perplexity/KLD, tasks, speed, drift, imatrix
+statistics, and the calibration pass that collects activations."""

@@ -63,16 +63,16 @@ class SelectSpec:
     output_type: str | None = None
     token_embedding_type: str | None = None
     prune: tuple[int, ...] = ()
-    # `prune: {auto: K}` in YAML: squeeze picks K layers by measured KLD (pipeline.measure.prune_auto).
+    # `prune: {auto: K}` in YAML: squeeze picks K layers by measured KLD (pipeline.choose.prune_auto).
     prune_auto: int | None = None
     # `prune: {up_to: K}` (`prune: auto`: up to 2), under a size budget: remove 0 to K layers,
     # whichever measures lower against spending the same bytes on bits (pipeline.stages.prune).
     prune_up_to: int | None = None
-    # A size budget: squeeze picks a type for every tensor (pipeline.measure.allocate). At most one.
+    # A size budget: squeeze picks a type for every tensor (pipeline.choose.allocate). At most one.
     target_bpw: float | None = None
     target_size: str | None = None  # "180 MiB", "0.2 GB"
     # Under a budget: rounds of measuring the chosen mix in memory and allocating again with the
-    # corrected predictions (pipeline.measure.measured_allocation); 0 trusts the sensitivity map.
+    # corrected predictions (pipeline.choose.measured_allocation); 0 trusts the sensitivity map.
     refine_rounds: int = 2
 
 
@@ -183,7 +183,7 @@ class Recipe:
 
     def prune_for(self, v: VariantSpec) -> tuple[int, ...]:
         if self.prune_auto_for(v) is not None or self.prune_up_to_for(v) is not None:
-            return ()  # chosen by the prune stage (pipeline.measure.prune_auto)
+            return ()  # chosen by the prune stage (pipeline.choose.prune_auto)
         return tuple(sorted(set(self.select.prune if v.prune is None else v.prune)))
 
     def prune_auto_for(self, v: VariantSpec) -> int | None:

@@ -104,7 +104,7 @@ class RunContext:
     def prune_choice_path(self, tag: str) -> Path:
         return self.folder / "pruned" / f"{tag}.json"
 
-    # sensitivities (pipeline.measure.sensitivity) and budget choices (pipeline.measure.allocate)
+    # sensitivities (pipeline.choose.sensitivity) and budget choices (pipeline.choose.allocate)
     @property
     def sensitivity_csv_path(self) -> Path:
         return self.folder / "sensitivity.csv"

@@ -7,13 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fsutil import read_text
-from pipeline.measure.memory_probe import MemoryProbe
+from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe  # noqa: F401 (the stages' one count)
 from pipeline.run.layout import RunContext
 from pipeline.sources.datasets import resolve_dataset
-
-# Calibration chunks every probe measures on (sensitivity, automatic pruning, allocation): one
-# probe costs a pass over them, and the stages share measurements only at the same count.
-PROBE_CHUNKS = 2
 
 
 def probe_params(ctx: RunContext) -> dict:

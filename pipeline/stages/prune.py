@@ -1,13 +1,13 @@
 """Stage prune: one pruned F16 base (and imatrix renamed to its numbering) per distinct set of
 layers the variants drop; for `prune: {auto: K}` the K layers are picked first, by KLD measured
-on the base with layers removed in memory (pipeline.measure.prune_auto: SLEB-style greedy and
+on the base with layers removed in memory (pipeline.choose.prune_auto: SLEB-style greedy and
 contiguous windows searched, the proxies measured for comparison), then pruned from the file
 once. How a layer is removed from a GGUF: pipeline.formats.prune.
 
 For `prune: {up_to: K}` (or `prune: auto`) under a variant's size budget, removing layers is weighed
 against spending the same bytes on bits: for 0, 1, ... K layers (the search's sets), the types for
 the budget are allocated with those layers gone, and each whole mix - layers removed and types
-applied together - is measured in memory; the lowest KLD wins (pipeline.measure.prune_or_bits),
+applied together - is measured in memory; the lowest KLD wins (pipeline.choose.prune_or_bits),
 and the choice JSON keeps every candidate and the reasoning allocation.md quotes.
 """
 
@@ -22,11 +22,11 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.prune import check_prune_set, prune_gguf, remap_imatrix
-from pipeline.measure.budget import layout
-from pipeline.measure.measured_allocation import choose_types
-from pipeline.measure.prune_auto import SEARCH, PruneChoice, choose_layers
-from pipeline.measure.prune_or_bits import PruneCandidate, choose_prune_or_bits
-from pipeline.measure.sensitivity import imatrix_layer_stats, load_sensitivity
+from pipeline.choose.budget import layout
+from pipeline.choose.measured_allocation import choose_types
+from pipeline.choose.prune_auto import SEARCH, PruneChoice, choose_layers
+from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
+from pipeline.choose.sensitivity import imatrix_layer_stats, load_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_base_bytes

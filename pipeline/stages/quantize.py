@@ -1,6 +1,6 @@
 """Stage quantize: one GGUF per variant (pipeline.engine.quantize), with one exact type per tensor
 the recipe's rules name (pipeline.recipe.rules) or, under a size budget, one for every tensor
-(pipeline.measure.allocate). Pruned variants start from their pruned base.
+(pipeline.choose.allocate). Pruned variants start from their pruned base.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
-from pipeline.measure.allocate import check_budget_fits, explain_markdown
-from pipeline.measure.budget import Layout, layout, tensor_bytes
-from pipeline.measure.measured_allocation import choose_types
-from pipeline.measure.sensitivity import load_sensitivity
+from pipeline.choose.allocate import check_budget_fits, explain_markdown
+from pipeline.choose.budget import Layout, layout, tensor_bytes
+from pipeline.choose.measured_allocation import choose_types
+from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.schema import VariantSpec
 from pipeline.run.layout import RunContext
@@ -123,7 +123,7 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
 
 
 def _prune_or_bits_note(ctx: RunContext, v) -> str:
-    """The prune stage's reasoning for `prune: {up_to: K}` (pipeline.measure.prune_or_bits)."""
+    """The prune stage's reasoning for `prune: {up_to: K}` (pipeline.choose.prune_or_bits)."""
     tag = ctx.prune_choice_tag(v)
     if tag is None or ctx.recipe.prune_up_to_for(v) is None:
         return ""

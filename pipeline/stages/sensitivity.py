@@ -1,4 +1,4 @@
-"""Stage sensitivity: what each layer and tensor costs (pipeline.measure.sensitivity), measured
+"""Stage sensitivity: what each layer and tensor costs (pipeline.choose.sensitivity), measured
 only when a variant chooses its types for a size budget (allocation needs the alphas).
 
 Every probe runs in memory on the base loaded once; each result is logged as it comes
@@ -7,8 +7,8 @@ Every probe runs in memory on the base loaded once; each result is logged as it 
 from __future__ import annotations
 
 from pipeline.engine.backend import engine_versions
-from pipeline.measure.groups import CANDIDATE_TYPES, LOW_TYPE
-from pipeline.measure.sensitivity import run_sensitivity
+from pipeline.choose.groups import CANDIDATE_TYPES, LOW_TYPE
+from pipeline.choose.sensitivity import run_sensitivity
 from pipeline.report.sensitivity import save_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step

@@ -1,11 +1,11 @@
 """Choose a type for every tensor so the file fits a size budget with the least predicted KLD.
 
 Each tensor t can take any measured type its rows fit; its predicted KLD at type T is
-c_g * alpha_g * error_t(T) (pipeline.measure.sensitivity: alpha_g is the measured KLD per unit of
+c_g * alpha_g * error_t(T) (pipeline.choose.sensitivity: alpha_g is the measured KLD per unit of
 weight error of t's group - a layer's attention, a layer's MLP, the embedding; c_g is a correction
-from measuring the chosen mix, pipeline.measure.refine, 1 until then). The predictions add up over
+from measuring the chosen mix, pipeline.choose.refine, 1 until then). The predictions add up over
 tensors (second-order view of KLD), so this is a multiple-choice knapsack, solved in
-pipeline.measure.knapsack: a Lagrangian price per byte bisected to the budget, the bytes left spent
+pipeline.choose.knapsack: a Lagrangian price per byte bisected to the budget, the bytes left spent
 on upgrades, then swaps while they lower the predicted KLD.
 
 Nothing anchors a tensor to its stock type: under a budget equal to a stock mix's size, tensors
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import SqueezeError
 from pipeline.formats.tensor_names import kind_of, sort_key
-from pipeline.measure import knapsack
+from pipeline.choose import knapsack
 from pipeline.units import MiB
 
 if TYPE_CHECKING:  # only its fields are read: the allocator stays arithmetic, free of the engine
-    from pipeline.measure.sensitivity import TensorError
+    from pipeline.choose.sensitivity import TensorError
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Allocation:
     frozen: frozenset[str] = frozenset()  # tensors kept at given types (options: that one type)
     start: dict[str, Option] = field(default_factory=dict)  # the mix it was asked to improve on, as measured
     corrections: dict[str, float] = field(default_factory=dict)  # group -> factor on its KLDs
-    interaction: float = 1.0  # measured mix KLD / sum of group KLDs (pipeline.measure.refine)
+    interaction: float = 1.0  # measured mix KLD / sum of group KLDs (pipeline.choose.refine)
     search: Search | None = None
 
     @property

@@ -22,7 +22,7 @@ from pipeline.formats.ggml_types import fits
 from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.model_info import ModelInfo
-from pipeline.measure.budget import tensor_bytes
+from pipeline.choose.budget import tensor_bytes
 from pipeline.progress import bar
 
 # Rows sampled from a tensor with more (a 262k x 640 embedding: 1 row in 16).
@@ -34,7 +34,7 @@ class TensorError:
     """The imatrix-weighted squared weight error of one tensor at one type, and its size there."""
 
     tensor: str
-    group: str  # pipeline.measure.groups.group_of
+    group: str  # pipeline.choose.groups.group_of
     type: str
     bytes: int
     error: float

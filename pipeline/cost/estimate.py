@@ -1,6 +1,6 @@
 """What a run will cost before it runs: seconds, bytes written and peak memory per step, from the
-model's shape and the rates measured on this machine (pipeline.measure.rates) or taken from a
-GPU's specifications (pipeline.measure.gpu_rates).
+model's shape and the rates measured on this machine (pipeline.cost.rates) or taken from a
+GPU's specifications (pipeline.cost.gpu_rates).
 
 The model of each kind of work:
 - a batched forward pass (calibration, perplexity/KLD, tasks, speed pp) costs 2 FLOP per weight a
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pipeline.formats import ggml_types
 from pipeline.formats.model_info import ModelInfo, TensorInfo, synthetic_model_info
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, kind_of, layer_of
-from pipeline.measure.gpu_rates import GPU
-from pipeline.measure.rates import Rates
+from pipeline.cost.gpu_rates import GPU
+from pipeline.cost.rates import Rates
 
 ALIGNMENT = 32  # GGUF tensor data alignment
 # A hub model's vocabulary in the GGUF header: token string, score and type per entry (typical).

@@ -5,18 +5,18 @@ then judged on the held-out scoring set):
 
 - per layer: mean KLD against the base when that layer alone is removed, and when only its
   attention or only its MLP tensors are at a low type with everything else left at the base.
-  Each is an in-memory probe (pipeline.measure.memory_probe): the base is loaded once, the
+  Each is an in-memory probe (pipeline.choose.memory_probe): the base is loaded once, the
   probe's tensors are overwritten in place, measured and restored; each result is appended to a
   log as it comes, so a killed step resumes where it stopped;
 - per tensor and type: the imatrix-weighted squared weight error sum_j a_j sum_i (W_ij - Q_ij)^2
   (a_j = mean squared input activation of column j), computed with ggml's quantize in-process
-  (pipeline.measure.weight_errors);
+  (pipeline.choose.weight_errors);
 - the proxies: imatrix CosSim and ZD per layer (as `llama-imatrix --show-statistics` computes
   them) and Block Influence from layers.csv when the calibration pass wrote one.
 
 KLD is, to second order, a quadratic form of the weight error, so a tensor group's KLD at any
 type is predicted as alpha_g * error_g(type), with alpha_g = measured KLD / error at the low
-type. pipeline.measure.allocate picks types from those predictions.
+type. pipeline.choose.allocate picks types from those predictions.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from pipeline.formats.imatrix_file import Imatrix, read_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import ModelInfo
 from pipeline.formats.tensor_names import kind_of
-from pipeline.measure.groups import (CANDIDATE_TYPES, EMBEDDING, KIND_PREFIX, LAYER_PROBES, group_of, kind_units,
+from pipeline.choose.groups import (CANDIDATE_TYPES, EMBEDDING, KIND_PREFIX, LAYER_PROBES, group_of, kind_units,
                                      probe_types)
-from pipeline.measure.memory_probe import MemoryProbe, ProbeLog
+from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
 from pipeline.measure.statistics import layer_statistics, tensor_statistics
-from pipeline.measure.weight_errors import TensorError, tensor_errors
+from pipeline.choose.weight_errors import TensorError, tensor_errors
 from pipeline.progress import serial_map
 
 

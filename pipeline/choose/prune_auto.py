@@ -1,6 +1,6 @@
 """`prune: {auto: K}`: pick the K layers whose removal costs least, measured.
 
-Every candidate set is measured, not guessed: a probe (pipeline.measure.memory_probe) removes the
+Every candidate set is measured, not guessed: a probe (pipeline.choose.memory_probe) removes the
 layers from the model it holds in memory and gives the mean KLD against the base on calibration
 chunks, about as fast as one forward pass, so whole searches fit where one pruned file per try
 did not. Two searches run, and the set with the lowest measured KLD is taken:

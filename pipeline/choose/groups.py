@@ -13,7 +13,7 @@ from pipeline.formats.tensor_names import ATTN_KINDS, MLP_KINDS, TOKEN_EMBD, kin
 
 LOW_TYPE = "Q2_K"
 LOW_FALLBACK = "Q4_0"
-# Types whose per-tensor error is measured (and that pipeline.measure.allocate may choose from).
+# Types whose per-tensor error is measured (and that pipeline.choose.allocate may choose from).
 # The i-quants between 2 and 3.5 bits give rows of 256 a finer ladder than Q2_K -> Q3_K -> Q4_K.
 CANDIDATE_TYPES = ("IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "IQ4_NL", "Q4_1",
                    "Q5_0", "Q5_1", "Q8_0")

@@ -1,5 +1,5 @@
 """Types for a size budget: predicted from the sensitivity map, then corrected by measuring the
-chosen mix in memory (pipeline.measure.refine with in-memory probes as its measurements).
+chosen mix in memory (pipeline.choose.refine with in-memory probes as its measurements).
 
 The first allocation uses the sensitivity map's alphas alone. Each round then builds the chosen
 mix in the loaded base (no file), measures its KLD on the calibration chunks, and measures the
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from pipeline.errors import SqueezeError
 from pipeline.formats.tensor_names import layer_of
-from pipeline.measure.allocate import Allocation, allocate
-from pipeline.measure.memory_probe import MemoryProbe
-from pipeline.measure.refine import Refinement, refine
-from pipeline.measure.sensitivity import Sensitivity
+from pipeline.choose.allocate import Allocation, allocate
+from pipeline.choose.memory_probe import MemoryProbe
+from pipeline.choose.refine import Refinement, refine
+from pipeline.choose.sensitivity import Sensitivity
 
 ROUNDS = 3
 TOLERANCE = 0.10

@@ -1,5 +1,5 @@
 """The multiple-choice knapsack behind type allocation: one option per item (a tensor's types),
-the least summed KLD whose bytes fit a capacity. Pure arithmetic; pipeline.measure.allocate maps
+the least summed KLD whose bytes fit a capacity. Pure arithmetic; pipeline.choose.allocate maps
 tensors and types onto it.
 
 Byte counts are far too large for an exact dynamic programme, so the search has three parts:
@@ -28,7 +28,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 # Each item's options: objects with .bytes and .kld, smallest first, bytes strictly rising and KLD
-# strictly falling (a Pareto frontier; pipeline.measure.allocate builds them).
+# strictly falling (a Pareto frontier; pipeline.choose.allocate builds them).
 
 
 def slope(a, b) -> float:

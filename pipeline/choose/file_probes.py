@@ -1,4 +1,4 @@
-"""Measuring variant FILES: the reference the in-memory probes (pipeline.measure.memory_probe)
+"""Measuring variant FILES: the reference the in-memory probes (pipeline.choose.memory_probe)
 are checked against, and what the benchmarks time as the old way.
 
 A variant is written with llama_model_quantize (only the named tensors quantized) or
@@ -24,8 +24,8 @@ from pipeline.formats.prune import prune_gguf
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
-from pipeline.measure.groups import CANDIDATE_TYPES, group_of
-from pipeline.measure.weight_errors import TensorError, column_weights
+from pipeline.choose.groups import CANDIDATE_TYPES, group_of
+from pipeline.choose.weight_errors import TensorError, column_weights
 from pipeline.progress import serial_map
 
 
@@ -89,7 +89,7 @@ def file_tensor_errors(base: Path, imatrix_path: Path | None, info: ModelInfo, w
                   types=CANDIDATE_TYPES, threads: int | None = None, only=None, map=serial_map) -> list[TensorError]:
     """A row for every quantizable tensor (or those in `only`) and every type its rows fit,
     measured on whole-model files llama.cpp quantized (with the imatrix): the old way, and the
-    reference pipeline.measure.weight_errors is checked against.
+    reference pipeline.choose.weight_errors is checked against.
     One file per type: `map` (pipeline.progress.serial_map, or a step's `io.map`) runs them."""
     weights = read_imatrix(imatrix_path).normalized() if imatrix_path else {}
     wanted = [(t.name, t.shape) for t in info.quantizable()

@@ -3,7 +3,7 @@ removed and the bytes they free spent on higher types for the rest, or with ever
 
 Each candidate is a set of removed layers (none for "keep every layer"), the measured KLD of the
 pruned F16 model against the base, and the allocation for the same byte budget with those layers
-removed (pipeline.measure.allocate), whose predicted KLD is the quantization's. Both are small
+removed (pipeline.choose.allocate), whose predicted KLD is the quantization's. Both are small
 perturbations of the same output distribution, so to first order their KLDs add: the candidate with
 the lowest prune KLD + predicted quantization KLD is chosen. When every candidate's whole mix (its
 layers removed and its types, together) was also measured, as the prune stage does in memory,
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.errors import SqueezeError
-from pipeline.measure.allocate import Allocation
+from pipeline.choose.allocate import Allocation
 from pipeline.units import MiB
 
 

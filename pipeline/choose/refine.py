@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.errors import SqueezeError
-from pipeline.measure.allocate import Allocation
+from pipeline.choose.allocate import Allocation
 
 
 @dataclass

@@ -35,6 +35,10 @@ from pipeline.formats.tensor_names import RESIDUAL_OUT_KINDS, kind_of, layer_of
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
 
+# Calibration chunks every probe measures on (sensitivity, automatic pruning, allocation): one
+# probe costs a pass over them, and the stages share measurements only at the same count.
+PROBE_CHUNKS = 2
+
 _open_probes: dict[tuple, tuple] = {}  # settings -> (model, weights, context): one per process
 
 

@@ -1,0 +1,2 @@
+"""The cost model behind `squeeze plan --estimate`: the model's shape, this machine's measured
+rates, a GPU spec table, and the price of every step of a run."""
