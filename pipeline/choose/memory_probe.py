@@ -15,16 +15,25 @@ rounding: measured here, 1 to 2 % off the file's KLD on single-group probes, so 
 
 The probe pickles as its settings: a worker process (a Ray task measuring a share of the probes)
 loads the model and the cached base distribution once, the first time it measures.
+
+Measure once, reuse everywhere: with a `memo` file (one per results folder), every probe's
+figures are appended as it finishes, keyed by what it was measured on (base and imatrix files,
+the chunks' tokens, the engine: `identity()`) and by the probe itself (its types and removed
+layers: `probe_key`). The sensitivity map, the prune searches, every variant's refinement rounds
+and the prune-or-bits search then measure a given change once per run, and a killed step
+resumes with what it had measured.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.engine.backend import engine_version
 from pipeline.engine.context import Context
 from pipeline.engine.ggml_quant import quantize_rows
 from pipeline.engine.model import Model
@@ -47,8 +56,13 @@ class MemoryProbe:
     `cache`, an .npz, when given), and the KLD of any change to it."""
 
     def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
-                 cache: Path | None = None, n_gpu_layers: int = 0, imatrix_path: Path | None = None):
+                 cache: Path | None = None, n_gpu_layers: int = 0, imatrix_path: Path | None = None,
+                 memo: Path | None = None):
         self.base_path = Path(base)
+        self.memo = ProbeMemo(memo) if memo is not None else None
+        self._identity = None
+        self.measured = 0  # probes evaluated by this object (memo hits are not)
+        self.reused = 0  # probes answered from the memo
         self.ctx = ctx
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
@@ -99,6 +113,7 @@ class MemoryProbe:
             del state["base"]
         state["_columns"] = None
         state["_holds"] = False
+        state["_identity"] = None
         return state
 
     def __setstate__(self, state):
@@ -161,16 +176,41 @@ class MemoryProbe:
         self.weights.restore()
 
     # ---- measuring --------------------------------------------------------------------------------
+    def identity(self) -> str:
+        """What every measurement of this probe depends on besides the change itself: the base and
+        imatrix files (path, size, modification time), the chunks' tokens and the engine."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            for path in (self.base_path, self.imatrix_path):
+                if path is not None:
+                    st = Path(path).stat()
+                    h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+                h.update(b"-|")
+            h.update(np.ascontiguousarray(self.base["tokens"]).tobytes())
+            h.update(f"|{self.ctx}|{engine_version()}".encode())
+            self._identity = h.hexdigest()[:32]
+        return self._identity
+
     def measure(self, types: dict[str, str] | None = None, removed=()) -> dict[str, float]:
         """Every KLD figure of the base changed as asked, against the base; the model is restored
-        afterwards, also when measuring fails."""
+        afterwards, also when measuring fails. A change the memo holds is not measured again."""
+        key = probe_key(types, removed)
+        if self.memo is not None:
+            known = self.memo.get(self.identity(), key)
+            if known is not None:
+                self.reused += 1
+                return known
         loaded = self._loaded()
         try:
             self.apply(types, removed)
             per_token = perplexity.score_against_base(loaded["model"], self._context(), self.base)
         finally:
             loaded["weights"].restore()
-        return perplexity.summarize(self.base, per_token)
+        figures = perplexity.summarize(self.base, per_token)
+        self.measured += 1
+        if self.memo is not None:
+            self.memo.add(self.identity(), key, figures)
+        return figures
 
     def kld(self, types: dict[str, str] | None = None, removed=()) -> float:
         return self.measure(types, removed)["mean_kld"]
@@ -198,6 +238,53 @@ def _matrices(values: np.ndarray, shape, column_weights: np.ndarray | None):
 def quantized_bytes(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
     """`values` (rows, row length) stored in `qtype`: the bytes a quantized file holds."""
     return np.concatenate([quantize_rows(m, qtype, w).reshape(-1) for m, w in _matrices(values, shape, column_weights)])
+
+
+def probe_key(types: dict[str, str] | None = None, removed=()) -> str:
+    """A probe as text, the same for the same change however it was asked for."""
+    return json.dumps({"types": {n: str(t).upper() for n, t in sorted((types or {}).items())},
+                       "removed": sorted({int(x) for x in removed})}, separators=(",", ":"))
+
+
+class ProbeMemo:
+    """Every probe measured on a results folder's base, one JSON line each, appended and fsynced
+    as it finishes: `{"on": identity, "probe": key, "figures": {...}}`. Lines measured on other
+    inputs (an older base, another imatrix) are ignored, not deleted: a variant without imatrix
+    measures on the same base in the same run. A torn last line (a kill mid-write) is skipped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._known: dict[tuple[str, str], dict] | None = None
+
+    def _load(self) -> dict[tuple[str, str], dict]:
+        if self._known is None:
+            self._known = {}
+            try:
+                lines = self.path.read_text().splitlines()
+            except OSError:
+                lines = []
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                    self._known[(row["on"], row["probe"])] = dict(row["figures"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return self._known
+
+    def get(self, on: str, key: str) -> dict | None:
+        return self._load().get((on, key))
+
+    def count(self, on: str) -> int:
+        return sum(1 for o, _ in self._load() if o == on)
+
+    def add(self, on: str, key: str, figures: dict) -> None:
+        self._load()[(on, key)] = dict(figures)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"on": on, "probe": key, "figures": figures}, separators=(",", ":"))
+        with open(self.path, "a") as f:  # one write per line: appends from Ray workers do not interleave
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class ProbeLog:

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.engine.backend import engine_version
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import Imatrix, read_imatrix
 from pipeline.formats.layers_csv import block_influence
@@ -95,17 +94,9 @@ def unit_key(unit: tuple[int | None, str]) -> str:
 
 
 def probe_fingerprint(probe: MemoryProbe, types_of: dict[str, dict[str, str]]) -> str:
-    """What a probe log was measured with: the base and imatrix files (path, size, time), the
-    base distribution's tokens, the probes' types and the engine."""
-    h = hashlib.sha256()
-    for path in (probe.base_path, probe.imatrix_path):
-        if path is not None:
-            st = Path(path).stat()
-            h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-    h.update(np.ascontiguousarray(probe.base["tokens"]).tobytes())
-    h.update(json.dumps(types_of, sort_keys=True).encode())
-    h.update(engine_version().encode())
-    return h.hexdigest()
+    """What a probe log was measured with: the probe's inputs (MemoryProbe.identity) and the
+    probes' types."""
+    return hashlib.sha256((probe.identity() + json.dumps(types_of, sort_keys=True)).encode()).hexdigest()
 
 
 def probe_unit(probe: MemoryProbe, info: ModelInfo, log: ProbeLog | None, unit: tuple[int | None, str]) -> float:

@@ -95,16 +95,22 @@ def read_index(path: Path) -> dict[str, TensorEntry]:
             for name, shape, qtype, offset in infos}
 
 
-def tensor_values(path: Path, entry: TensorEntry) -> np.ndarray:
-    """The tensor as float32, numpy shape (rows, row length)."""
+def tensor_values(path: Path, entry: TensorEntry, rows: np.ndarray | None = None) -> np.ndarray:
+    """The tensor as float32, numpy shape (rows, row length); `rows`: only those rows (read and
+    converted alone, so a sample of a large tensor costs what the sample holds)."""
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.n_bytes,))
     row = entry.shape[0]
-    n_rows = entry.n_bytes // (row // gguf.GGML_QUANT_SIZES[entry.type][0] * gguf.GGML_QUANT_SIZES[entry.type][1])
+    row_bytes = row // gguf.GGML_QUANT_SIZES[entry.type][0] * gguf.GGML_QUANT_SIZES[entry.type][1]
+    n_rows = entry.n_bytes // row_bytes
+    by_row = raw.reshape(n_rows, row_bytes)
+    if rows is not None:
+        by_row = by_row[rows]
+        n_rows = len(by_row)
     if entry.type == gguf.GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(n_rows, row).astype(np.float32)
+        return by_row.view(np.float16).reshape(n_rows, row).astype(np.float32)
     if entry.type == gguf.GGMLQuantizationType.F32:
-        return np.array(raw.view(np.float32).reshape(n_rows, row))
-    return gguf.quants.dequantize(raw.reshape(n_rows, -1), entry.type).reshape(n_rows, row).astype(np.float32, copy=False)
+        return np.array(by_row.view(np.float32).reshape(n_rows, row))
+    return gguf.quants.dequantize(by_row, entry.type).reshape(n_rows, row).astype(np.float32, copy=False)
 
 
 # ---- metadata as raw byte spans (for rewriting a file with a few keys changed) ---------------

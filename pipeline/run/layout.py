@@ -121,6 +121,12 @@ class RunContext:
     def sensitivity_plot_path(self) -> Path:
         return self.folder / "sensitivity.png"
 
+    @property
+    def probe_memo_path(self) -> Path:
+        """Every in-memory probe the run measured (pipeline.choose.memory_probe.ProbeMemo): a cache
+        the sensitivity, prune and quantize steps share, not a result."""
+        return self.folder / "probes.memo.jsonl"
+
     def allocation_md_path(self, name: str) -> Path:
         return self.folder / "variants" / f"{name}.allocation.md"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fsutil import read_text
-from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe  # noqa: F401 (the stages' one count)
+from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.run.layout import RunContext
 from pipeline.sources.datasets import resolve_dataset
 
@@ -31,6 +31,14 @@ def probe_text(ctx: RunContext) -> tuple[str, int]:
 
 def probe_for(ctx: RunContext, chunks: int, cache: Path | None = None, imatrix: Path | None = None) -> MemoryProbe:
     """A MemoryProbe of the run's base; `imatrix` is what its quantized tensors are made with.
+    Every probe it measures goes to the run's memo, so no step measures a change twice.
     Close it when done (it holds the loaded model)."""
     text, n_ctx = probe_text(ctx)
-    return MemoryProbe(ctx.base_path, text, n_ctx, chunks, ctx.threads, cache, ctx.recipe.model.n_gpu_layers, imatrix)
+    return MemoryProbe(ctx.base_path, text, n_ctx, chunks, ctx.threads, cache, ctx.recipe.model.n_gpu_layers, imatrix,
+                       memo=ctx.probe_memo_path)
+
+
+def say_reuse(probe: MemoryProbe, step: str) -> None:
+    """One log line: how many probes a step measured and how many an earlier step had."""
+    if probe.reused:
+        print(f"{step}: {probe.measured} probes measured, {probe.reused} reused from {probe.memo.path.name}")

@@ -31,7 +31,8 @@ from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_base_bytes
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.stages.probes import PROBE_CHUNKS, probe_for, probe_params
+from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.stages.quantize import budget_bytes
 
 
@@ -135,6 +136,7 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
                 data = json.loads(choice.to_json())
                 if isinstance(what, UpTo):
                     data.update(_prune_or_bits(ctx, ctx.recipe.variant(what.variant), choice, probe))
+                say_reuse(probe, f"prune {tag}")
             finally:
                 probe.close()
             io.out(ctx.prune_choice_path(tag)).write_text(json.dumps(data, indent=2) + "\n")

@@ -21,7 +21,8 @@ from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
-from pipeline.stages.probes import PROBE_CHUNKS, probe_for, probe_params
+from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.units import MiB, parse_size
 
 
@@ -154,6 +155,7 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
         with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix_input(ctx) if imatrix else None) as probe:
             chosen = choose_types(sens, want, fixed, probe=probe, drop=layers, exclude={n: c.type for n, c in rule_choices.items()},
                                   rounds=rounds, where=where, budget_label=label, echo=print)
+            say_reuse(probe, f"quantize {v.name}")
     choices = dict(rule_choices)
     alloc = chosen.allocation
     for t, ty in alloc.types.items():

@@ -13,7 +13,8 @@ from pipeline.report.sensitivity import save_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.stages.probes import PROBE_CHUNKS, probe_for, probe_params
+from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.stages.probes import probe_for, probe_params, say_reuse
 
 
 def steps(ctx: RunContext) -> list[Step]:
@@ -38,6 +39,7 @@ def steps(ctx: RunContext) -> list[Step]:
             layers_csv = ctx.layers_path if ctx.layers_path.exists() else None
             result = run_sensitivity(probe, ctx.model_info, imatrix, layers_csv, log_path=log_path, map=io.map,
                                      echo=print)
+            say_reuse(probe, "sensitivity")
         save_sensitivity(result, *(io.out(p) for p in outputs))
         log_path.unlink(missing_ok=True)
         cache.unlink(missing_ok=True)
