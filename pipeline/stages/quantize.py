@@ -13,7 +13,7 @@ from pipeline.engine.quantize import quantize_file
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
 from pipeline.choose.allocate import check_budget_fits, explain_markdown
 from pipeline.choose.budget import Layout, layout, tensor_bytes
-from pipeline.choose.measured_allocation import choose_types
+from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
 from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.schema import VariantSpec
@@ -37,7 +37,7 @@ def steps(ctx: RunContext) -> list[Step]:
         imatrix = imatrix_input(ctx) if v.imatrix else None
         budget = recipe.budget_for(v)
         params = recipe.variant_values(v)
-        if budget is not None:
+        if budget is not None and budget[0] != "target_kld":  # a KLD target is checked against the measured map
             check_budget_reachable(ctx, v, budget)
             params = {**params, **recipe.values("select.refine_rounds")}
             if recipe.select.refine_rounds:
@@ -54,6 +54,8 @@ def steps(ctx: RunContext) -> list[Step]:
         outputs = [ctx.variant_path(v.name), ctx.tensor_types_path(v.name)]
         if budget is not None:
             outputs.append(ctx.allocation_md_path(v.name))
+        if budget is not None and budget[0] == "target_kld":
+            outputs.append(ctx.target_path(v.name))
         what = (f"types for {budget[0]} {budget[1]}" if budget else f"{v.ftype.upper()}") + \
                (f", layers {list(prune)} pruned" if prune else "") + \
                (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + \
@@ -69,6 +71,37 @@ def _budget_where(ctx: RunContext, v: VariantSpec, budget) -> str:
     if getattr(v, key) is not None:
         return ctx.recipe.where("variants", v.name, key)
     return ctx.recipe.where("select", key)
+
+
+def _kld_target_choice(ctx: RunContext, sens, target: float, fixed: int, layers, rule_choices, imatrix, where: str):
+    """The smallest mix meeting a KLD target, measured in memory (a map-only prediction when the
+    recipe trusts the map: select.refine_rounds 0)."""
+    exclude = {n: c.type for n, c in rule_choices.items()}
+    rounds = ctx.recipe.select.refine_rounds
+    if rounds == 0:
+        return choose_types_for_kld(sens, target, fixed, drop=layers, exclude=exclude, rounds=0, where=where)
+    with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix_input(ctx) if imatrix else None) as probe:
+        chosen = choose_types_for_kld(sens, target, fixed, probe=probe, drop=layers, exclude=exclude, rounds=rounds,
+                                      where=where, echo=print)
+        say_reuse(probe, "quantize")
+    return chosen
+
+
+def target_note(chosen: TargetChoice) -> str:
+    """What allocation.md says of a KLD target: met or not, and the next cheaper mix's KLD."""
+    mib = chosen.allocation.total_bytes / MiB
+    if chosen.measured_kld is None:
+        return (f"Target KLD {chosen.target_kld:g}: the smallest mix the sensitivity map predicts to meet it, "
+                f"{mib:.2f} MiB (predicted {chosen.predicted_kld:.4f}; not measured: select.refine_rounds is 0).")
+    lines = [f"Target KLD {chosen.target_kld:g}: **{'met' if chosen.met else 'missed'}** on the calibration text, "
+             f"{chosen.measured_kld:.4f} measured in memory at {mib:.2f} MiB (predicted {chosen.predicted_kld:.4f})."]
+    c = chosen.next_cheaper
+    if c is not None:
+        lines.append(f"The next cheaper mix measured on the allocator's path, {c['bytes'] / MiB:.2f} MiB, measures "
+                     f"{c['measured']:.4f}: above the target, so this is the smallest mix found that meets it.")
+    else:
+        lines.append("Every cheaper mix measured also met it, down to the smallest the candidate types allow.")
+    return " ".join(lines)
 
 
 def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout) -> int:
@@ -102,6 +135,14 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
                      "refinement": chosen.history}
             note = (f"Types chosen for `{budget[0]}: {budget[1]}` from measured sensitivities "
                     f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
+            if isinstance(chosen, TargetChoice):
+                extra.update({"target_kld": chosen.target_kld, "target_met_on_calibration": chosen.met,
+                              "next_cheaper": chosen.next_cheaper})
+                note += "\n\n" + target_note(chosen)
+                io.out(ctx.target_path(v.name)).write_text(json.dumps(
+                    {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
+                     "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
+                     "next_cheaper": chosen.next_cheaper}, indent=1) + "\n")
             weighed = _prune_or_bits_note(ctx, v)
             if weighed:
                 note += "\n\n" + weighed
@@ -140,7 +181,7 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
     lay = layout(info, layers, ctx.base_path)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
     sized = layout(info, (), ctx.base_path) if ctx.recipe.prune_up_to_for(v) is not None else lay
-    want = budget_bytes(ctx, v, budget, sized)
+    want = budget_bytes(ctx, v, budget, sized) if budget[0] != "target_kld" else None
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}
     for name, c in rule_choices.items():  # tensors a rule pins are spent first
@@ -148,7 +189,9 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
             fixed += tensor_bytes(c.type, by_name[name].shape)
     rounds = ctx.recipe.select.refine_rounds
     where, label = _budget_where(ctx, v, budget), f"{budget[1]}"
-    if rounds == 0:
+    if budget[0] == "target_kld":
+        chosen = _kld_target_choice(ctx, sens, float(budget[1]), fixed, layers, rule_choices, imatrix, where)
+    elif rounds == 0:
         chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
                               budget_label=label)
     else:
