@@ -125,17 +125,25 @@ def _run(recipe, results, force, from_stage, variants, keep_going=False, executo
                                             "count (12.2B, 270M).")
 @click.option("--vocab", type=int, metavar="N", help="With --estimate, for a model not downloaded yet: its "
                                                      "vocabulary size.")
+@click.option("--cpu-threads", type=int, metavar="N", help="With --estimate: price CPU work for a host of N threads "
+                                                           "(scaled from this machine's rates); with --gpu the "
+                                                           "default is that GPU's usual host.")
+@click.option("--active-params", metavar="N", help="With --estimate, a mixture of experts: parameters a token "
+                                                   "passes through (e.g. 3B), when the model is not here to say.")
 @_errors_as_one_line
-def plan(recipe, results, dump, estimate, gpu, params, vocab):
+def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, active_params):
     """Validate a recipe and print the stages, variants and what each step would produce."""
     if dump:
         click.echo(dump_recipe(open_run(recipe, results, check_model=False).recipe), nl=False)
         return
-    if estimate or gpu:
-        ctx = open_run(recipe, results)
+    if estimate or gpu or cpu_threads or active_params:
+        # a recipe that offloads is priced even where this build cannot offload: `run` refuses it
+        ctx = open_run(recipe, results, check_gpu=False)
+        steps = build_steps(ctx)  # a recipe mistake is reported before the rate probe runs
         rates = machine_rates(ctx.threads, echo=click.echo)
-        result = estimate_run(ctx, build_steps(ctx), rates, gpu_spec(gpu) if gpu else None,
-                              parse_count(params) if params else None, vocab)
+        result = estimate_run(ctx, steps, rates, gpu_spec(gpu) if gpu else None,
+                              parse_count(params) if params else None, vocab, cpu_threads,
+                              parse_count(active_params, "--active-params") if active_params else None)
         for line in format_estimate(result):
             click.echo(line)
         return

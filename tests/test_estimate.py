@@ -5,18 +5,26 @@ seconds are printed beside the measured ones and held only to a generous bound."
 from __future__ import annotations
 
 import json
+import math
 import textwrap
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.engine.backend import supports_gpu_offload
 from pipeline.engine.quantize import quantize_file
+from pipeline.errors import SqueezeError
+from pipeline.formats.model_info import TensorInfo
 from pipeline.fsutil import read_text
+from pipeline.cost.estimate import Pricer, Shape, shape_from_size
 from pipeline.cost.gpu_rates import GPUS, gpu
-from pipeline.cost.rates import machine_rates, write_probe_model
+from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates,
+                                 other_load, parallel_fraction, rates_key, rates_path, write_probe_model)
+from pipeline.fsutil import write_json_atomic
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.cost.run_estimate import estimate_run, parse_count
+from pipeline.cost.run_estimate import REFINE_GROUP_FRACTION, estimate_run, parse_count
 from pipeline.stages.registry import build_steps, open_run
 
 TINY = {"n_embd": 256, "n_ff": 768, "n_layers": 4, "n_head": 4, "n_head_kv": 2, "n_vocab": 4096}
@@ -126,8 +134,9 @@ def test_gpu_estimates_use_the_table_and_say_so(tiny_recipe, tmp_path):
     steps = build_steps(ctx)
     rates = machine_rates(ctx.threads)
     cpu = estimate_run(ctx, steps, rates)
-    h100 = estimate_run(ctx, steps, rates, gpu("h100"))
-    t4 = estimate_run(ctx, steps, rates, gpu("T4"))
+    # the host held at this machine's threads: only model evaluation moves
+    h100 = estimate_run(ctx, steps, rates, gpu("h100"), cpu_threads=rates.threads)
+    t4 = estimate_run(ctx, steps, rates, gpu("T4"), cpu_threads=rates.threads)
     by_key = {c.key: c for c in cpu.costs}
     for c in h100.costs:  # model evaluation is faster; CPU work (quantize) is the same
         if c.stage == "quantize":
@@ -154,3 +163,224 @@ def test_a_hub_model_not_downloaded_is_estimated_from_its_size():
                                     "--vocab", "262144", "--gpu", "H100"])
     assert out.exit_code == 0, out.output
     assert "quantize Q4_K_M" in out.output and "sizes are approximate" in out.output
+
+
+# ---- the host, thread scaling and the probe's load (pure arithmetic) ------------------------------
+def _rates(**over) -> Rates:
+    """Rates of a made-up machine of 2 threads: the pricing arithmetic, not a measurement."""
+    fields = dict(key={"threads": 2}, pp_flops_f16=1e11, pp_flops_quant=1e11, tg_bytes_per_s=1e10,
+                  quantize_weights_per_s={"Q8_0": 1e8, "legacy": 5e7, "K": 2e7},
+                  dequantize_values_per_s={"F16": 1e9, "Q8_0": 5e8}, write_bytes_per_s=1e9, hook_values_per_s=1e9,
+                  sketch_s_per_entry=2e-9, kld_s_per_entry=1e-9, process_rss_bytes=1 << 28, load_s=0.5,
+                  roundtrip_weights_per_s={"Q4_K": 1e7, "Q8_0": 1e8, "IQ2_S": 2e6},
+                  scaling={"pp": {"seconds_1": 2.0, "seconds_2": 1.1, "parallel_fraction": 0.9},
+                           "tg": {"seconds_1": 1.0, "seconds_2": 0.8, "parallel_fraction": 0.4},
+                           "quantize": {"seconds_1": 2.0, "seconds_2": 1.0, "parallel_fraction": 1.0},
+                           "vocab": {"seconds_1": 1.0, "seconds_2": 1.0, "parallel_fraction": 0.0}})
+    fields.update(over)
+    return Rates(**fields)
+
+
+def test_amdahl_fraction_from_two_points_and_its_extrapolation():
+    assert parallel_fraction(2.0, 1.0) == pytest.approx(1.0)  # twice as fast on two: all parallel
+    assert parallel_fraction(1.0, 1.0) == pytest.approx(0.0)  # no faster: serial
+    assert parallel_fraction(2.0, 1.5) == pytest.approx(0.5)
+    assert parallel_fraction(1.0, 1.2) == 0.0 and parallel_fraction(2.0, 0.9) == 1.0  # noise is clamped
+    assert amdahl_speedup(0.5, 1) == pytest.approx(1.0)
+    assert amdahl_speedup(0.5, 2) == pytest.approx(1 / 0.75)
+    assert amdahl_speedup(0.9, 32) == pytest.approx(1 / (0.1 + 0.9 / 32))
+    assert amdahl_speedup(0.0, 32) == pytest.approx(1.0)
+    with pytest.raises(SqueezeError, match="thread scaling"):
+        parallel_fraction(0.0, 1.0)
+
+
+def test_a_host_of_more_threads_scales_each_kind_of_cpu_work_by_its_own_fraction():
+    r = _rates()
+    here, host = Pricer(r), Pricer(r, threads=32)
+    # quantize: all parallel -> 16 x faster than at 2 threads
+    assert here.quantize_weights(1e9) / host.quantize_weights(1e9) == pytest.approx(16.0)
+    assert here.roundtrip(1e8, "Q4_K") / host.roundtrip(1e8, "Q4_K") == pytest.approx(16.0)
+    # prompt processing: p = 0.9
+    want = amdahl_speedup(0.9, 32) / amdahl_speedup(0.9, 2)
+    assert here.forward(1000, 1e9, True) / host.forward(1000, 1e9, True) == pytest.approx(want)
+    # the vocabulary work measured serial here stays as it is; serial kinds are not scaled
+    assert host.kld(1000, 262144) == pytest.approx(here.kld(1000, 262144))
+    assert host.write(1e9) == here.write(1e9) and host.load() == here.load()
+    # fewer threads than measured: slower
+    assert Pricer(r, threads=1).quantize_weights(1e9) == pytest.approx(2 * here.quantize_weights(1e9))
+    # on a GPU, evaluation ignores the host; quantizing does not
+    g = Pricer(r, gpu("H100"), threads=32)
+    assert g.forward(1000, 1e9, True) == pytest.approx(Pricer(r, gpu("H100")).forward(1000, 1e9, True))
+    assert g.quantize_weights(1e9) == pytest.approx(host.quantize_weights(1e9))
+    # no scaling measured (a 1-CPU machine): the host is priced at this machine's speed
+    flat = Pricer(_rates(scaling={}), threads=32)
+    assert flat.quantize_weights(1e9) == pytest.approx(here.quantize_weights(1e9))
+
+
+def test_a_type_the_probe_did_not_time_is_priced_at_the_slowest_measured():
+    p = Pricer(_rates())
+    assert p.roundtrip(2e6, "IQ1_M") == pytest.approx(1.0)  # IQ2_S's 2e6/s, the slowest
+    assert p.roundtrip(1e8, "F16") == pytest.approx(1.0)  # a copy: Q8_0's rate
+
+
+def test_every_gpu_names_its_default_host():
+    assert all(g.host_threads >= 1 for g in GPUS.values())
+    assert gpu("H100").host_threads == gpu("H200").host_threads == gpu("A100").host_threads == 32
+
+
+def test_the_probe_calls_a_machine_busy_from_the_load_beyond_its_own_threads():
+    # 2 CPUs, a probe of 2 threads: its own load after it ran is not counted
+    assert not is_busy(0.2, 2.3, 2, 2)
+    assert other_load(0.2, 2.3, 2) == pytest.approx(0.3)
+    # another job kept a core busy before the probe started, or more load than its threads after
+    assert is_busy(1.5, 1.0, 2, 2) and is_busy(0.1, 3.5, 2, 2)
+    assert not is_busy(7.0, 9.0, 16, 2)  # 16 CPUs take 7 others' threads
+    # a retry: the load before it is partly the try just before
+    assert is_busy(2.4, 2.4, 2, 2) and not is_busy(2.4, 2.4, 2, 2, retry=True)
+
+
+def test_a_zero_or_non_finite_rate_is_found_and_never_used_from_the_cache(tmp_path, monkeypatch):
+    good = _rates().to_json()
+    assert bad_rates(good) == []
+    assert bad_rates({**good, "kld_s_per_entry": 0.0}) == ["kld_s_per_entry"]
+    assert bad_rates({**good, "pp_flops_f16": math.inf, "roundtrip_weights_per_s": {"Q4_K": float("nan")}}) == \
+        ["pp_flops_f16", "roundtrip_weights_per_s[Q4_K]"]
+    assert "quantize_weights_per_s[K]" in bad_rates({**good, "quantize_weights_per_s": {"K": 0}})
+    # a cached record with a zero rate (what a busy probe once wrote) is measured again, not used
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path))
+    key = rates_key(2)
+    write_json_atomic(rates_path(key), {**good, "key": key})
+    assert cached_rates(2) is not None
+    write_json_atomic(rates_path(key), {**good, "key": key, "kld_s_per_entry": 0.0})
+    assert cached_rates(2) is None
+
+
+def test_the_rate_probe_records_its_load_and_thread_scaling(tiny_recipe, tmp_path):
+    rates = machine_rates(open_run(tiny_recipe, tmp_path / "r").threads)
+    assert set(rates.load) >= {"before", "after", "nproc", "threads", "other", "busy", "tries"}
+    assert rates.load["nproc"] >= 1 and len(rates.load["before"]) == 3
+    assert bad_rates(rates.to_json()) == []
+    if rates.load["nproc"] >= 2:  # Linux pins the probe to 1 and 2 CPUs
+        assert set(rates.scaling) == {"pp", "tg", "quantize", "vocab"}
+        assert all(0.0 <= v["parallel_fraction"] <= 1.0 for v in rates.scaling.values())
+
+
+# ---- GPU offload, refinement, prune searches, mixtures of experts ----------------------------------
+@pytest.fixture(scope="module")
+def offload_recipe(tiny_recipe):
+    path = tiny_recipe.parent / "tiny-offload.yaml"
+    text = tiny_recipe.read_text().replace("base_type: F16}", "base_type: F16, n_gpu_layers: -1}")
+    assert text != tiny_recipe.read_text()
+    path.write_text(text)
+    return path
+
+
+def test_a_recipe_that_offloads_is_estimated_for_a_gpu_on_a_build_without_one(offload_recipe, tmp_path):
+    out = CliRunner().invoke(main, ["plan", str(offload_recipe), "--results", str(tmp_path / "r"),
+                                    "--estimate", "--gpu", "H100"])
+    assert out.exit_code == 0, out.output
+    assert any(line.startswith("total: ") for line in out.output.splitlines())
+    assert "32-thread host" in out.output and "default host for a H100" in out.output
+    if not supports_gpu_offload():  # running it is still refused, before any work
+        assert "would refuse it" in out.output
+        ran = CliRunner().invoke(main, ["run", str(offload_recipe), "--results", str(tmp_path / "r")])
+        assert ran.exit_code == 1 and "has no GPU backend" in ran.output
+        assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+@pytest.fixture(scope="module")
+def budget_recipe(tiny_recipe):
+    """The tiny model with the choices that measure: a sensitivity map, budgeted variants refined
+    in memory, an automatic prune and a prune-or-bits search."""
+    path = tiny_recipe.parent / "tiny-budget.yaml"
+    text = tiny_recipe.read_text().split("variants:")[0] + textwrap.dedent("""\
+        select: {refine_rounds: 3}
+        variants:
+          B4: {ftype: Q4_K_M, target_bpw: 4.5}
+          B3-auto1: {ftype: Q3_K_M, target_bpw: 3.8, prune: {auto: 1}}
+          B4-upto1: {ftype: Q4_K_M, target_bpw: 4.5, prune: {up_to: 1}}
+          Q8_0: Q8_0
+        score: {dataset: evaluation.txt, ctx: 128, chunks: 4}
+        """)
+    path.write_text(text)
+    return path
+
+
+def test_budgeted_variants_price_every_refinement_probe(budget_recipe, tmp_path):
+    ctx = open_run(budget_recipe, tmp_path / "r")
+    steps = build_steps(ctx)
+    rates = machine_rates(ctx.threads)
+    e = estimate_run(ctx, steps, rates)
+    by_key = {c.key: c for c in e.costs}
+    groups = 2 * 4 + 1  # attention and MLP of 4 layers, the embedding
+    per_round = math.ceil(REFINE_GROUP_FRACTION * groups)
+    assert f"refinement: {3 + 2 * per_round} in-memory KLD probes" in by_key["quantize B4"].note
+    assert "refinement" not in by_key["quantize Q8_0"].note
+    # the budgeted step is priced far above the plain quantize of a file of the same kind
+    assert by_key["quantize B4"].seconds > 5 * by_key["quantize Q8_0"].seconds
+    # no refinement rounds: the quantize alone
+    no_refine = budget_recipe.parent / "tiny-budget-0.yaml"
+    no_refine.write_text(budget_recipe.read_text().replace("refine_rounds: 3", "refine_rounds: 0"))
+    ctx0 = open_run(no_refine, tmp_path / "r0")
+    e0 = {c.key: c for c in estimate_run(ctx0, build_steps(ctx0), rates).costs}
+    assert e0["quantize B4"].seconds < by_key["quantize B4"].seconds
+    assert "refinement" not in e0["quantize B4"].note
+    # the prune searches: the automatic one probes removals, prune-or-bits measures K + 1 whole mixes too
+    auto = next(c for c in e.costs if c.key.startswith("prune auto"))
+    upto = next(c for c in e.costs if c.stage == "prune" and c is not auto)
+    assert "KLD probes" in auto.note and "2 whole mixes measured" in upto.note
+    assert e.costs and any("every refinement round priced in full" in n for n in e.notes)
+
+
+def test_cpu_threads_prices_the_host_and_bad_values_are_one_line(tmp_path):
+    args = ["plan", "recipes/gemma3-12b-pruned.yaml", "--estimate", "--params", "12.2B", "--vocab", "262144"]
+    here = CliRunner().invoke(main, args)
+    host = CliRunner().invoke(main, args + ["--cpu-threads", "32"])
+    assert here.exit_code == 0 and host.exit_code == 0, here.output + host.output
+    assert "a host of 32 threads, as given (--cpu-threads)" in host.output
+    bad = CliRunner().invoke(main, args + ["--cpu-threads", "0"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error: --cpu-threads: expected a thread count")
+
+
+def _moe_shape(n_expert=8, used=2) -> Shape:
+    e, ff, nv = 64, 128, 1000
+    tensors = [TensorInfo("token_embd.weight", (e, nv), "F16"), TensorInfo("output_norm.weight", (e,), "F32")]
+    for i in range(2):
+        tensors += [TensorInfo(f"blk.{i}.attn_q.weight", (e, e), "F16"),
+                    TensorInfo(f"blk.{i}.ffn_gate_exps.weight", (e, ff, n_expert), "F16"),
+                    TensorInfo(f"blk.{i}.ffn_down_exps.weight", (ff, e, n_expert), "F16")]
+    return Shape("qwen3moe", 2, nv, e, tuple(tensors), 1000, n_expert=n_expert, n_expert_used=used)
+
+
+def test_a_mixture_of_experts_is_evaluated_by_its_active_parameters():
+    s = _moe_shape()
+    experts = 2 * 2 * 64 * 128 * 8
+    assert s.n_params == 64 * 1000 + 64 + 2 * 64 * 64 + experts
+    assert s.n_active_params == s.n_params - experts + experts * 2 // 8
+    assert s.flops_per_token() == pytest.approx(2 * s.n_active_params)  # tied: the output counts
+    dense = replace(s, n_expert=0, n_expert_used=0)  # the same tensors, read as a dense model's
+    assert dense.n_active_params == dense.n_params
+    # dropping a layer drops its active share
+    assert s.flops_per_token(drop=[1]) == pytest.approx(2 * (s.n_active_params - (64 * 64 + 2 * 64 * 128 * 2)))
+
+
+def test_a_shape_from_a_size_takes_active_parameters_too():
+    s = shape_from_size("qwen3moe", 48, 30_000_000_000, 151936, active_params=3_000_000_000)
+    assert s.n_active_params == 3_000_000_000 and s.n_params > 29e9
+    assert s.flops_per_token() == pytest.approx(2 * 3e9, rel=1e-6)
+    with pytest.raises(SqueezeError, match="--active-params"):
+        shape_from_size("qwen3moe", 48, 30_000_000_000, 151936, active_params=40_000_000_000)
+
+
+def test_the_estimate_header_shows_total_and_active_parameters():
+    args = ["plan", "recipes/gemma3-12b-pruned.yaml", "--estimate", "--params", "12.2B", "--vocab", "262144",
+            "--gpu", "H100"]
+    dense = CliRunner().invoke(main, args)
+    moe = CliRunner().invoke(main, args + ["--active-params", "3B"])
+    assert dense.exit_code == 0 and moe.exit_code == 0, dense.output + moe.output
+    assert "active per token" not in dense.output
+    assert "(3,000M active per token)" in moe.output and "mixture of experts" in moe.output
+    total = [line for line in moe.output.splitlines() if line.startswith("total: ")]
+    assert total and total != [line for line in dense.output.splitlines() if line.startswith("total: ")]
+    bad = CliRunner().invoke(main, args + ["--active-params", "lots"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error: --active-params: expected a parameter count")

@@ -5,7 +5,9 @@ GPU's specifications (pipeline.cost.gpu_rates).
 The model of each kind of work:
 - a batched forward pass (calibration, perplexity/KLD, tasks, speed pp) costs 2 FLOP per weight a
   token passes through (the output layer included, the embedding lookup not), at the FLOP rate
-  measured for F16 or quantized weights;
+  measured for F16 or quantized weights; in a mixture-of-experts model a token passes through
+  n_expert_used of the n_expert matrices of each expert tensor (the active parameters), while
+  file sizes and quantizing count every weight (the total);
 - a single-token decode (speed tg, drift) reads every weight once: model bytes / bandwidth;
 - squeeze's numpy work on the logits costs per (token x vocabulary entry); the calibration
   hook per activation value it reads;
@@ -14,6 +16,10 @@ The model of each kind of work:
 - file sizes are exact for the bases (every tensor's shape and type, padding and metadata) and
   follow llama.cpp's quantization mixes for variants (VARIANT_MIXES below: the main type per
   file type and the tensors it gives more bits), so they are close, not exact.
+CPU work is priced for a host of `threads` CPU threads (this machine's when not given): each
+rate measured here is scaled by Amdahl's law with the parallel fraction measured here at 1 and
+2 threads (pipeline.cost.rates). Work measured as serial (gguf-py's dequantization, the
+calibration hook's Python callback, disk writes, opening a model) is not scaled.
 It is an estimate: a busy machine, a cold disk or a model much larger than the probe's changes
 the seconds; disk bytes are the firm part.
 """
@@ -21,8 +27,9 @@ the seconds; disk bytes are the firm part.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.model_info import ModelInfo, TensorInfo, synthetic_model_info
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, kind_of, layer_of
@@ -57,6 +64,9 @@ class Shape:
     tensors: tuple[TensorInfo, ...]
     metadata_bytes: int  # the GGUF header: key/values (the vocabulary is most of it) and tensor infos
     exact: bool = True  # False when the tensor shapes were derived from a parameter count
+    n_expert: int = 0  # mixture of experts: experts per expert tensor (<arch>.expert_count) ...
+    n_expert_used: int = 0  # ... and how many a token passes through (<arch>.expert_used_count)
+    active_override: int | None = None  # active parameters given (--active-params), not derived
 
     @property
     def n_params(self) -> int:
@@ -65,6 +75,35 @@ class Shape:
     def layer_params(self, layer: int) -> int:
         return sum(n_values(t.shape) for t in self.tensors if layer_of(t.name) == layer)
 
+    def active_values(self, t: TensorInfo) -> float:
+        """Weights of `t` one token passes through: of an expert tensor (one matrix per expert,
+        the last dimension), n_expert_used of its n_expert matrices."""
+        n = n_values(t.shape)
+        if self.n_expert > 1 and t.shape and len(t.shape) == 3 and int(t.shape[2]) == self.n_expert:
+            return n * self.n_expert_used / self.n_expert
+        return n
+
+    def _block_share(self) -> float | None:
+        """With active parameters given: the share of the blocks' weights a token passes through
+        (everything outside the blocks, the embedding and output, is active)."""
+        if self.active_override is None:
+            return None
+        outside = sum(n_values(t.shape) for t in self.tensors if layer_of(t.name) is None)
+        blocks = self.n_params - outside
+        return max(0.0, self.active_override - outside) / blocks if blocks else 1.0
+
+    def layer_active(self, layer: int) -> float:
+        share = self._block_share()
+        if share is not None:
+            return share * self.layer_params(layer)
+        return sum(self.active_values(t) for t in self.tensors if layer_of(t.name) == layer)
+
+    @property
+    def n_active_params(self) -> int:
+        if self.active_override is not None:
+            return self.active_override
+        return int(sum(self.active_values(t) for t in self.tensors))
+
     @property
     def tied_output(self) -> bool:
         return not any(t.name == OUTPUT for t in self.tensors)
@@ -72,7 +111,7 @@ class Shape:
     def flops_per_token(self, drop=()) -> float:
         """2 FLOP per weight a token passes through: the output layer (the embedding when tied)
         counts, the embedding lookup does not."""
-        params = self.n_params - sum(self.layer_params(i) for i in set(drop))
+        params = self.n_active_params - sum(self.layer_active(i) for i in set(drop))
         embd = sum(n_values(t.shape) for t in self.tensors if t.name == TOKEN_EMBD)
         return 2.0 * (params - (0 if self.tied_output else embd))
 
@@ -103,25 +142,40 @@ def n_values(shape) -> int:
     return math.prod(shape) if shape else 0
 
 
-def shape_from_info(info: ModelInfo, metadata_bytes: int | None = None) -> Shape:
-    """The shape of a model whose tensors are known (a GGUF here, or a HF folder's safetensors)."""
+def shape_from_info(info: ModelInfo, metadata_bytes: int | None = None, n_expert: int = 0,
+                    n_expert_used: int = 0, active_params: int | None = None) -> Shape:
+    """The shape of a model whose tensors are known (a GGUF here, or a HF folder's safetensors);
+    for a mixture of experts, its expert counts or its active parameters."""
     embd = next((t for t in info.tensors if t.name == TOKEN_EMBD and t.shape), None)
     n_embd = int(embd.shape[0]) if embd else 0
     n_vocab = info.n_vocab or (int(embd.shape[1]) if embd and len(embd.shape) > 1 else 0)
     if metadata_bytes is None:
         metadata_bytes = HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * n_vocab
-    return Shape(info.arch, info.n_layers, n_vocab, n_embd, info.tensors, metadata_bytes)
+    shape = Shape(info.arch, info.n_layers, n_vocab, n_embd, info.tensors, metadata_bytes,
+                  n_expert=n_expert, n_expert_used=n_expert_used)
+    return _with_active(shape, active_params)
 
 
-def shape_from_size(arch: str, n_layers: int, n_params: int, n_vocab: int) -> Shape:
+def _with_active(shape: Shape, active_params: int | None) -> Shape:
+    if active_params is None:
+        return shape
+    if not 0 < active_params <= shape.n_params:
+        raise SqueezeError(f"--active-params: {active_params:,} is not between 1 and the model's "
+                           f"{shape.n_params:,} parameters")
+    return replace(shape, active_override=int(active_params))
+
+
+def shape_from_size(arch: str, n_layers: int, n_params: int, n_vocab: int, active_params: int | None = None) -> Shape:
     """A model known only by its size: tensor names from gguf-py's templates for `arch`, widths
     from the rule of thumb that a block holds ~12 x n_embd^2 weights (attention 4 x, MLP 8 x)
-    and the (tied) embedding n_vocab x n_embd: solved for n_embd."""
+    and the (tied) embedding n_vocab x n_embd: solved for n_embd. A mixture of experts is given
+    by its active parameters too (its widths are those of the total: what the files hold)."""
     a, b = 12.0 * n_layers, float(n_vocab)
     e = (-b + math.sqrt(b * b + 4 * a * n_params)) / (2 * a)
     e = max(64, int(round(e / 64)) * 64)
     kv, ff = e // 2, 3 * e  # 2e^2 (q, o) + 2e*kv (k, v) + 3e*ff (gate, up, down) = 12 e^2
     names = synthetic_model_info(arch, n_layers).tensors
+    kinds = {kind_of(t.name) for t in names}
     shapes = {"token_embd": (e, n_vocab), "output": (e, n_vocab), "attn_q": (e, e), "attn_output": (e, e),
               "attn_k": (e, kv), "attn_v": (e, kv), "ffn_gate": (e, ff), "ffn_up": (e, ff), "ffn_down": (ff, e)}
     tensors = []
@@ -129,12 +183,16 @@ def shape_from_size(arch: str, n_layers: int, n_params: int, n_vocab: int) -> Sh
         kind = kind_of(t.name)
         if kind == "output":
             continue  # assumed tied to the embedding (as Gemma, and most small models); untied adds a copy
+        if kind.endswith("_exps") and kind[:-len("_exps")] not in kinds:
+            # an architecture whose MLP is experts only: the same weights as the dense MLP of the
+            # rule, as one 2-D tensor (the total is what sizes need; --active-params the rest)
+            kind = kind[:-len("_exps")]
         if kind in shapes:
             tensors.append(TensorInfo(t.name, shapes[kind], None))
         elif "norm" in kind:
             tensors.append(TensorInfo(t.name, (e,), None))
-    return Shape(arch, n_layers, n_vocab, e, tuple(tensors),
-                 HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * n_vocab, exact=False)
+    return _with_active(Shape(arch, n_layers, n_vocab, e, tuple(tensors),
+                              HEADER_BYTES_FIXED + HEADER_BYTES_PER_TOKEN * n_vocab, exact=False), active_params)
 
 
 # ---- file sizes -----------------------------------------------------------------------------------
@@ -282,10 +340,16 @@ def quantize_kind(type_name: str) -> str:
 # ---- seconds --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pricer:
-    """Seconds for each kind of work: CPU rates measured here, model evaluation on `gpu` if given."""
+    """Seconds for each kind of work: CPU rates measured here, scaled to a host of `threads` CPU
+    threads (None: this machine's), and model evaluation on `gpu` if given."""
 
     rates: Rates
     gpu: GPU | None = None
+    threads: int | None = None
+
+    def _x(self, kind: str) -> float:
+        """How much faster `kind` of CPU work runs on the host than it was measured here."""
+        return self.rates.thread_factor(kind, self.threads)
 
     def load(self, n_models: int = 1) -> float:
         return n_models * self.rates.load_s
@@ -294,18 +358,18 @@ class Pricer:
         if self.gpu is not None:
             rate = self.gpu.pp_flops
         else:
-            rate = self.rates.pp_flops_quant if quantized else self.rates.pp_flops_f16
+            rate = (self.rates.pp_flops_quant if quantized else self.rates.pp_flops_f16) * self._x("pp")
         return tokens * flops_per_token / rate
 
     def decode(self, tokens: float, model_bytes: float) -> float:
-        rate = self.gpu.tg_bytes_per_s if self.gpu is not None else self.rates.tg_bytes_per_s
+        rate = self.gpu.tg_bytes_per_s if self.gpu is not None else self.rates.tg_bytes_per_s * self._x("tg")
         return tokens * model_bytes / rate
 
     def sketch(self, tokens: float, n_vocab: int) -> float:
-        return tokens * n_vocab * self.rates.sketch_s_per_entry
+        return tokens * n_vocab * self.rates.sketch_s_per_entry / self._x("vocab")
 
     def kld(self, tokens: float, n_vocab: int) -> float:
-        return tokens * n_vocab * self.rates.kld_s_per_entry
+        return tokens * n_vocab * self.rates.kld_s_per_entry / self._x("vocab")
 
     def hook(self, tokens: float, values_per_token: float) -> float:
         return tokens * values_per_token / self.rates.hook_values_per_s
@@ -314,10 +378,18 @@ class Pricer:
         """llama_model_quantize writing these types (measured with an importance matrix)."""
         by_name = {t.name: t for t in shape.tensors}
         return sum(n_values(by_name[n].shape) / self.rates.quantize_weights_per_s[quantize_kind(ty)]
-                   for n, ty in types.items())
+                   for n, ty in types.items()) / self._x("quantize")
 
     def quantize_weights(self, weights: float, kind: str = "K") -> float:
-        return weights / self.rates.quantize_weights_per_s[kind]
+        return weights / self.rates.quantize_weights_per_s[kind] / self._x("quantize")
+
+    def roundtrip(self, weights: float, type_name: str) -> float:
+        """ggml_quantize_chunk in memory (and back, for weight errors) of `weights` in a type:
+        its measured rate; a type not measured at the slowest measured (the i-quants' grids)."""
+        rates = self.rates.roundtrip_weights_per_s
+        t = type_name.upper()
+        rate = rates.get(t) or (rates.get("Q8_0") if t in ("F16", "BF16", "F32") else None) or min(rates.values())
+        return weights / rate / self._x("quantize")
 
     def write(self, n_bytes: float) -> float:
         return n_bytes / self.rates.write_bytes_per_s

@@ -10,12 +10,30 @@ weight, vocabulary entry, byte), which estimate.py scales to the model at hand.
 
 Rates are cached under squeeze's cache (`rates/`), keyed by the engine version, its build flags,
 the CPU and the thread count; a different key measures again (about half a minute).
+
+Thread scaling. An estimate for another host (`--cpu-threads N`, or the default host of a
+`--gpu` class) needs to know how each kind of CPU work grows with threads. The probe measures the
+kinds that run on several threads (llama.cpp's prompt processing and token generation, ggml's
+quantize, squeeze's numpy work over the vocabulary) with the process pinned to 1 and then 2 of
+this machine's CPUs, and records each kind's parallel fraction p from Amdahl's law:
+    speedup S(n) = t(1) / t(n) = 1 / ((1 - p) + p / n),  so from two points  p = 2 (1 - t(2) / t(1))
+(clamped to 0..1). A rate measured here at T threads is priced at N threads as
+rate x S(N) / S(T). Two points fit one parameter; the memory bandwidth a 32-thread host shares
+is not in them, so the extrapolation is an upper bound on speed for bandwidth-bound work.
+
+Load. The probe records the 1-minute load average before and after it ran, and the CPU count.
+Other work on the machine is the larger of the load before and the load after less the probe's
+own threads; above BUSY_SHARE x CPUs the machine was busy, the probe says so in one line and
+measures again (MAX_TRIES in all). A rate that comes out zero or not finite (a busy machine makes
+the subtractions below go negative) is never cached: the estimate refuses in one line, and a
+cached record holding one is measured again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -29,14 +47,17 @@ import numpy as np
 from pipeline.engine.backend import default_threads, engine_versions
 from pipeline.engine.build_flags import flags_id
 from pipeline.engine.context import Context
+from pipeline.engine.ggml_quant import quantize_rows, round_trip
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.formats.imatrix_file import write_imatrix
+from pipeline.errors import SqueezeError
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
+from pipeline.choose.groups import CANDIDATE_TYPES
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 2  # of the cached record; bump when the probe measures differently
+RATES_FORMAT = 3  # of the cached record; bump when the probe measures differently
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -68,9 +89,83 @@ class Rates:
     probe_seconds: float = 0.0
     measured: str = ""
     notes: dict = field(default_factory=dict)
+    # ggml type -> weights/s through ggml_quantize_chunk and back in memory (the sensitivity map's
+    # weight errors and every in-memory probe's quantized tensors), at `threads`
+    roundtrip_weights_per_s: dict = field(default_factory=dict)
+    # kind ("pp", "tg", "quantize", "vocab") -> {"seconds_1", "seconds_2", "parallel_fraction"};
+    # empty where this machine cannot pin threads (not Linux, or one CPU)
+    scaling: dict = field(default_factory=dict)
+    # {"before": [1, 5, 15 min], "after": [...], "nproc", "threads", "other", "busy", "tries"}
+    load: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def threads(self) -> int:
+        return int(self.key.get("threads") or 1)
+
+    def parallel_fraction(self, kind: str) -> float | None:
+        entry = self.scaling.get(kind)
+        return None if entry is None else float(entry["parallel_fraction"])
+
+    def thread_factor(self, kind: str, threads: int | None) -> float:
+        """How much faster `kind` of work runs at `threads` than at the threads it was measured
+        at here (Amdahl's law with this machine's parallel fraction; 1 when not measured)."""
+        p = self.parallel_fraction(kind)
+        if threads is None or p is None or threads == self.threads:
+            return 1.0
+        return amdahl_speedup(p, threads) / amdahl_speedup(p, self.threads)
+
+
+# ---- thread scaling and load: pure arithmetic ---------------------------------------------------
+def parallel_fraction(seconds_1: float, seconds_2: float) -> float:
+    """Amdahl's parallel fraction from the same work timed on 1 and on 2 threads:
+    t2 / t1 = (1 - p) + p / 2, so p = 2 (1 - t2 / t1); clamped to 0..1 (noise can cross either)."""
+    if not (seconds_1 > 0 and seconds_2 > 0 and math.isfinite(seconds_1) and math.isfinite(seconds_2)):
+        raise SqueezeError(f"thread scaling: times of {seconds_1!r} s and {seconds_2!r} s give no speedup")
+    return min(1.0, max(0.0, 2.0 * (1.0 - seconds_2 / seconds_1)))
+
+
+def amdahl_speedup(p: float, threads: int) -> float:
+    """S(n) = 1 / ((1 - p) + p / n)."""
+    return 1.0 / ((1.0 - p) + p / max(1, int(threads)))
+
+
+# The machine was busy when other work kept more than this share of its CPUs runnable.
+BUSY_SHARE = 0.5
+MAX_TRIES = 2
+
+
+def other_load(before: float, after: float, own_threads: int, retry: bool = False) -> float:
+    """The 1-minute load other work put on the machine around the probe: the load before it
+    started (less its own threads on a retry: the try just before still weighs in the average),
+    or after it less its own threads (they kept up to that many runnable; the 1-minute average
+    lags, so subtracting all of them is lenient), whichever is larger."""
+    return max(float(before) - (own_threads if retry else 0), float(after) - own_threads, 0.0)
+
+
+def is_busy(before: float, after: float, nproc: int, own_threads: int, retry: bool = False) -> bool:
+    return other_load(before, after, own_threads, retry) > BUSY_SHARE * max(1, nproc)
+
+
+def bad_rates(data: dict) -> list[str]:
+    """The rates of a record (Rates.to_json()) that are zero, negative or not finite: what a
+    busy or broken probe leaves, and what no estimate may be made from."""
+    bad = []
+    for name in ("pp_flops_f16", "pp_flops_quant", "tg_bytes_per_s", "write_bytes_per_s", "hook_values_per_s",
+                 "sketch_s_per_entry", "kld_s_per_entry"):
+        v = data.get(name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            bad.append(name)
+    for name in ("quantize_weights_per_s", "dequantize_values_per_s", "roundtrip_weights_per_s"):
+        values = data.get(name)
+        if not isinstance(values, dict) or not values:
+            bad.append(name)
+            continue
+        bad += [f"{name}[{k}]" for k, v in values.items()
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0]
+    return bad
 
 
 def cpu_name() -> str:
@@ -93,26 +188,55 @@ def rates_path(key: dict) -> Path:
     return cache_dir("rates") / f"rates-{digest}.json"
 
 
+def rates_from_record(data: dict, key: dict) -> Rates | None:
+    """A cached record as Rates, or None when it is for another key, of another format, or holds
+    a rate no estimate may use (zero or not finite: measured again)."""
+    if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key)) or bad_rates(data):
+        return None
+    try:
+        return Rates(**data)
+    except TypeError:
+        return None
+
+
 def cached_rates(threads: int | None) -> Rates | None:
     key = rates_key(threads)
     try:
         data = json.loads(rates_path(key).read_text())
     except (OSError, ValueError):
         return None
-    if data.get("key") != json.loads(json.dumps(key)):
-        return None
-    return Rates(**data)
+    return rates_from_record(data, key)
 
 
 def machine_rates(threads: int | None = None, echo=print) -> Rates:
-    """This machine's rates: from the cache when measured before with the same key, else probed."""
+    """This machine's rates: from the cache when measured before with the same key, else probed
+    (again when the machine was busy, MAX_TRIES in all); a zero or non-finite rate is refused."""
     found = cached_rates(threads)
     if found is not None:
         return found
     echo("measuring this machine's rates (once per engine version, CPU and thread count) ...")
-    rates = probe(threads)
+    for attempt in range(1, MAX_TRIES + 1):
+        rates = probe(threads, retry=attempt > 1)
+        rates.load["tries"] = attempt
+        bad = bad_rates(rates.to_json())
+        if not bad and not rates.load["busy"]:
+            break
+        if attempt < MAX_TRIES:
+            why = f"measured {', '.join(bad)} as zero or not finite" if bad else "ran on a busy machine"
+            echo(f"warning: the rate probe {why} ({load_text(rates.load)}); measuring again")
+    if bad:
+        raise SqueezeError(f"the rate probe measured {', '.join(bad)} as zero or not finite "
+                           f"({load_text(rates.load)}); not cached: rerun on a quieter machine")
+    if rates.load["busy"]:
+        echo(f"warning: the machine was still busy ({load_text(rates.load)}); rates cached with that load "
+             f"recorded: estimates from them may be slow (delete {rates_path(rates.key)} to measure again)")
     write_json_atomic(rates_path(rates.key), rates.to_json())
     return rates
+
+
+def load_text(load: dict) -> str:
+    return (f"1-min load {load['before'][0]:.2f} before, {load['after'][0]:.2f} after, on {load['nproc']} CPUs "
+            f"with {load['threads']} probe threads")
 
 
 # ---- the synthetic model ---------------------------------------------------------------------
@@ -282,10 +406,82 @@ def _quantize_rates(f16: Path, out_dir: Path, imatrix: Path, threads: int) -> di
     return rates
 
 
-def probe(threads: int | None = None) -> Rates:
+# The thread-scaling kernels: a matrix of this many rows x columns quantized (Q4_K with column
+# weights, as with an imatrix), and logits of this many rows over the largest common vocabulary.
+SCALING_QUANT_ROWS, SCALING_QUANT_COLS = 2048, 4096
+SCALING_VOCAB_ROWS = 256
+ROUNDTRIP_ROWS = 128  # rows of SCALING_QUANT_COLS per candidate type's round-trip rate
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not every platform has one
+        return [0.0, 0.0, 0.0]
+
+
+def _pin(cpus: set[int]) -> None:
+    """Every thread of this process on `cpus` (threads started later inherit it): llama.cpp's,
+    and the numpy and quantize pools, which are sized by os.cpu_count() and keep that size."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def _best_of(n: int, fn) -> float:
+    return min(_timed(fn)[0] for _ in range(n))
+
+
+def _scaling_kernels(model: Model, threads: int, rng: np.random.Generator) -> dict[str, float]:
+    """Seconds of each kind of multi-threaded work, with `threads` llama.cpp threads."""
+    tests = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
+    mat = rng.standard_normal((SCALING_QUANT_ROWS, SCALING_QUANT_COLS), dtype=np.float32)
+    weights = rng.random(SCALING_QUANT_COLS, dtype=np.float32) + 0.5
+    logits = rng.standard_normal((SCALING_VOCAB_ROWS, HEADER_VOCAB), dtype=np.float32) * 3
+
+    def vocab():  # score_against_base's per-row work: the pooled log-sum-exp, the serial argmax
+        perplexity.log_sum_exp_rows(logits)
+        logits.argmax(axis=1)
+
+    return {"pp": 1.0 / tests[f"pp{PROBE_PP}"]["mean"], "tg": 1.0 / tests[f"tg{PROBE_TG}"]["mean"],
+            "quantize": _best_of(2, lambda: quantize_rows(mat, "Q4_K", weights)), "vocab": _best_of(3, vocab)}
+
+
+def measure_scaling(model: Model) -> dict:
+    """Each kind's seconds on 1 and on 2 of this machine's CPUs and its parallel fraction (module
+    docstring); {} where threads cannot be pinned (no sched_setaffinity, or fewer than 2 CPUs)."""
+    if not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
+        return {}
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return {}
+    seconds = {}
+    try:
+        for n in (1, 2):
+            _pin(set(allowed[:n]))
+            seconds[n] = _scaling_kernels(model, n, np.random.default_rng(n))
+    finally:
+        _pin(set(allowed))
+    return {kind: {"seconds_1": round(seconds[1][kind], 5), "seconds_2": round(seconds[2][kind], 5),
+                   "parallel_fraction": round(parallel_fraction(seconds[1][kind], seconds[2][kind]), 3)}
+            for kind in seconds[1]}
+
+
+def _roundtrip_rates(rng: np.random.Generator) -> dict[str, float]:
+    """Weights/s of a quantize-and-back in memory for each candidate type (at every core, with
+    column weights): the i-quants search grids and are several times slower than the K-quants."""
+    mat = rng.standard_normal((ROUNDTRIP_ROWS, SCALING_QUANT_COLS), dtype=np.float32)
+    weights = rng.random(SCALING_QUANT_COLS, dtype=np.float32) + 0.5
+    return {t: mat.size / max(_best_of(2, lambda: round_trip(mat, t, weights)), 1e-9) for t in CANDIDATE_TYPES}
+
+
+def probe(threads: int | None = None, retry: bool = False) -> Rates:
     """Measure the rates (about half a minute on 2 cores; the probe files are built once)."""
     start = time.perf_counter()
     threads = threads or default_threads()
+    load_before = _loadavg()
     rss = _rss_bytes()
     folder = cache_dir("probe")
     digest = hashlib.sha256(json.dumps(PROBE_DIMS, sort_keys=True).encode()).hexdigest()[:10]
@@ -311,13 +507,15 @@ def probe(threads: int | None = None) -> Rates:
         n_seq = min(perplexity.seqs_per_batch(PROBE_CTX), PROBE_CHUNKS)
         with Context(model, PROBE_CTX, n_seq, threads) as c:
             base_s, dist = _timed(lambda: perplexity.base_distribution(model, c, chunks))
+            # the same decodes with nothing done per chunk: what the numpy work adds is the difference
+            eval_f16_s, _ = _timed(lambda: perplexity.evaluate_logits(c, chunks, lambda *a: None, "probe"))
     # calibration: the forward pass plus the eval hook that copies and sums every matmul input
     cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, PROBE_CTX, PROBE_CHUNKS, threads=threads,
                                                             progress_desc="probe"))
     hook_values = n_tok * hooked_values_per_token(PROBE_DIMS)
     hook_rate = hook_values / max(cal_s - n_tok * flops / pp_f16, 0.05 * cal_s)
     scored = chunks.tokens.shape[0] * chunks.n_scored
-    sketch = max(base_s - n_tok * flops / pp_f16, 0.0) / (scored * nv)
+    sketch = max(base_s - eval_f16_s, 0.0) / (scored * nv)
     imatrix = folder / f".probe-imatrix-{os.getpid()}.gguf"
     write_imatrix(imatrix, calibration.to_imatrix(totals, PROBE_CTX, ["probe"]))
     try:
@@ -338,20 +536,30 @@ def probe(threads: int | None = None) -> Rates:
         qbytes = model.size_bytes
         with Context(model, PROBE_CTX, n_seq, threads) as c:
             kld_s, _ = _timed(lambda: perplexity.score_against_base(model, c, dist))
-    kld = max(kld_s - n_tok * flops / pp_q, 0.0) / (scored * nv)
+            eval_q_s, _ = _timed(lambda: perplexity.evaluate_logits(c, chunks, lambda *a: None, "probe"))
+        scaling = measure_scaling(model)
+    # (a busy machine can make these differences zero: machine_rates refuses to cache that)
+    kld = max(kld_s - eval_q_s, 0.0) / (scored * nv)
     # a single-token decode reads every weight once: bandwidth-bound (its fixed cost folded in)
     tg_rate = qbytes / tg_s_per_token
 
     rng = np.random.default_rng(0)
     deq = _dequantize_rates(rng)
+    roundtrip = _roundtrip_rates(rng)
     write = _write_rate(folder)
     header = _header_cost(folder, deq, write)
+    load_after = _loadavg()
+    nproc = os.cpu_count() or 1
+    load = {"before": load_before, "after": load_after, "nproc": nproc, "threads": threads,
+            "other": round(other_load(load_before[0], load_after[0], threads, retry), 2),
+            "busy": is_busy(load_before[0], load_after[0], nproc, threads, retry), "tries": 1}
     return Rates(
         key=rates_key(threads), pp_flops_f16=pp_f16, pp_flops_quant=pp_q, tg_bytes_per_s=tg_rate,
         quantize_weights_per_s=quantize, dequantize_values_per_s=deq,
         write_bytes_per_s=write, hook_values_per_s=hook_rate, sketch_s_per_entry=sketch, kld_s_per_entry=kld,
         process_rss_bytes=rss, load_s=load_s, header_s_per_token=header,
         probe_seconds=round(time.perf_counter() - start, 1), measured=time.strftime("%Y-%m-%d %H:%M:%S"),
+        roundtrip_weights_per_s=roundtrip, scaling=scaling, load=load,
         notes={"probe_model": {**PROBE_DIMS, "params": n_params, "quant": PROBE_QUANT, "quant_bytes": qbytes},
                "pp_tokens": PROBE_PP, "tg_tokens": PROBE_TG, "ctx": PROBE_CTX, "chunks": PROBE_CHUNKS,
                "header_vocab": HEADER_VOCAB})

@@ -7,11 +7,13 @@ they are about to write, to check the disk has room first (pipeline.fsutil.ensur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.engine.backend import supports_gpu_offload
 from pipeline.errors import SqueezeError
-from pipeline.formats.gguf_index import read_index
+from pipeline.formats.gguf_index import read_index, read_metadata
 from pipeline.formats.model_info import read_model_info
 from pipeline.formats.task_data import BENCHMARKS
 from pipeline.formats.tensor_names import TOKEN_EMBD, layer_of
@@ -19,8 +21,11 @@ from pipeline.measure import drift as drift_measure
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Pricer, Shape, StepCost
 from pipeline.cost.gpu_rates import GPU
-from pipeline.choose.groups import CANDIDATE_TYPES, kind_units
+from pipeline.choose.groups import CANDIDATE_TYPES, group_of, kind_units, low_type_for
+from pipeline.choose.measured_allocation import GROUP_SHARE
 from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.choose.weight_errors import row_limit, sampled_rows
+from pipeline.formats.ggml_types import fits
 from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
 from pipeline.choose.prune_auto import search_probes
 from pipeline.cost.rates import Rates
@@ -44,6 +49,13 @@ REPORT_S = 0.2
 CHARS_PER_TOKEN = 4.0
 # Tokens a drift prompt has before the continuation (the built-in prompts are one sentence).
 DRIFT_PROMPT_TOKENS = 20
+# Refinement (pipeline.choose.refine) measures, in every round but the last, the groups whose
+# predicted KLD adds up to GROUP_SHARE (80 %) of the total. How many groups that is depends on the
+# map: on Gemma 3 270M's (results/bench/sensitivity-map.csv), 25 of its 36 layer groups carry 80 %
+# of the KLD at the probe's low types, so this share of the groups is priced per round. Later
+# rounds measure only the groups whose types changed, and refinement stops early once a round's
+# prediction is within tolerance: pricing every round in full makes this an upper bound.
+REFINE_GROUP_FRACTION = 25 / 36
 
 
 @dataclass
@@ -87,6 +99,7 @@ class RunEstimate:
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "device": self.device, "model": {
                     "arch": self.shape.arch, "layers": self.shape.n_layers, "params": self.shape.n_params,
+                    "active_params": self.shape.n_active_params,
                     "vocab": self.shape.n_vocab, "shapes": "exact" if self.shape.exact else "from the parameter count"},
                 "seconds": round(self.seconds, 1), "bytes_written": self.bytes_written,
                 "folder_bytes": self.folder_bytes, "peak_memory_bytes": self.peak_memory,
@@ -102,23 +115,38 @@ def _metadata_bytes(path: Path) -> int:
     return Path(path).stat().st_size - sum(e.n_bytes for e in read_index(path).values())
 
 
-def model_shape(ctx: RunContext, params: int | None = None, vocab: int | None = None) -> Shape:
+def expert_counts(path: Path, arch: str) -> tuple[int, int]:
+    """(<arch>.expert_count, <arch>.expert_used_count) of a GGUF; (0, 0) for a dense model."""
+    values = {kv.key: kv.value for kv in read_metadata(path)[0]
+              if kv.key in (f"{arch}.expert_count", f"{arch}.expert_used_count")}
+    count, used = values.get(f"{arch}.expert_count"), values.get(f"{arch}.expert_used_count")
+    if not isinstance(count, int) or not isinstance(used, int) or count <= 1 or not 0 < used <= count:
+        return 0, 0
+    return count, used
+
+
+def model_shape(ctx: RunContext, params: int | None = None, vocab: int | None = None,
+                active_params: int | None = None) -> Shape:
     """The model's shape: exact from the tensors the model info lists, else (a hub model not
-    downloaded yet) from `params` and `vocab`, with the recipe's model.arch and model.layers."""
+    downloaded yet) from `params` and `vocab`, with the recipe's model.arch and model.layers.
+    A mixture of experts: its expert counts from the GGUF, or `active_params` as given."""
     info = ctx.model_info
     if info.tensors and all(t.shape is not None for t in info.tensors):
-        header = None
+        gguf_path = None
         if ctx.base_path.exists():
-            header = _metadata_bytes(ctx.base_path)
+            gguf_path = ctx.base_path
         else:
             source = parse_source(ctx.recipe)
             if source.kind in ("gguf", "pypi"):
-                header = _metadata_bytes(source_gguf(ctx.recipe, source))
-        return est.shape_from_info(info, header)
+                gguf_path = source_gguf(ctx.recipe, source)
+        header, experts = None, (0, 0)
+        if gguf_path is not None:
+            header, experts = _metadata_bytes(gguf_path), expert_counts(gguf_path, info.arch)
+        return est.shape_from_info(info, header, *experts, active_params=active_params)
     if params is None or vocab is None:
         raise SqueezeError(f"{ctx.recipe.where('model')}the model's tensor shapes are not known until it is "
                            f"downloaded: give its size with --params (e.g. 12.2B) and --vocab (e.g. 262144)")
-    return est.shape_from_size(info.arch, info.n_layers, params, vocab)
+    return est.shape_from_size(info.arch, info.n_layers, params, vocab, active_params)
 
 
 def _source_tensors(ctx: RunContext, source):
@@ -129,9 +157,9 @@ def _source_tensors(ctx: RunContext, source):
 
 # ---- per step ---------------------------------------------------------------------------------
 class _Estimator:
-    def __init__(self, ctx: RunContext, shape: Shape, rates: Rates, gpu: GPU | None):
+    def __init__(self, ctx: RunContext, shape: Shape, rates: Rates, gpu: GPU | None, threads: int | None = None):
         self.ctx, self.shape, self.rates, self.gpu = ctx, shape, rates, gpu
-        self.p = Pricer(rates, gpu)
+        self.p = Pricer(rates, gpu, threads)
         self.recipe = ctx.recipe
         self.base_type = self.recipe.model.base_type.upper()
         self.base_bytes = est.base_file_bytes(shape, self.base_type)
@@ -232,7 +260,8 @@ class _Estimator:
     # sensitivity ---------------------------------------------------------------------------
     def _probe_kld(self, n_probes: int, chunks: int, quantized: bool = False) -> float:
         """n_probes in-memory KLD measurements on `chunks` calibration chunks, after the base is
-        loaded once and its distribution taken (pipeline.choose.memory_probe)."""
+        loaded once and its distribution taken (pipeline.choose.memory_probe). What each probe
+        quantizes is priced apart (_probe_quantize)."""
         cal = self.recipe.calibration
         ctx_len = cal.ctx if cal else self.recipe.score.ctx
         tokens = chunks * ctx_len
@@ -242,18 +271,45 @@ class _Estimator:
         base = self.p.load() + self.p.forward(tokens, flops, False) + self.p.sketch(scored, self.shape.n_vocab)
         return base + n_probes * one
 
+    def _probe_quantize(self, types: dict[str, str], share: float = 1.0) -> float:
+        """A probe's tensors quantized in memory (ggml_quantize_chunk) before it measures:
+        `share` of these tensors at these types."""
+        by_name = {t.name: t for t in self.shape.tensors}
+        return share * sum(self.p.roundtrip(est.n_values(by_name[n].shape), ty) for n, ty in types.items()
+                           if n in by_name and ty not in ("F32", "F16", "BF16"))
+
+    def _quantizable(self, drop=()):
+        return [t for t in self.shape.tensors if t.shape and len(t.shape) >= 2 and group_of(t.name) is not None
+                and layer_of(t.name) not in set(drop)]
+
+    def _weight_errors(self) -> tuple[float, int]:
+        """(seconds, weights per type) of the sensitivity map's weight errors: every candidate type
+        a tensor fits, on the rows pipeline.choose.weight_errors samples, quantized and back."""
+        seconds, sampled = 0.0, 0
+        for t in self._quantizable():
+            mats = int(math.prod(t.shape[2:])) if len(t.shape) > 2 else 1
+            rows = len(sampled_rows(int(t.shape[1]), row_limit(t.name, mats)))
+            weights = mats * rows * int(t.shape[0])
+            sampled += weights
+            seconds += sum(self.p.roundtrip(weights, ty) for ty in CANDIDATE_TYPES if fits(t.shape, ty))
+        return seconds, sampled
+
     def _sensitivity(self, step: Step) -> StepCost:
         n = self.shape.n_layers
         # per layer: removed, attention low, MLP low; the embedding low; each tensor kind low in every layer
         n_probes = 3 * n + 1 + len(kind_units(self.info)) if self.info is not None else 3 * n + 1 + 7
-        # every group is quantized once for its probe, and every tensor once per candidate type
-        # for its weight error (the embedding's rows sampled: not counted)
-        embd = next((est.n_values(t.shape) for t in self.shape.tensors if t.name == TOKEN_EMBD), 0)
-        quantized = self.shape.n_params + len(CANDIDATE_TYPES) * (self.shape.n_params - embd)
-        seconds = self._probe_kld(n_probes, PROBE_CHUNKS, True) + self.p.quantize_weights(quantized)
+        # the probes quantize every block tensor twice at its low type (once in its layer's
+        # attention or MLP probe, once in its kind's) and the embedding once
+        low = {t.name: low_type_for(t.shape) for t in self._quantizable()}
+        in_blocks = {nm: ty for nm, ty in low.items() if layer_of(nm) is not None}
+        quantize = 2 * self._probe_quantize(in_blocks) + self._probe_quantize(
+            {nm: ty for nm, ty in low.items() if nm not in in_blocks})
+        errors, sampled = self._weight_errors()
+        seconds = self._probe_kld(n_probes, PROBE_CHUNKS, True) + quantize + errors
         host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)
         return StepCost(step.key, step.stage, seconds, {}, host, dev,
-                        note=f"{n_probes} in-memory KLD probes, weight errors for {len(CANDIDATE_TYPES)} types")
+                        note=f"{n_probes} in-memory KLD probes; weight errors for {len(CANDIDATE_TYPES)} types "
+                             f"on {sampled / 1e6:.0f}M sampled weights")
 
     # prune ---------------------------------------------------------------------------------
     def _prune(self, step: Step) -> StepCost:
@@ -269,17 +325,49 @@ class _Estimator:
         host, dev = self.rss + 2 * self.largest_f32, 0
         k = self.recipe.prune_auto_for(v) or self.recipe.prune_up_to_for(v)
         if k is not None:
-            tries = search_probes(k, self.shape.n_layers)  # in memory: no file written per probe
+            # in memory, no file per probe: removals only, nothing quantized (search_probes counts
+            # the search's most, repeats aside)
+            tries = search_probes(k, self.shape.n_layers)
             if any(self.recipe.budget_for(x) for x in self.recipe.variants):
                 tries -= self.shape.n_layers  # the sensitivity map measured the single layers
-            if self.recipe.prune_up_to_for(v) is not None:
-                tries += 2 * k + 1  # prune or bits: each candidate's mix, and its removal alone
             seconds += self._probe_kld(tries, PROBE_CHUNKS)
-            writes[self.ctx.prune_choice_path(tag)] = 1500 + 40 * tries
             note = f"{k} layers picked from up to {tries} KLD probes"
+            if self.recipe.prune_up_to_for(v) is not None:
+                # prune or bits: keep every layer, or remove 1 ... K (the search's sets, whose
+                # removals it measured already), each whole mix quantized and measured in memory
+                mixes = k + 1
+                types = self.variant_tensor_types.get(v.name) or self._mix_types(v)
+                seconds += mixes * (self._probe_kld(1, PROBE_CHUNKS, True) - self._probe_kld(0, PROBE_CHUNKS)
+                                    + self._probe_quantize(types))
+                tries += mixes
+                note = f"{k} layers picked from up to {tries - mixes} KLD probes; {mixes} whole mixes measured"
+            writes[self.ctx.prune_choice_path(tag)] = 1500 + 40 * tries
             host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)  # base, writable
             host = max(host, self.rss + 2 * self.largest_f32)
         return StepCost(step.key, step.stage, seconds, writes, host, dev, note=note)
+
+    def _mix_types(self, v: VariantSpec) -> dict[str, str]:
+        self.variant_size(v)
+        return self.variant_tensor_types[v.name]
+
+    def _refinement(self, v: VariantSpec) -> tuple[float, int]:
+        """(seconds, probes) of a budgeted variant's refinement (pipeline.choose.refine): the base
+        loaded and its distribution taken; every round the whole chosen mix quantized in memory and
+        measured, and, but in the last round, the groups carrying GROUP_SHARE of the predicted KLD
+        each measured alone at its types."""
+        rounds = self.recipe.select.refine_rounds
+        if not rounds:
+            return 0.0, 0
+        drop = self.drop_for(v)
+        types = {n: ty for n, ty in self._mix_types(v).items() if layer_of(n) not in set(drop)}
+        groups = {group_of(t.name) for t in self._quantizable(drop)}
+        per_round = math.ceil(REFINE_GROUP_FRACTION * len(groups)) if GROUP_SHARE < 1 else len(groups)
+        n_groups = (rounds - 1) * per_round
+        one = self._probe_kld(1, PROBE_CHUNKS, True) - self._probe_kld(0, PROBE_CHUNKS)
+        seconds = (self._probe_kld(0, PROBE_CHUNKS) + (rounds + n_groups) * one
+                   + rounds * self._probe_quantize(types)
+                   + (rounds - 1) * self._probe_quantize(types, REFINE_GROUP_FRACTION))
+        return seconds, rounds + n_groups
 
     # quantize ------------------------------------------------------------------------------
     def _quantize(self, step: Step) -> StepCost:
@@ -289,8 +377,16 @@ class _Estimator:
         seconds = self.p.quantize(self.shape, self.variant_tensor_types[v.name])
         writes = {self.ctx.variant_path(v.name): size,
                   self.ctx.tensor_types_path(v.name): 60 + 30 * sum(1 for _ in self._explicit(v))}
-        mem = self.rss + 3 * self.largest_f32
-        return StepCost(step.key, step.stage, seconds, writes, mem, note=f"{v.ftype.upper()}")
+        mem, dev = self.rss + 3 * self.largest_f32, 0
+        note = f"{v.ftype.upper()}"
+        if self.recipe.budget_for(v) is not None:
+            refine_s, probes = self._refinement(v)
+            seconds += refine_s
+            if probes:
+                note += f"; refinement: {probes} in-memory KLD probes"
+                host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)
+                mem = max(mem, host)
+        return StepCost(step.key, step.stage, seconds, writes, mem, dev, note=note)
 
     def _explicit(self, v: VariantSpec):
         if not self.shape.exact:
@@ -363,6 +459,8 @@ class _Estimator:
 
 def _budget_size(shape: Shape, budget, drop) -> int | None:
     key, value = budget
+    if key == "target_kld":
+        return None  # the size a quality target lands on is known once measured: the ftype's stands in
     if key == "target_size":
         return parse_size(value)
     n = shape.n_params - sum(shape.layer_params(i) for i in set(drop))
@@ -403,38 +501,76 @@ def _task_tokens(ctx: RunContext, bench: str, count: int) -> tuple[float, float]
 
 
 def estimate_run(ctx: RunContext, steps: list[Step], rates: Rates, gpu: GPU | None = None,
-                 params: int | None = None, vocab: int | None = None) -> RunEstimate:
-    shape = model_shape(ctx, params, vocab)
-    e = _Estimator(ctx, shape, rates, gpu)
+                 params: int | None = None, vocab: int | None = None, cpu_threads: int | None = None,
+                 active_params: int | None = None) -> RunEstimate:
+    """Every step's cost. CPU work is priced for a host of `cpu_threads` threads; with `gpu` and
+    no `cpu_threads`, for that GPU class's usual host (pipeline.cost.gpu_rates); else this machine."""
+    if cpu_threads is not None and cpu_threads < 1:
+        raise SqueezeError(f"--cpu-threads: expected a thread count of at least 1, got {cpu_threads}")
+    shape = model_shape(ctx, params, vocab, active_params)
+    threads = cpu_threads or (gpu.host_threads if gpu is not None else None)
+    e = _Estimator(ctx, shape, rates, gpu, threads)
     costs = [e.cost(s) for s in steps]
     notes = []
+    if threads is not None and threads != rates.threads:
+        how = "as given (--cpu-threads)" if cpu_threads else f"the default host for a {gpu.name} (pipeline/cost/gpu_rates.py)"
+        notes.append(f"CPU work priced for a host of {threads} threads, {how}: this machine's rates at "
+                     f"{rates.threads} threads scaled by Amdahl's law with the parallel fractions measured here "
+                     f"at 1 and 2 threads ({_fractions(rates)})")
+    if rates.load.get("busy"):
+        notes.append(f"the rates were measured on a busy machine ({rates.load.get('other')} other load on "
+                     f"{rates.load.get('nproc')} CPUs): times may come out slow")
+    if shape.n_active_params != shape.n_params:
+        notes.append(f"mixture of experts: model evaluation priced by {shape.n_active_params / 1e9:.2f}B active "
+                     f"parameters per token, sizes and quantizing by all {shape.n_params / 1e9:.2f}B")
+    if any(c.stage == "quantize" and "refinement" in c.note for c in costs):
+        notes.append("budgeted variants: every refinement round priced in full (an upper bound: refinement stops "
+                     "early within tolerance, and probes an earlier step measured are reused)")
     if not shape.exact:
         notes.append(f"tensor shapes derived from {shape.n_params / 1e9:.1f}B parameters and a vocabulary of "
                      f"{shape.n_vocab} (n_embd ~{shape.n_embd}): sizes are approximate")
     if gpu is not None:
         notes.append(f"model evaluation on {gpu.name} from its spec ({gpu.source}); quantizing, converting and "
-                     f"squeeze's numpy work at this machine's CPU rates")
+                     f"squeeze's numpy work on the host's CPU")
         need = max((c.gpu_memory_bytes for c in costs), default=0)
         if need > gpu.memory_gib * (1 << 30):
             notes.append(f"the largest model with its KV cache needs {need / (1 << 30):.1f} GiB, more than the "
                          f"{gpu.name}'s {gpu.memory_gib:g} GiB: it would run partly on the CPU (not modelled)")
         if ctx.recipe.model.n_gpu_layers == 0:
-            notes.append("the recipe offloads no layers (model.n_gpu_layers: 0): set it to use the GPU")
+            notes.append("the recipe offloads no layers (model.n_gpu_layers: 0): priced as if it did; set it "
+                         "(-1: every layer) to use the GPU")
+    if ctx.recipe.model.n_gpu_layers != 0 and not supports_gpu_offload():
+        notes.append(f"the recipe offloads (model.n_gpu_layers: {ctx.recipe.model.n_gpu_layers}) and this llama.cpp "
+                     f"build has no GPU backend: `squeeze run` here would refuse it (make setup GPU=cuda)")
     if any(ctx.recipe.prune_auto_for(v) is not None for v in ctx.recipe.variants):
         notes.append("automatic pruning: sizes assume K middle layers are dropped")
-    device = gpu.name if gpu else f"this machine's CPU ({rates.key.get('cpu')}, {rates.key.get('threads')} threads)"
+    if gpu is not None:
+        device = f"{gpu.name} with a {threads}-thread host" if threads else gpu.name
+    elif threads is not None and threads != rates.threads:
+        device = f"a {threads}-thread CPU (scaled from this machine's {rates.key.get('cpu')})"
+    else:
+        device = f"this machine's CPU ({rates.key.get('cpu')}, {rates.key.get('threads')} threads)"
     return RunEstimate(ctx.recipe.name, shape, costs, device, notes)
 
 
+def _fractions(rates: Rates) -> str:
+    if not rates.scaling:
+        return "not measured on this machine: CPU work left at this machine's speed"
+    return ", ".join(f"{k} {v['parallel_fraction']:.2f}" for k, v in rates.scaling.items())
 
-def parse_count(text: str) -> int:
+
+
+def parse_count(text: str, option: str = "--params") -> int:
     """'12.2B', '270M', '7e9' -> a parameter count."""
     t = str(text).strip().upper().replace("_", "")
     scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if scale != 1 else t) * scale)
+        n = int(float(t[:-1] if scale != 1 else t) * scale)
     except ValueError:
-        raise SqueezeError(f"--params: expected a parameter count like 12.2B or 270M, got {text!r}") from None
+        n = 0
+    if n <= 0:
+        raise SqueezeError(f"{option}: expected a parameter count like 12.2B or 270M, got {text!r}")
+    return n
 
 
 def _size(n: float) -> str:
@@ -455,7 +591,10 @@ def _time(s: float) -> str:
 def format_estimate(e: RunEstimate) -> list[str]:
     """The estimate as `squeeze plan --estimate` prints it: steps, stages, totals, notes."""
     sh = e.shape
-    lines = [f"estimate for {e.recipe}: {sh.arch}, {sh.n_layers} layers, {sh.n_params / 1e6:,.0f}M parameters, "
+    params = f"{sh.n_params / 1e6:,.0f}M parameters"
+    if sh.n_active_params != sh.n_params:
+        params = f"{sh.n_params / 1e6:,.0f}M parameters ({sh.n_active_params / 1e6:,.0f}M active per token)"
+    lines = [f"estimate for {e.recipe}: {sh.arch}, {sh.n_layers} layers, {params}, "
              f"vocabulary {sh.n_vocab}; a fresh run on {e.device}",
              f"  {'step':<28} {'time':>9} {'writes':>10} {'peak memory':>12}"]
     for c in e.costs:

@@ -29,12 +29,16 @@ STAGES = {
 STAGE_ORDER = tuple(STAGES)
 
 
-def open_run(recipe_path: str | Path, results: str | Path | None = None, check_model: bool = True) -> RunContext:
-    """Load and validate a recipe (against the model's tensors too) and locate its results."""
+def open_run(recipe_path: str | Path, results: str | Path | None = None, check_model: bool = True,
+             check_gpu: bool = True) -> RunContext:
+    """Load and validate a recipe (against the model's tensors too) and locate its results.
+    `check_gpu=False` (plan --estimate): a recipe that offloads is priced, not refused, on a
+    build without a GPU backend; running it is refused."""
     recipe = load_recipe(recipe_path)
     folder = Path(results) if results else results_root() / recipe.name
     ctx = RunContext(recipe, folder)
-    check_offload(recipe.model.n_gpu_layers, recipe.where("model", "n_gpu_layers").rstrip(": "))
+    if check_gpu:
+        check_offload(recipe.model.n_gpu_layers, recipe.where("model", "n_gpu_layers").rstrip(": "))
     if check_model:
         check_recipe_against_model(recipe, ctx.model_info)
     return ctx
