@@ -107,3 +107,29 @@ def test_a_killed_step_resumes_with_the_probes_it_had_measured(base_f16, imatrix
             assert fresh.kld(removed=[2]) == pytest.approx(logged, rel=1e-12)
         finally:
             fresh.close()
+
+
+def test_quantized_bytes_are_kept_least_recently_used_first_out():
+    import numpy as np
+
+    from pipeline.choose.memory_probe import QuantizedCache
+
+    cache = QuantizedCache(limit=300)
+    cache.put(("a", "Q4_0", "-"), np.zeros(100, np.uint8))
+    cache.put(("b", "Q4_0", "-"), np.zeros(100, np.uint8))
+    assert cache.get(("a", "Q4_0", "-")) is not None  # a is now the most recent
+    cache.put(("c", "Q4_0", "-"), np.zeros(150, np.uint8))  # over the limit: b goes
+    assert cache.get(("b", "Q4_0", "-")) is None and cache.get(("a", "Q4_0", "-")) is not None
+    assert cache.bytes == 250
+    cache.put(("huge", "Q4_0", "-"), np.zeros(400, np.uint8))  # larger than the cache: not kept
+    assert cache.get(("huge", "Q4_0", "-")) is None and cache.bytes == 250
+
+
+@pytest.mark.slow
+def test_a_mix_applied_again_reuses_its_quantized_bytes_and_measures_the_same(base_f16, imatrix, calibration_sample):
+    with _probe(base_f16, read_text(calibration_sample), imatrix, None) as probe:
+        cache = probe._loaded()["quantized"]
+        first = probe.kld(ATTN_3)
+        misses = cache.misses
+        assert probe.kld(ATTN_3) == first  # measured again (no memo), from the same bytes
+        assert cache.misses == misses and cache.hits >= len(ATTN_3)

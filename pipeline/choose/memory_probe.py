@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ from pipeline.measure import perplexity
 PROBE_CHUNKS = 2
 
 _open_probes: dict[tuple, tuple] = {}  # settings -> (model, weights, context): one per process
+# Quantized bytes kept per (tensor, type, imatrix) while the model is loaded: refinement rounds,
+# the cheaper mixes of a KLD target and later variants apply mostly the same pairs again, and
+# quantizing (with an imatrix, a few million weights a second per core) is most of a probe's cost
+# on a large model. Least recently used pairs go first beyond this many bytes.
+QUANTIZED_CACHE_BYTES = 2 << 30
 
 
 class MemoryProbe:
@@ -93,7 +99,7 @@ class MemoryProbe:
         if loaded is None:
             model = Model(self.base_path, self.n_gpu_layers, writable=True)
             loaded = _open_probes[self._key()] = {"model": model, "weights": ModelWeights(model), "contexts": {},
-                                                  "users": 0}
+                                                  "users": 0, "quantized": QuantizedCache(QUANTIZED_CACHE_BYTES)}
         if not self._holds:
             loaded["users"] += 1
             self._holds = True
@@ -165,8 +171,14 @@ class MemoryProbe:
     def apply(self, types: dict[str, str] | None = None, removed=()) -> None:
         """Change the loaded model: tensors at types (name -> type), layers removed."""
         weights = self.weights
+        cache = self._loaded()["quantized"]
+        key_imatrix = str(self.imatrix_path)
         for name, qtype in (types or {}).items():
-            data = quantized_bytes(weights.original(name), weights.shape(name), qtype, self.column_weights(name))
+            key = (name, qtype.upper(), key_imatrix)
+            data = cache.get(key)
+            if data is None:
+                data = quantized_bytes(weights.original(name), weights.shape(name), qtype, self.column_weights(name))
+                cache.put(key, data)
             weights.write_quantized(name, qtype, data)
         for layer in removed:
             for name in self.residual_outputs(layer):
@@ -238,6 +250,33 @@ def _matrices(values: np.ndarray, shape, column_weights: np.ndarray | None):
 def quantized_bytes(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
     """`values` (rows, row length) stored in `qtype`: the bytes a quantized file holds."""
     return np.concatenate([quantize_rows(m, qtype, w).reshape(-1) for m, w in _matrices(values, shape, column_weights)])
+
+
+class QuantizedCache:
+    """(tensor, type, imatrix) -> its quantized bytes, least recently used dropped past `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes = limit, 0
+        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        data = self._data.get(key)
+        if data is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return data
+
+    def put(self, key: tuple, data: np.ndarray) -> None:
+        if data.nbytes > self.limit:
+            return
+        self._data[key] = data
+        self.bytes += data.nbytes
+        while self.bytes > self.limit:
+            _, old = self._data.popitem(last=False)
+            self.bytes -= old.nbytes
 
 
 def probe_key(types: dict[str, str] | None = None, removed=()) -> str:
