@@ -544,7 +544,7 @@ def test_recipe_keys_load_and_round_trip(write_recipe):
     ("  target_kld: -0.1", "", "recipe.yaml:4: select.target_kld: expected a mean KLD above 0 (e.g. 0.05, in nats "
      "per token), got -0.1"),
     ("  target_kld: 0.05", ", prune: auto", "recipe.yaml:6: variants.a.prune: removing up to 2 layers is weighed "
-     "against bits at the same bytes, which a KLD target does not fix: give variant a a size budget (target_bpw "
+     "against bits at the same bytes, which target_kld does not fix: give variant a a size budget (target_bpw "
      "or target_size), or a prune list / prune: {auto: K}"),
     ("  target_size: lots", "", "recipe.yaml:4: select.target_size: expected a size like '180 MiB' or '1.2 GB', "
      "got 'lots'"),

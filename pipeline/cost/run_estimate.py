@@ -459,8 +459,8 @@ class _Estimator:
 
 def _budget_size(shape: Shape, budget, drop) -> int | None:
     key, value = budget
-    if key == "target_kld":
-        return None  # the size a quality target lands on is known once measured: the ftype's stands in
+    if key in ("target_kld", "target_memory"):
+        return None  # the size a quality or memory target lands on is known once run: the ftype's stands in
     if key == "target_size":
         return parse_size(value)
     n = shape.n_params - sum(shape.layer_params(i) for i in set(drop))

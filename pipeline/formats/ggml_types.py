@@ -60,3 +60,8 @@ def bytes_per_row(t: GGMLQuantizationType, n_per_row: int) -> int:
 def bits_per_weight(t: GGMLQuantizationType) -> float:
     bs, ts = GGML_QUANT_SIZES[t]
     return ts * 8 / bs
+
+
+# The KV cache types llama.cpp takes for a context's type_k / type_v (a quantized V cache needs
+# flash attention, llama.cpp's default where the backend has it).
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")

@@ -21,6 +21,7 @@ from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats import ggml_types
 from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import check_benchmark
+from pipeline.formats.ggml_types import KV_CACHE_TYPES
 from pipeline.recipe.schema import BUDGET_KEYS, SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
 from pipeline.units import parse_size
@@ -227,10 +228,11 @@ def validate(recipe: Recipe) -> None:
         if v.prune is not None:
             _check_prune(v.prune, base + ("prune",), w)
         _check_budget(v, base, w)
-        if recipe.prune_up_to_for(v) is not None and (recipe.budget_for(v) or ("",))[0] == "target_kld":
+        kind = (recipe.budget_for(v) or ("",))[0]
+        if recipe.prune_up_to_for(v) is not None and kind in ("target_kld", "target_memory"):
             key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
             raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against bits "
-                               f"at the same bytes, which a KLD target does not fix: give variant {v.name} a size "
+                               f"at the same bytes, which {kind} does not fix: give variant {v.name} a size "
                                "budget (target_bpw or target_size), or a prune list / prune: {auto: K}")
         if recipe.prune_up_to_for(v) is not None and recipe.budget_for(v) is None:
             key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
@@ -305,6 +307,28 @@ def _check_budget(spec, path, w):
     if spec.target_size is not None:
         if parse_size(spec.target_size, w(*path, "target_size")) <= 0:
             raise SqueezeError(f"{w(*path, 'target_size')}expected a size above zero, got {spec.target_size!r}")
+    if spec.target_memory is not None:
+        _check_memory_target(spec.target_memory, path + ("target_memory",), w)
+
+
+def _check_memory_target(t, path, w):
+    if parse_size(t.memory, w(*path, "memory")) <= 0:
+        raise SqueezeError(f"{w(*path, 'memory')}expected a size above zero, got {t.memory!r}")
+    if not isinstance(t.ctx, int) or t.ctx < 1:
+        raise SqueezeError(f"{w(*path, 'ctx')}expected a context of at least 1 token, got {t.ctx!r}")
+    if str(t.kv_type).lower() not in KV_CACHE_TYPES:
+        raise SqueezeError(f"{w(*path, 'kv_type')}unknown KV cache type {t.kv_type!r}; expected one of "
+                           f"{', '.join(KV_CACHE_TYPES)}")
+    margin = str(t.margin).strip()
+    if margin.endswith("%"):
+        try:
+            share = float(margin[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 <= share < 100:
+            raise SqueezeError(f"{w(*path, 'margin')}expected a share from 0% to 99% or a size, got {t.margin!r}")
+    elif parse_size(margin, w(*path, "margin")) < 0:
+        raise SqueezeError(f"{w(*path, 'margin')}expected a share like '5%' or a size, got {t.margin!r}")
 
 
 def _check_prune(layers, path, w):

@@ -57,8 +57,20 @@ class CalibrationSpec:
     imatrix: str | None = None  # an existing imatrix file (GGUF or legacy .dat) to use instead
 
 
-# The budgets a variant's types can be chosen for: two sizes and a quality (at most one).
-BUDGET_KEYS = ("target_bpw", "target_size", "target_kld")
+# The budgets a variant's types can be chosen for: two sizes, a quality and a device (at most one).
+BUDGET_KEYS = ("target_bpw", "target_size", "target_kld", "target_memory")
+
+
+@dataclass(frozen=True)
+class MemoryTarget:
+    """`target_memory: {memory: 8 GiB, ctx: 8192}`: the best mix whose file and the memory llama.cpp
+    allocates to run it at `ctx` tokens with a `kv_type` cache fit in `memory`, less `margin` (a
+    size, or a share like "5%", kept for what a process holds beyond llama.cpp's buffers)."""
+
+    memory: str
+    ctx: int = 4096
+    kv_type: str = "f16"
+    margin: str = "5%"
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ class SelectSpec:
     # ... or a quality target: the smallest mix whose KLD against the base, measured in memory on
     # calibration text, is at most this (pipeline.choose.measured_allocation.choose_types_for_kld).
     target_kld: float | None = None
+    # ... or a device: the best mix that runs in this much memory at this context (MemoryTarget).
+    target_memory: MemoryTarget | None = None
     # Under a budget: rounds of measuring the chosen mix in memory and allocating again with the
     # corrected predictions (pipeline.choose.measured_allocation); 0 trusts the sensitivity map.
     refine_rounds: int = 2
@@ -97,6 +111,7 @@ class VariantSpec:
     target_bpw: float | None = None  # replaces select's budget
     target_size: str | None = None
     target_kld: float | None = None
+    target_memory: MemoryTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -255,7 +270,7 @@ class Recipe:
             out[f"{name}.prune_up_to"] = up_to
         budget = self.budget_for(v)
         if budget is not None:
-            out[f"{name}.{budget[0]}"] = budget[1]
+            out[f"{name}.{budget[0]}"] = plain(budget[1])
         return out
 
     def beside(self, name: str) -> Path:

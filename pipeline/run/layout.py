@@ -130,6 +130,10 @@ class RunContext:
     def allocation_md_path(self, name: str) -> Path:
         return self.folder / "variants" / f"{name}.allocation.md"
 
+    def memory_fit_path(self, name: str) -> Path:
+        """A memory-targeted variant: what llama.cpp allocated to run it at the target's context."""
+        return self.folder / "variants" / f"{name}.memory.json"
+
     def target_path(self, name: str) -> Path:
         """A KLD-targeted variant's target and what its chosen mix measured on calibration text."""
         return self.folder / "variants" / f"{name}.target.json"

@@ -10,20 +10,31 @@ from pathlib import Path
 
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.quantize import quantize_file
+from pipeline.engine.runtime_memory import runtime_memory
+from pipeline.errors import SqueezeError
+from pipeline.formats.gguf_index import read_metadata
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
 from pipeline.choose.allocate import check_budget_fits, explain_markdown
 from pipeline.choose.budget import Layout, layout, tensor_bytes
 from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
+from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.schema import VariantSpec
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
+from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.units import MiB, parse_size
+
+
+# A memory target: tries at choosing, quantizing and loading the file before giving up, and bytes
+# taken off beyond the overshoot each time (llama.cpp rounds buffers up).
+MEMORY_TRIES = 3
+MEMORY_SHRINK_STEP = 256 << 10
 
 
 def steps(ctx: RunContext) -> list[Step]:
@@ -56,7 +67,9 @@ def steps(ctx: RunContext) -> list[Step]:
             outputs.append(ctx.allocation_md_path(v.name))
         if budget is not None and budget[0] == "target_kld":
             outputs.append(ctx.target_path(v.name))
-        what = (f"types for {budget[0]} {budget[1]}" if budget else f"{v.ftype.upper()}") + \
+        if budget is not None and budget[0] == "target_memory":
+            outputs.append(ctx.memory_fit_path(v.name))
+        what = (f"types for {budget[0]} {budget_text(budget)}" if budget else f"{v.ftype.upper()}") + \
                (f", layers {list(prune)} pruned" if prune else "") + \
                (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + \
                (f", up to {up_to} layers pruned where that beats bits" if up_to else "") + (", imatrix" if imatrix else "")
@@ -64,6 +77,14 @@ def steps(ctx: RunContext) -> list[Step]:
                         _action(ctx, v, src, imatrix, budget), variant=v.name, versions=engine_versions(),
                         produces=f"variants/{v.name}.gguf ({what})"))
     return out
+
+
+def budget_text(budget) -> str:
+    """A budget's value as a recipe writes it: `4.5`, `180 MiB`, `0.05`, `8 GiB at ctx 8192 (f16 cache)`."""
+    key, value = budget
+    if key == "target_memory":
+        return f"{value.memory} at ctx {value.ctx} ({value.kv_type} cache)"
+    return f"{value}"
 
 
 def _budget_where(ctx: RunContext, v: VariantSpec, budget) -> str:
@@ -104,64 +125,122 @@ def target_note(chosen: TargetChoice) -> str:
     return " ".join(lines)
 
 
-def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout) -> int:
+def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout, runtime_bytes: int | None = None) -> int:
+    """The file's bytes for a size budget; for a memory target, what is left beside `runtime_bytes`."""
     key, value = budget
     if key == "target_size":
         return parse_size(value, _budget_where(ctx, v, budget))
+    if key == "target_memory":
+        return file_budget(value, runtime_bytes or 0, _budget_where(ctx, v, budget))
     return int(float(value) * lay.n_params / 8) + lay.overhead
 
 
 def check_budget_reachable(ctx: RunContext, v: VariantSpec, budget) -> None:
     """A budget below the smallest file the candidate types allow is refused before any work."""
     lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path)
+    if budget[0] == "target_memory":
+        _check_memory_reachable(ctx, v, budget, lay)
+        return
     want = budget_bytes(ctx, v, budget, lay)
     label = f"{budget[1]} bits per weight ({want / MiB:.1f} MiB)" if budget[0] == "target_bpw" else f"{budget[1]!r}"
     check_budget_fits(want, lay.smallest, _budget_where(ctx, v, budget), label)
 
 
+def _check_memory_reachable(ctx: RunContext, v: VariantSpec, budget, lay: Layout) -> None:
+    """Before any work: the smallest file plus a KV cache no layer can go below must fit (the
+    compute buffers are known once llama.cpp makes the context, at run time)."""
+    target, where = budget[1], _budget_where(ctx, v, budget)
+    info = ctx.model_info
+    keys = next((t for t in info.tensors if t.name.endswith("attn_k.weight") and t.shape), None)
+    if keys is None or len(keys.shape) < 2:
+        return  # a model not here yet: its shapes come with it
+    n_layers = info.n_layers - len(ctx.recipe.prune_for(v))
+    kv = kv_lower_bound(n_layers, int(keys.shape[1]), target.ctx, target.kv_type, _sliding_window(ctx))
+    check_fits(target, lay.smallest + kv, f"the smallest file, {lay.smallest / MiB:.1f} MiB, and a KV cache of at "
+               f"least {kv / MiB:.1f} MiB at ctx {target.ctx} ({target.kv_type})", where)
+
+
+def _sliding_window(ctx: RunContext) -> int | None:
+    """The model's sliding attention window (GGUF metadata), None without one or before the model is here."""
+    path = ctx.base_path if ctx.base_path.exists() else None
+    if path is None:
+        source = parse_source(ctx.recipe)
+        path = source_gguf(ctx.recipe, source) if source.kind in ("gguf", "pypi") else None
+    if path is None:
+        return None
+    key = f"{ctx.model_info.arch}.attention.sliding_window"
+    return next((int(kv.value) for kv in read_metadata(path)[0] if kv.key == key and isinstance(kv.value, int)), None)
+
+
 def _action(ctx: RunContext, v, src: Path, imatrix, budget):
+    if budget is None or budget[0] != "target_memory":
+        return lambda io: _quantize(ctx, v, src, imatrix, budget, io)
+
     def run(io):
-        recipe = ctx.recipe
-        layers = ctx.variant_layers(v)
-        choices = resolve_types(recipe, v, ctx.model_info)
-        extra = {}
-        token_embd_type = recipe.token_embedding_type_for(v)
-        if budget is not None:
-            choices, chosen = _budget_choices(ctx, v, budget, layers, choices, imatrix)
-            alloc = chosen.allocation
-            token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
-            extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
-                     "budget_bytes": alloc.budget_bytes, "calibration_kld": chosen.measured_kld,
-                     "refinement": chosen.history}
-            note = (f"Types chosen for `{budget[0]}: {budget[1]}` from measured sensitivities "
-                    f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
-            if isinstance(chosen, TargetChoice):
-                extra.update({"target_kld": chosen.target_kld, "target_met_on_calibration": chosen.met,
-                              "next_cheaper": chosen.next_cheaper})
-                note += "\n\n" + target_note(chosen)
-                io.out(ctx.target_path(v.name)).write_text(json.dumps(
-                    {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
-                     "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
-                     "next_cheaper": chosen.next_cheaper}, indent=1) + "\n")
-            weighed = _prune_or_bits_note(ctx, v)
-            if weighed:
-                note += "\n\n" + weighed
-            io.out(ctx.allocation_md_path(v.name)).write_text(
-                explain_markdown(alloc, f"{v.name}: every tensor's type", note, history=chosen.history))
-        lines = tensor_type_file_lines({n: c.type for n, c in choices.items()}, layers)
-        if budget is not None and token_embd_type:
-            lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
-        io.out(ctx.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
-        needed = extra.get("predicted_bytes") or predicted_variant_bytes(ctx, v, {n: c.type for n, c in choices.items()},
-                                                                          layers)
-        check_room(f"quantize {v.name}", ctx.variant_path(v.name).parent, needed)
-        quantize_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
-                      imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
-                      output_type=recipe.output_type_for(v),
-                      token_embedding_type=token_embd_type, threads=ctx.threads)
-        return {**extra, "pruned_layers": list(layers),
-                "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
+        """Choose for the bytes the memory leaves beside the context's buffers (read back from
+        llama.cpp on the variant's source, which has the layers the variant keeps); then load the
+        file as it will run and read back what llama.cpp allocates. If it does not fit (a file's
+        buffers differ a little from its base's), choose again with the overshoot taken off."""
+        target, where = budget[1], _budget_where(ctx, v, budget)
+        runtime = runtime_memory(src, target.ctx, target.kv_type, threads=ctx.threads).runtime
+        room = memory_bytes(target, where) - margin_bytes(target, where)
+        shrink = 0
+        for _ in range(MEMORY_TRIES):
+            extra = _quantize(ctx, v, src, imatrix, budget, io, runtime + shrink)
+            fit = runtime_memory(io.out(ctx.variant_path(v.name)), target.ctx, target.kv_type, threads=ctx.threads)
+            if fit.total <= room:
+                record = {"memory_bytes": memory_bytes(target, where), "margin_bytes": margin_bytes(target, where),
+                          "ctx": target.ctx, "kv_type": target.kv_type,
+                          "runtime_bytes_of_source": runtime, **fit.to_json()}
+                io.out(ctx.memory_fit_path(v.name)).write_text(json.dumps(record, indent=1) + "\n")
+                return {**extra, "memory_fit": {k: v_ for k, v_ in record.items() if k != "llama_cpp_says"}}
+            shrink += fit.total - room + MEMORY_SHRINK_STEP
+        raise SqueezeError(f"{where}no mix fits {target.memory} at ctx {target.ctx} after {MEMORY_TRIES} tries: "
+                           f"llama.cpp allocates {fit.total / MiB:.1f} MiB for the last, {room / MiB:.1f} MiB allowed")
     return run
+
+
+def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes: int | None = None):
+    recipe = ctx.recipe
+    layers = ctx.variant_layers(v)
+    choices = resolve_types(recipe, v, ctx.model_info)
+    extra = {}
+    token_embd_type = recipe.token_embedding_type_for(v)
+    if budget is not None:
+        choices, chosen = _budget_choices(ctx, v, budget, layers, choices, imatrix, runtime_bytes)
+        alloc = chosen.allocation
+        token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
+        extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
+                 "budget_bytes": alloc.budget_bytes, "calibration_kld": chosen.measured_kld,
+                 "refinement": chosen.history}
+        note = (f"Types chosen for `{budget[0]}: {budget_text(budget)}` from measured sensitivities "
+                f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
+        if isinstance(chosen, TargetChoice):
+            extra.update({"target_kld": chosen.target_kld, "target_met_on_calibration": chosen.met,
+                          "next_cheaper": chosen.next_cheaper})
+            note += "\n\n" + target_note(chosen)
+            io.out(ctx.target_path(v.name)).write_text(json.dumps(
+                {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
+                 "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
+                 "next_cheaper": chosen.next_cheaper}, indent=1) + "\n")
+        weighed = _prune_or_bits_note(ctx, v)
+        if weighed:
+            note += "\n\n" + weighed
+        io.out(ctx.allocation_md_path(v.name)).write_text(
+            explain_markdown(alloc, f"{v.name}: every tensor's type", note, history=chosen.history))
+    lines = tensor_type_file_lines({n: c.type for n, c in choices.items()}, layers)
+    if budget is not None and token_embd_type:
+        lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
+    io.out(ctx.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
+    needed = extra.get("predicted_bytes") or predicted_variant_bytes(ctx, v, {n: c.type for n, c in choices.items()},
+                                                                      layers)
+    check_room(f"quantize {v.name}", ctx.variant_path(v.name).parent, needed)
+    quantize_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
+                  imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
+                  output_type=recipe.output_type_for(v),
+                  token_embedding_type=token_embd_type, threads=ctx.threads)
+    return {**extra, "pruned_layers": list(layers),
+            "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
 
 
 def _prune_or_bits_note(ctx: RunContext, v) -> str:
@@ -172,7 +251,7 @@ def _prune_or_bits_note(ctx: RunContext, v) -> str:
     return json.loads(ctx.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
 
 
-def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
+def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
     """Every tensor's type for the budget; recipe rules still win for the tensors they name. The
     choice is refined by measuring it in memory on the unpruned base (pruned layers removed in
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
@@ -181,14 +260,14 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
     lay = layout(info, layers, ctx.base_path)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
     sized = layout(info, (), ctx.base_path) if ctx.recipe.prune_up_to_for(v) is not None else lay
-    want = budget_bytes(ctx, v, budget, sized) if budget[0] != "target_kld" else None
+    want = budget_bytes(ctx, v, budget, sized, runtime_bytes) if budget[0] != "target_kld" else None
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}
     for name, c in rule_choices.items():  # tensors a rule pins are spent first
         if layer_of(name) not in set(layers) and name in by_name:
             fixed += tensor_bytes(c.type, by_name[name].shape)
     rounds = ctx.recipe.select.refine_rounds
-    where, label = _budget_where(ctx, v, budget), f"{budget[1]}"
+    where, label = _budget_where(ctx, v, budget), budget_text(budget)
     if budget[0] == "target_kld":
         chosen = _kld_target_choice(ctx, sens, float(budget[1]), fixed, layers, rule_choices, imatrix, where)
     elif rounds == 0:
@@ -203,5 +282,5 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix):
     alloc = chosen.allocation
     for t, ty in alloc.types.items():
         o = alloc.options[t][alloc.chosen[t]]
-        choices[t] = Choice(t, ty, f"{budget[0]} {budget[1]}: predicted KLD {o.kld:.2e}")
+        choices[t] = Choice(t, ty, f"{budget[0]} {budget_text(budget)}: predicted KLD {o.kld:.2e}")
     return choices, chosen
