@@ -52,7 +52,7 @@ from pipeline.choose.memory_probe import MemoryProbe  # noqa: E402
 from pipeline.choose.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
 from pipeline.recipe.rules import tensor_type_file_lines  # noqa: E402
 from pipeline.report.sensitivity import save_sensitivity  # noqa: E402
-from pipeline.stages.probes import PROBE_CHUNKS  # noqa: E402
+from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
 from pipeline.units import MiB, parse_size  # noqa: E402
 
 VARIANTS = OUT / "variants"

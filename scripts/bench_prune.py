@@ -41,7 +41,7 @@ from pipeline.fsutil import read_text, sha256_file, write_json_atomic, write_tex
 from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.choose.prune_auto import choose_layers
 from pipeline.choose.sensitivity import imatrix_layer_stats
-from pipeline.stages.probes import PROBE_CHUNKS
+from pipeline.choose.memory_probe import PROBE_CHUNKS
 
 DITHERED_WORK = WORK / "dithered"  # apart from the plain base's cached files, which share their names
 

