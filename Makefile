@@ -9,9 +9,12 @@ SQUEEZE := $(VENV)/bin/squeeze
 EXTRAS ?= gemma270m,convert,test
 # `make setup GPU=cuda` builds the engine with llama.cpp's CUDA backend (needs the CUDA toolkit);
 # the default is a CPU build, and a later `make` keeps what setup built (`GPU=` goes back to the
-# CPU). Metal on macOS is on without asking.
+# CPU). Metal on macOS is on without asking. CUDA_ARCHS=86,90 picks the GPU architectures
+# (default 90-real: the H100/H200 alone; ggml's own default is 7 of them, several times the build).
 GPU ?= $(shell cat $(VENV)/squeeze-gpu 2>/dev/null)
-export GPU
+CUDA_ARCHS ?= $(shell cat $(VENV)/squeeze-cuda-archs 2>/dev/null)
+export GPU CUDA_ARCHS
+BUILD := $(or $(GPU),cpu)$(if $(filter cuda,$(GPU)),-$(or $(CUDA_ARCHS),default))
 # Where the public datasets live (wikitext-2, calibration text, task sets); users point it at
 # their own copies, and known datasets are downloaded when online.
 SQUEEZE_DATA ?= $(abspath ../shared/datasets)
@@ -24,15 +27,15 @@ run: setup
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py $(VENV)/.gpu-$(or $(GPU),cpu)
+$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py $(VENV)/.gpu-$(BUILD)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install_engine.sh $(PY)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-# A change of GPU= reinstalls the engine (each build has its own cached wheel).
-$(VENV)/.gpu-$(or $(GPU),cpu):
+# A change of GPU= or CUDA_ARCHS= reinstalls the engine (each build has its own cached wheel).
+$(VENV)/.gpu-$(BUILD):
 	mkdir -p $(VENV) && rm -f $(VENV)/.gpu-* && touch $@
 
 status: setup
@@ -47,7 +50,7 @@ reference: setup
 	$(SQUEEZE) toolchain --build
 
 test: setup reference
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean-results:
 	rm -rf results/$(recipe)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import click
 
+from pipeline.cost.gpu_rates import gpu as gpu_spec
+from pipeline.cost.rates import machine_rates
+from pipeline.cost.run_estimate import estimate_run, format_estimate, parse_count
 from pipeline.engine import toolchain as tc
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
 from pipeline.fsutil import atomic_path
-from pipeline.cost.gpu_rates import gpu as gpu_spec
-from pipeline.cost.rates import machine_rates
 from pipeline.recipe.load import dump_recipe
 from pipeline.report.card import write_card
 from pipeline.report.compare import compare as compare_runs
@@ -24,7 +25,6 @@ from pipeline.report.statistics import write_statistics
 from pipeline.report.tables import report_markdown, scored_variants
 from pipeline.run.ray_executor import RayExecutor
 from pipeline.run.runner import Interrupted, Runner, signals_interrupt
-from pipeline.cost.run_estimate import estimate_run, format_estimate, parse_count
 from pipeline.stages.freshness import remember_recipe, require_fresh, run_context
 from pipeline.stages.publish import publish as publish_run
 from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run
@@ -165,7 +165,7 @@ def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, activ
 def status(recipe, results):
     """Show each step as done, stale (and why), missing or failed (and why; --keep-going)."""
     ctx = open_run(recipe, results)
-    for v in Runner(ctx.folder, echo=click.echo).status(build_steps(ctx)):
+    for v in Runner(ctx.folder, echo=click.echo, read_only=True).status(build_steps(ctx)):
         detail = f" ({v.reason})" if v.state in ("stale", "failed") else ""
         click.echo(f"{v.step.key:<30} {v.state}{detail}")
 

@@ -34,25 +34,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import OUT, ROOT, WORK, calibration, dataset, log, probe  # noqa: E402
+from bench_common import OUT, ROOT, WORK, dithered_base, log, probe, write_json, write_text  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
+from pipeline.choose.allocate import explain_markdown  # noqa: E402
+from pipeline.choose.budget import layout  # noqa: E402
+from pipeline.choose.groups import CANDIDATE_TYPES  # noqa: E402
+from pipeline.choose.measured_allocation import choose_types  # noqa: E402
+from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
+from pipeline.choose.memory_probe import MemoryProbe  # noqa: E402
+from pipeline.choose.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
 from pipeline.engine.backend import engine_versions  # noqa: E402
 from pipeline.engine.quantize import quantize_file  # noqa: E402
 from pipeline.formats.gguf_index import read_index  # noqa: E402
 from pipeline.formats.model_info import read_model_info  # noqa: E402
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, exact_pattern  # noqa: E402
-from pipeline.fsutil import read_text, write_json_atomic, write_text_atomic  # noqa: E402
-from pipeline.choose.allocate import explain_markdown  # noqa: E402
-from pipeline.choose.budget import layout  # noqa: E402
-from pipeline.choose.groups import CANDIDATE_TYPES  # noqa: E402
-from pipeline.choose.measured_allocation import choose_types  # noqa: E402
-from pipeline.choose.memory_probe import MemoryProbe  # noqa: E402
-from pipeline.choose.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
 from pipeline.recipe.rules import tensor_type_file_lines  # noqa: E402
 from pipeline.report.sensitivity import save_sensitivity  # noqa: E402
-from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
 from pipeline.units import MiB, parse_size  # noqa: E402
 
 VARIANTS = OUT / "variants"
@@ -119,8 +118,8 @@ def auto_row(args, regime: str, label: str, budget: int, stock: dict | None, ctx
     dst.unlink()
     stem = f"auto-{regime}-{label.replace(' ', '')}"
     title = f"{regime} regime, budget {label} ({budget / MiB:.2f} MiB)"
-    write_text_atomic(VARIANTS / f"{stem}.allocation.md", explain_markdown(choice.allocation, title, history=choice.history))
-    write_text_atomic(VARIANTS / f"{stem}.tensor-types.txt",
+    write_text(VARIANTS / f"{stem}.allocation.md", explain_markdown(choice.allocation, title, history=choice.history))
+    write_text(VARIANTS / f"{stem}.tensor-types.txt",
                       "\n".join(tensor_type_file_lines(choice.allocation.types)) + "\n")
     predicted = ctx["text_factor"] * choice.predicted_kld
     row = {"regime": regime, "budget": label, "budget_bytes": budget,
@@ -169,13 +168,10 @@ def main() -> None:
     ap.add_argument("--regimes", default="free,blocks")
     ap.add_argument("--rounds", type=int, default=3, help="refinement rounds (1: measure once, no correction)")
     args = ap.parse_args()
-    from tests.example_model import example_base_dithered
-
-    base = example_base_dithered()
-    info = read_model_info(base)
-    imatrix, layers_csv = calibration(base)
+    dithered = dithered_base()
+    base, info, imatrix, layers_csv = dithered.path, dithered.info, dithered.imatrix, dithered.layers_csv
     VARIANTS.mkdir(parents=True, exist_ok=True)
-    cal = MemoryProbe(base, read_text(dataset("groups_merged")), 512, PROBE_CHUNKS, imatrix_path=imatrix)
+    cal = dithered.calibration_probe()
     sens = sensitivities(base, imatrix, layers_csv, cal)
     wiki = probe(base, "wikitext-2", 512, args.chunks)
     ctx = {"base": base, "imatrix": imatrix, "sens": sens, "cal": cal, "wiki": wiki, "info": info}
@@ -219,7 +215,7 @@ def main() -> None:
             "base": f"{base.name} (Gemma 3 270M F16 base dithered off its Q4_K_M grid, {base.stat().st_size} bytes)",
             "score": f"wikitext-2 test, {args.chunks} x 512 tokens", "verdicts": verdicts,
             "text_factor": ctx["text_factor"]}
-    write_json_atomic(OUT / "allocate.json", {"benchmark": "allocate", **meta, "imatrix": str(imatrix),
+    write_json(OUT / "allocate.json", {"benchmark": "allocate", **meta, "imatrix": str(imatrix),
                                               "calibration_probe": f"groups_merged, {PROBE_CHUNKS} x 512 tokens, in memory",
                                               "text_factor_note": "median over the stock files of KLD on the scoring "
                                                                   "text / KLD on the calibration chunks; predicted_kld = "
@@ -227,7 +223,7 @@ def main() -> None:
                                               "versions": engine_versions(), "rows": rows,
                                               "columns": "regime, budget, stock_bytes, stock_kld, auto_bytes, auto_kld, "
                                                          "predicted_kld"})
-    write_text_atomic(OUT / "allocate.md", markdown(rows, meta))
+    write_text(OUT / "allocate.md", markdown(rows, meta))
     cal.close()
     print(json.dumps(verdicts, indent=1))
 

@@ -9,15 +9,21 @@
   first on a warm or cold page cache; every timing is reported as median, min and max with the
   load average around it, the exact command lines, and what still differs between the two sides.
   `Harness.write` puts JSON and Markdown into results/bench/ and prints side-by-side ratios.
+* Records name files so that they read the same on any machine (`portable`, `write_json`,
+  `write_text`): the checkout's own files relative to it (`scripts/bench_score.py`), the others by
+  what they are (`<venv>/bin/python`, `<cache>/squeeze/test-models/...`, `<tmp>/...`): the
+  committed records must not carry the absolute paths of the machine that made them.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,61 @@ OUT = ROOT / "results" / "bench"
 WORK = OUT / "work"
 
 
+# ---- paths in the records ---------------------------------------------------------------------
+
+def _path_names() -> list[tuple[str, str]]:
+    """(absolute folder, what a record calls it), each folder also as its real path; the
+    checkout's own folder becomes '' (paths relative to it)."""
+    cache = Path(os.environ.get("SQUEEZE_CACHE") or Path.home() / ".cache" / "squeeze")
+    named = [(Path(sys.prefix), "<venv>"), (cache, "<cache>/squeeze"), (Path.home() / ".cache", "<cache>"),
+             *((Path(d), "<datasets>") for d in os.environ.get("SQUEEZE_DATA", "").split(os.pathsep) if d),
+             (ROOT, ""), (ROOT.parent / "shared", "../shared"), (Path(tempfile.gettempdir()), "<tmp>"),
+             (Path("/tmp"), "<tmp>"), (Path.home(), "~")]
+    pairs = {}
+    for folder, name in named:
+        for form in (str(folder.absolute()), str(folder.resolve())):
+            if form != "/":
+                pairs.setdefault(form.rstrip("/"), name)
+    return sorted(pairs.items(), key=lambda p: -len(p[0]))  # the venv inside the checkout wins
+
+
+def portable_text(text: str) -> str:
+    """`text` with every absolute path under a known folder renamed as `_path_names` says."""
+    names = _path_names()
+    lookup = dict(names)
+    # a folder ends at '/' or at a character no path name goes on with (space, quote, ')' ...)
+    pattern = re.compile("(?:" + "|".join(re.escape(folder) for folder, _ in names) + r")(?![\w.-])(/)?")
+
+    def rename(match: re.Match) -> str:
+        folder = match.group(0).removesuffix("/") if match.group(1) else match.group(0)
+        name = lookup[folder]
+        if not name:  # the checkout itself: relative paths
+            return "" if match.group(1) else "."
+        return name + ("/" if match.group(1) else "")
+
+    return pattern.sub(rename, text)
+
+
+def portable(value):
+    """A record (mappings, lists, strings, Paths) with its paths made portable (`portable_text`)."""
+    if isinstance(value, dict):
+        return {portable(k): portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    if isinstance(value, (str, Path)):
+        return portable_text(str(value))
+    return value
+
+
+def write_json(path: Path, record) -> None:
+    """A benchmark record as JSON (written under a temporary name, then renamed), paths made portable."""
+    write_json_atomic(path, portable(record))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_text_atomic(path, portable_text(text))
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -49,6 +110,32 @@ def base_f16() -> Path:
 
 def dataset(name: str) -> Path:
     return resolve_dataset(name, None, f"{name}: ")
+
+
+@dataclass(frozen=True)
+class DitheredBase:
+    """The base the quality benchmarks choose on: the 270M F16 taken off its Q4_K_M grid, its
+    header facts, and one calibration pass (20 chunks of groups_merged), all cached."""
+
+    path: Path
+    info: object  # pipeline.formats.model_info.ModelInfo
+    imatrix: Path
+    layers_csv: Path
+
+    def calibration_probe(self, memo: Path | None = None):
+        """The in-memory KLD probe on the calibration text the choices are made on."""
+        from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe
+
+        return MemoryProbe(self.path, read_text(dataset("groups_merged")), 512, PROBE_CHUNKS,
+                           imatrix_path=self.imatrix, memo=memo)
+
+
+def dithered_base() -> DitheredBase:
+    from pipeline.formats.model_info import read_model_info
+    from tests.example_model import example_base_dithered
+
+    base = example_base_dithered()
+    return DitheredBase(base, read_model_info(base), *calibration(base))
 
 
 # ---- cached work files ----------------------------------------------------------------------
@@ -264,9 +351,10 @@ class Harness:
             "structural_differences": structural_differences,
             **(extra or {}),
         }
+        result = portable(result)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / f"{self.name}.json", result)
-        write_text_atomic(out / f"{self.name}.md", self.markdown(result, extra_md or []))
+        write_json(out / f"{self.name}.json", result)
+        write_text(out / f"{self.name}.md", self.markdown(result, extra_md or []))
         self.print_summary(result)
         return result
 

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 if (ROOT.parent / "shared" / "datasets").is_dir():
     os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
-from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic  # noqa: E402
+from bench_common import write_json  # noqa: E402
+
+from pipeline.fsutil import atomic_path, cache_dir  # noqa: E402
 from pipeline.sources.hf_convert import run_converter, safetensors_header  # noqa: E402
 
 SHAPES = {  # name: (layers, vocab)
@@ -116,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     work = cache_dir("bench", "convert-work")
     rows = [bench(name, *SHAPES[name], work) for name in (args.only or SHAPES)]
-    write_json_atomic(Path(args.out), {
+    write_json(Path(args.out), {
         "scaling": scaling(rows),
         "what": "peak RSS of convert_hf_to_gguf.py (lazy mode) converting random bf16 Gemma 3 270M-class "
                 "checkpoints to F16, measured on the converter process via wait4",

@@ -27,12 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import OUT, ROOT, log, run_child
+from bench_common import OUT, ROOT, log, run_child, write_json, write_text
 
-from pipeline.engine.backend import engine_versions
-from pipeline.fsutil import write_json_atomic, write_text_atomic
 from pipeline.cost.rates import cached_rates, cpu_name, machine_rates
 from pipeline.cost.run_estimate import estimate_run, format_estimate
+from pipeline.engine.backend import engine_versions
 from pipeline.stages.registry import build_steps, open_run
 
 DEFAULT_RECIPE = "recipes/gemma3-270m-pruned.yaml"
@@ -189,8 +188,8 @@ def main() -> None:
         "run_output_tail": output.splitlines()[-5:],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / f"{args.name}.json", result)
-    write_text_atomic(args.out / f"{args.name}.md", markdown(result))
+    write_json(args.out / f"{args.name}.json", result)
+    write_text(args.out / f"{args.name}.md", markdown(result))
     t = result["total"]
     log(f"total: predicted {t['predicted_s']} s, measured {t['measured_steps_s']} s in steps "
         f"({t['time_error_pct']} %); bytes {t['bytes_error_pct']} %; wrote {args.out / args.name}.json/.md")

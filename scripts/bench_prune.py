@@ -29,19 +29,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench_common import OUT, WORK, calibration, dataset, log, probe
+from bench_common import OUT, WORK, calibration, dataset, log, probe, write_json, write_text
 
 from pipeline.cache import MadeFrom, cached
+from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe
+from pipeline.choose.prune_auto import choose_layers
+from pipeline.choose.sensitivity import imatrix_layer_stats
 from pipeline.engine.backend import engine_versions
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import read_model_info
 from pipeline.formats.prune import prune_gguf
-from pipeline.fsutil import read_text, sha256_file, write_json_atomic, write_text_atomic
-from pipeline.choose.memory_probe import MemoryProbe
-from pipeline.choose.prune_auto import choose_layers
-from pipeline.choose.sensitivity import imatrix_layer_stats
-from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.fsutil import read_text, sha256_file
 
 DITHERED_WORK = WORK / "dithered"  # apart from the plain base's cached files, which share their names
 
@@ -94,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown_only:
         out = Path(args.out)
-        write_text_atomic(out.with_suffix(".md"), markdown(json.loads(out.read_text())))
+        write_text(out.with_suffix(".md"), markdown(json.loads(out.read_text())))
         return
     started, load_start = time.monotonic(), os.getloadavg()
 
@@ -172,8 +171,8 @@ def main() -> None:
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     }
     out = Path(args.out)
-    write_json_atomic(out, result)
-    write_text_atomic(out.with_suffix(".md"), markdown(result))
+    write_json(out, result)
+    write_text(out.with_suffix(".md"), markdown(result))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
 
 

@@ -24,22 +24,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import OUT, ROOT, calibration, dataset, log  # noqa: E402
+from bench_common import OUT, ROOT, dithered_base, log, write_json, write_text  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
 from bench_allocate import held_types, sensitivities  # noqa: E402
+
 from pipeline.choose.budget import layout  # noqa: E402
 from pipeline.choose.groups import CANDIDATE_TYPES, group_of  # noqa: E402
 from pipeline.choose.measured_allocation import choose_types  # noqa: E402
-from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe  # noqa: E402
+from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
 from pipeline.choose.sensitivity import Sensitivity, group_alphas, kind_gains  # noqa: E402
 from pipeline.choose.weight_errors import BLOCK_ROWS, MIN_ROWS_PER_MATRIX, VOCAB_ROWS, tensor_errors  # noqa: E402
 from pipeline.engine.backend import engine_versions  # noqa: E402
 from pipeline.engine.quantize import quantize_file  # noqa: E402
-from pipeline.formats.model_info import read_model_info  # noqa: E402
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD  # noqa: E402
-from pipeline.fsutil import read_text, write_json_atomic, write_text_atomic  # noqa: E402
 
 SAME_TYPES_TARGET = 0.95
 KLD_TARGET = 0.02
@@ -58,12 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="Q2_K,Q3_K_M,Q4_K_M")
     args = ap.parse_args()
-    from tests.example_model import example_base_dithered
-
-    base = example_base_dithered()
-    info = read_model_info(base)
-    imatrix, layers_csv = calibration(base)
-    cal = MemoryProbe(base, read_text(dataset("groups_merged")), 512, PROBE_CHUNKS, imatrix_path=imatrix)
+    dithered = dithered_base()
+    base, info, imatrix, layers_csv = dithered.path, dithered.info, dithered.imatrix, dithered.layers_csv
+    cal = dithered.calibration_probe()
     sens = sensitivities(base, imatrix, layers_csv, cal)
 
     timings, errors = {}, {}
@@ -112,7 +108,7 @@ def main() -> None:
             "relative_error": {"median": statistics.median(rel), "p95": sorted(rel)[int(0.95 * (len(rel) - 1))],
                                "max": max(rel), "pairs": len(rel)},
             "rows": rows, "verdicts": verdicts}
-    write_json_atomic(OUT / "sampled-errors.json", data)
+    write_json(OUT / "sampled-errors.json", data)
     md = ["# Weight errors from sampled rows against every row", "",
           f"{data['date']}. {data['base']}; imatrix {data['imatrix']}; KLD measured {data['probe']}. "
           f"Sampling rule: at most {BLOCK_ROWS} rows per block tensor (at least {MIN_ROWS_PER_MATRIX} per expert "
@@ -126,7 +122,7 @@ def main() -> None:
     md += [f"| {r['budget']} | {r['tensors']} | {r['same_type_share']:.1%} | {r['full_kld']:.4f} | "
            f"{r['sampled_kld']:.4f} | {r['kld_difference']:+.2%} |" for r in rows]
     md += ["", *[f"- {v}" for v in verdicts]]
-    write_text_atomic(OUT / "sampled-errors.md", "\n".join(md) + "\n")
+    write_text(OUT / "sampled-errors.md", "\n".join(md) + "\n")
     log("wrote results/bench/sampled-errors.json and .md")
 
 

@@ -35,10 +35,10 @@ TARGET_S = 180
 
 def side_main(args) -> None:
     """Child process: the whole map one way, its KLDs and counts written to args.output."""
-    from pipeline.formats.model_info import read_model_info
-    from pipeline.fsutil import read_text, write_json_atomic
     from pipeline.choose.groups import CANDIDATE_TYPES, probe_types
     from pipeline.choose.sensitivity import probe_units, unit_key
+    from pipeline.formats.model_info import read_model_info
+    from pipeline.fsutil import read_text, write_json_atomic
 
     info = read_model_info(args.model)
     text = read_text(args.text)

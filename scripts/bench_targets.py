@@ -27,19 +27,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import OUT, ROOT, calibration, dataset, log, probe  # noqa: E402
+from bench_common import OUT, ROOT, dithered_base, log, probe, write_json, write_text  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
 from bench_allocate import build_file, sensitivities  # noqa: E402
+
 from pipeline.choose.budget import layout  # noqa: E402
 from pipeline.choose.measured_allocation import choose_types, choose_types_for_kld  # noqa: E402
 from pipeline.choose.memory_budget import file_budget, margin_bytes, memory_bytes  # noqa: E402
-from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe  # noqa: E402
+from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
 from pipeline.engine.backend import engine_versions  # noqa: E402
 from pipeline.engine.runtime_memory import runtime_memory  # noqa: E402
-from pipeline.formats.model_info import read_model_info  # noqa: E402
-from pipeline.fsutil import read_text, write_json_atomic, write_text_atomic  # noqa: E402
 from pipeline.recipe.schema import MemoryTarget  # noqa: E402
 from pipeline.units import MiB  # noqa: E402
 
@@ -52,13 +51,9 @@ def main() -> None:
     ap.add_argument("--klds", default="0.02,0.05,0.1")
     ap.add_argument("--chunks", type=int, default=20, help="wikitext-2 chunks of 512 every file is scored on")
     args = ap.parse_args()
-    from tests.example_model import example_base_dithered
-
-    base = example_base_dithered()
-    info = read_model_info(base)
-    imatrix, layers_csv = calibration(base)
-    cal = MemoryProbe(base, read_text(dataset("groups_merged")), 512, PROBE_CHUNKS, imatrix_path=imatrix,
-                      memo=OUT / "work" / "targets.probes.memo.jsonl")
+    dithered = dithered_base()
+    base, info, imatrix, layers_csv = dithered.path, dithered.info, dithered.imatrix, dithered.layers_csv
+    cal = dithered.calibration_probe(memo=OUT / "work" / "targets.probes.memo.jsonl")
     sens = sensitivities(base, imatrix, layers_csv, cal)
     wiki = probe(base, "wikitext-2", 512, args.chunks)
     lay = layout(info, (), base)
@@ -114,7 +109,7 @@ def main() -> None:
                       "vocabulary (512 MiB): llama.cpp reserves it at any context.",
                       "The 5 % margin is for what a process holds beyond llama.cpp's buffers; a GPU driver's context "
                       "is not in it."]}
-    write_json_atomic(OUT / "targets.json", data)
+    write_json(OUT / "targets.json", data)
     md = ["# Quality and memory targets", "",
           f"{data['date']}. {data['base']}; imatrix {data['imatrix']}; measured while choosing on {data['calibration']}; "
           f"scored on {data['scoring']}.", "",
@@ -138,7 +133,7 @@ def main() -> None:
     md += ["", "Weights, KV, output and compute are the buffer sizes llama.cpp reports when the file is loaded with "
                "that context and cache type (one sequence, its default batch sizes, the sliding-window cache at "
                "the window).", "", *[f"- {n}" for n in data["notes"]]]
-    write_text_atomic(OUT / "targets.md", "\n".join(md) + "\n")
+    write_text(OUT / "targets.md", "\n".join(md) + "\n")
     log("wrote results/bench/targets.json and .md")
 
 

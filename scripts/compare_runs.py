@@ -22,8 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_common import write_json  # noqa: E402
+
 from pipeline.formats.gguf_index import read_index  # noqa: E402
-from pipeline.fsutil import write_json_atomic  # noqa: E402
 
 
 def tensor_digests(path: Path) -> dict[str, str]:
@@ -87,7 +88,7 @@ def main() -> int:
         print(f"scores/{name}: {'same numbers' if v['same'] else 'DIFFERENT ' + str(v)}")
     print("identical" if result["same"] else "the runs differ")
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json(args.json, result)
     return 0 if result["same"] else 1
 
 

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import SqueezeError
 from pipeline.choose import knapsack
 from pipeline.choose.allocate import _hull, allocate, explain_markdown, mix_bytes, tensor_options
 from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
 from pipeline.choose.refine import refine
 from pipeline.choose.sensitivity import Sensitivity, TensorError
+from pipeline.errors import SqueezeError
 from pipeline.recipe.rules import tensor_type_file_lines
 from pipeline.units import MiB, parse_size
 
@@ -538,9 +538,9 @@ def test_recipe_keys_load_and_round_trip(write_recipe):
     ("  prune: auto", "", "recipe.yaml:4: select.prune: removing up to 2 layers is weighed against spending the "
      "same bytes on bits, so variant a needs a size budget (target_bpw or target_size)"),
     ("  target_bpw: 4\n  target_size: 1 GB", "", "recipe.yaml:5: select.target_size: give one budget (target_bpw, "
-     "target_size or target_kld), not both target_bpw and target_size"),
+     "target_size, target_kld or target_memory), not both target_bpw and target_size"),
     ("  target_kld: 0.05", ", target_size: 1 GB, target_kld: 0.05", "recipe.yaml:6: variants.a.target_kld: give "
-     "one budget (target_bpw, target_size or target_kld), not both target_size and target_kld"),
+     "one budget (target_bpw, target_size, target_kld or target_memory), not both target_size and target_kld"),
     ("  target_kld: -0.1", "", "recipe.yaml:4: select.target_kld: expected a mean KLD above 0 (e.g. 0.05, in nats "
      "per token), got -0.1"),
     ("  target_kld: 0.05", ", prune: auto", "recipe.yaml:6: variants.a.prune: removing up to 2 layers is weighed "
@@ -581,15 +581,11 @@ def test_a_budget_below_the_smallest_file_is_refused_before_any_work(write_recip
 def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp_path, monkeypatch):
     """The quantize stage allocates from sensitivity.json (here: errors that shrink with bits,
     alphas from the tensor kind) and llama.cpp writes exactly the chosen types within the budget."""
-    import os
-
-    from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
+    from pipeline.choose.sensitivity import group_of
     from pipeline.formats.gguf_index import read_index
-    from pipeline.choose.budget import tensor_bytes
-    from pipeline.choose.sensitivity import CANDIDATE_TYPES, group_of
     from pipeline.run.runner import Runner
     from pipeline.stages import quantize
-    from pipeline.stages.registry import open_run
+    from tests.made_up_map import run_with_made_up_map
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe("""
@@ -598,20 +594,7 @@ def test_budget_variant_is_quantized_within_its_size(base_f16, write_recipe, tmp
         variants:
           auto: {ftype: Q4_0, target_size: 190 MiB}
         """)
-    ctx = open_run(path.name, tmp_path / "results")
-    ctx.folder.mkdir(parents=True, exist_ok=True)
-    os.link(base_f16, ctx.base_path)
-    errors, groups = [], set()
-    for t in ctx.model_info.quantizable():
-        g = group_of(t.name)
-        for q in CANDIDATE_TYPES:
-            if g and fits(t.shape, q):
-                n = t.shape[0] * t.shape[1]
-                errors.append(TensorError(t.name, g, q, tensor_bytes(q, t.shape),
-                                          n * 4.0 ** -bits_per_weight(tensor_type(q))))
-                groups.add(g)
-    alphas = {g: (10.0 if g == "token_embd" else 1.0) for g in groups}
-    ctx.sensitivity_json_path.write_text(Sensitivity([], {}, alphas, errors, {}).to_json())
+    ctx = run_with_made_up_map(base_f16, path, tmp_path / "results", lambda g: 10.0 if g == "token_embd" else 1.0)
     Runner(ctx.folder, echo=lambda m: None).run(quantize.steps(ctx))
     size = ctx.variant_path("auto").stat().st_size
     assert 180 * MiB < size <= 190 * MiB
@@ -693,14 +676,10 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
     """Two variants with the same KLD target: the first searches (measuring each mix in memory on
     the real model), the second finds every measurement in the run's probe memo."""
     import json
-    import os
 
-    from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
-    from pipeline.choose.budget import tensor_bytes
-    from pipeline.choose.sensitivity import CANDIDATE_TYPES, group_of
     from pipeline.run.runner import Runner
     from pipeline.stages import quantize
-    from pipeline.stages.registry import open_run
+    from tests.made_up_map import run_with_made_up_map
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe("""
@@ -712,19 +691,8 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
           first: {ftype: Q4_0}
           second: {ftype: Q4_0}
         """)
-    ctx = open_run(path.name, tmp_path / "results")
-    ctx.folder.mkdir(parents=True, exist_ok=True)
-    os.link(base_f16, ctx.base_path)
-    errors, groups = [], set()
-    for t in ctx.model_info.quantizable():
-        g = group_of(t.name)
-        for q in CANDIDATE_TYPES:
-            if g and fits(t.shape, q):
-                errors.append(TensorError(t.name, g, q, tensor_bytes(q, t.shape),
-                                          t.shape[0] * t.shape[1] * 4.0 ** -bits_per_weight(tensor_type(q))))
-                groups.add(g)
-    alphas = {g: (1e-6 if g == "token_embd" else 1e-7) for g in groups}  # a made-up map: the measurements correct it
-    ctx.sensitivity_json_path.write_text(Sensitivity([], {}, alphas, errors, {}).to_json())
+    # a made-up map, far off the real KLDs: the measurements correct it
+    ctx = run_with_made_up_map(base_f16, path, tmp_path / "results", lambda g: 1e-6 if g == "token_embd" else 1e-7)
     Runner(ctx.folder, echo=lambda m: None).run(quantize.steps(ctx))
     said = capsys.readouterr().out
     first, second = (json.loads(ctx.target_path(n).read_text()) for n in ("first", "second"))

@@ -184,20 +184,65 @@ def test_damaged_manifest_is_set_aside_and_every_step_runs_again(folder, content
     assert Runner(folder, echo=lines.append).run([step]) == {"ran": 0, "skipped": 1}
 
 
-def test_a_damaged_step_record_is_dropped_and_the_others_kept(folder):
+def run_then_damage_one_record(folder: Path) -> tuple[Step, Step, dict]:
+    """Two steps run, then the manifest's record of the second damaged: a list where a mapping of
+    hashes belongs. Returns the steps and the manifest's data as it was before the damage."""
     a = text_step(folder / "in.txt", folder / "a.txt", stage="convert")
     b = text_step(folder / "in.txt", folder / "b.txt", stage="score")
     Runner(folder, echo=lambda line: None).run([a, b])
     manifest = folder / "manifest.json"
     data = json.loads(manifest.read_text())
-    data["steps"]["score b"]["outputs"] = ["b.txt"]  # a list where a mapping of hashes belongs
-    manifest.write_text(json.dumps(data))
+    damaged = json.loads(manifest.read_text())
+    damaged["steps"]["score b"]["outputs"] = ["b.txt"]
+    manifest.write_text(json.dumps(damaged))
+    return a, b, data
+
+
+def test_a_damaged_step_record_is_dropped_and_the_others_kept(folder):
+    a, b, _ = run_then_damage_one_record(folder)
+    manifest = folder / "manifest.json"
     lines = []
     Runner(folder, echo=lines.append).run([a, b])
     aside = next(p.name for p in folder.iterdir() if p.name.startswith("manifest.json.corrupt-"))
     assert lines == [f"{manifest}: step record 'score b' damaged; set aside as {aside}; 1 readable step records "
                      f"kept, and every step it cannot vouch for runs again",
                      "convert a: up to date", "score b: run, no previous result", lines[-1]]
+
+
+def test_status_reports_a_damaged_manifest_and_leaves_it_in_place(folder):
+    a, b, data = run_then_damage_one_record(folder)
+    manifest = folder / "manifest.json"
+    damaged = manifest.read_bytes()
+    before = sorted(p.name for p in folder.iterdir())
+    lines = []
+    verdicts = Runner(folder, echo=lines.append, read_only=True).status([a, b])
+    assert lines == [f"{manifest}: step record 'score b' damaged; left in place (`squeeze run` sets it aside); "
+                     f"1 readable step records used, and every step it cannot vouch for shows as stale or missing"]
+    assert [(v.step.key, v.state) for v in verdicts] == [("convert a", "done"), ("score b", "missing")]
+    assert manifest.read_bytes() == damaged and sorted(p.name for p in folder.iterdir()) == before
+    # `run` is the one that sets it aside
+    Runner(folder, echo=lambda line: None).run([a, b])
+    assert [p.name for p in folder.iterdir() if p.name.startswith("manifest.json.corrupt-")]
+    assert json.loads(manifest.read_text())["steps"]["score b"]["outputs"] == {"b.txt": {
+        "size": 5, "sha256": data["steps"]["convert a"]["outputs"]["a.txt"]["sha256"]}}
+
+
+def test_squeeze_status_on_a_damaged_manifest_warns_and_changes_nothing(base_f16, tmp_path):
+    recipe = tmp_path / "model.yaml"
+    recipe.write_text(f"model: {{source: {base_f16}}}\nvariants: {{Q8_0: Q8_0}}\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    damaged = b'{"schema": 1, "steps": {"convert": {"stage": "conv'
+    (results / "manifest.json").write_bytes(damaged)
+    out = CliRunner().invoke(main, ["status", str(recipe), "--results", str(results)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].startswith(f"{results / 'manifest.json'}: not valid JSON (")
+    assert lines[0].endswith("; left in place (`squeeze run` sets it aside), and every step it cannot vouch "
+                             "for shows as stale or missing")
+    assert lines[1:] and all(line.split()[-1] == "missing" for line in lines[1:])
+    assert (results / "manifest.json").read_bytes() == damaged
+    assert sorted(p.name for p in results.iterdir()) == ["manifest.json"]
 
 
 def test_damaged_hash_cache_is_rebuilt_quietly(folder):

@@ -1,18 +1,22 @@
 """The benchmark harness is fair by construction: at least 3 runs a side, the sides alternating
 which goes first, every run's command and load recorded, and the structural differences written
-beside the numbers (scripts/bench_common.py; the benchmarks themselves are not run here)."""
+beside the numbers (scripts/bench_common.py; the benchmarks themselves are not run here). The
+records name files relative to the repository or by what they are, never by this machine's paths."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import Harness, Side  # noqa: E402
+from bench_common import Harness, Side, portable, portable_text  # noqa: E402
 
 
 def test_fewer_than_three_repetitions_is_refused():
@@ -32,7 +36,7 @@ def test_sides_alternate_and_everything_is_recorded(tmp_path):
     assert [r["position"] for r in comp["runs"] if r["side"] == "squeeze"] == [0, 1, 0, 1]
     for name, side in (("squeeze", sq), ("llama-nothing", cli)):
         rec = comp["sides"][name]
-        assert rec["command"] == side.argv and len(rec["seconds"]["runs"]) == 4
+        assert rec["command"] == portable(side.argv) and len(rec["seconds"]["runs"]) == 4
         assert rec["seconds"]["min"] <= rec["seconds"]["median"] <= rec["seconds"]["max"]
     assert comp["sides"]["squeeze"]["call"] == "nothing()"
     assert all(len(r["load_before"]) == 3 and len(r["load_after"]) == 3 for r in comp["runs"])
@@ -41,3 +45,36 @@ def test_sides_alternate_and_everything_is_recorded(tmp_path):
     assert on_disk["comparisons"][0]["ratio"] == comp["ratio"]
     md = (tmp_path / "tiny.md").read_text()
     assert "## What still differs between the two sides" in md and "- one sleeps" in md
+    assert sys.executable not in md and f"`{portable_text(sys.executable)} -c pass`" in md
+
+
+def test_paths_in_a_record_are_relative_to_the_repository_or_named_by_what_they_are():
+    cache = Path.home() / ".cache" / "squeeze"
+    record = {"argv": [sys.executable, str(ROOT / "scripts" / "bench_score.py"), "--work",
+                       str(ROOT / "results" / "bench" / "work"), "--model", str(cache / "test-models" / "m.gguf")],
+              "line": f"cd {ROOT} && ls {Path(tempfile.gettempdir()) / 'x'} {ROOT}2/y", str(ROOT / "k"): 1.5}
+    out = portable(record)
+    assert out["argv"][1:] == ["scripts/bench_score.py", "--work", "results/bench/work", "--model",
+                               "<cache>/squeeze/test-models/m.gguf"]
+    assert out["argv"][0].startswith("<venv>/") or not sys.executable.startswith(sys.prefix)
+    assert out["line"] == f"cd . && ls <tmp>/x {ROOT}2/y"  # a sibling folder is not the checkout
+    assert out["k"] == 1.5
+
+
+# A path that starts at the root of one of the machines the records were made on (not a relative
+# path that merely contains such a folder, like results/bench/work/).
+MACHINE_PATH = re.compile(r"(?<![\w.>~-])/(?:work|root|home|tmp)/")
+
+
+def test_committed_benchmark_records_hold_no_absolute_paths():
+    bench = ROOT / "results" / "bench"
+    found = []
+    for path in sorted(bench.rglob("*")):
+        parts = path.relative_to(bench).parts
+        if not path.is_file() or parts[0] == "work" or path.suffix not in (".json", ".md", ".csv", ".txt"):
+            continue  # work/ is the benchmarks' local scratch folder (git ignores it)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if MACHINE_PATH.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {MACHINE_PATH.search(line).group(0)}...")
+    assert not found, "absolute paths in committed records (scripts/bench_common.portable makes them " \
+                      "relative):\n" + "\n".join(found[:20])

@@ -43,13 +43,13 @@ def run_stages(recipe_path, stages=UP_TO_QUANTIZE):
 @pytest.mark.slow
 def test_run_writes_imatrix_layers_and_statistics_and_quantizes_with_them(base_f16, calibration_sample,
                                                                            write_recipe):
-    recipe = write_recipe(RECIPE.format(source=base_f16, text=calibration_sample, ctx=512))
+    recipe = write_recipe(RECIPE.format(source=base_f16, text=calibration_sample, ctx=256))
     ctx, log = run_stages(recipe)
     assert "imatrix: run, no previous result" in log and "statistics: run, no previous result" in log
     im = read_imatrix(ctx.imatrix_path)
-    assert (im.chunk_count, im.chunk_size, im.datasets) == (2, 512, [str(calibration_sample)])
+    assert (im.chunk_count, im.chunk_size, im.datasets) == (2, 256, [str(calibration_sample)])
     assert len(im.entries) == 18 * 7
-    assert [r.tokens for r in read_layers_csv(ctx.layers_path)] == [1024] * 18
+    assert [r.tokens for r in read_layers_csv(ctx.layers_path)] == [512] * 18
     stats = ctx.stats_csv_path.read_text().splitlines()
     assert stats[0].startswith("layer,tensor,name,sum_act2,min,max,mean,stddev,active_pct,n,entropy")
     assert len(stats) == 1 + 18 * 7

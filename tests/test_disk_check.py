@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.cost.rates import write_probe_model
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import PARTIAL_MARK, ensure_free_space
-from pipeline.cost.rates import write_probe_model
 
 SMALL = {"n_embd": 256, "n_ff": 768, "n_layers": 4, "n_head": 4, "n_head_kv": 2, "n_vocab": 4096}  # 8.6 MB F16
 

@@ -77,26 +77,27 @@ def test_dither_on_a_source_that_was_never_quantized_is_refused_in_one_line(tmp_
                                          "quantized GGUF, so there is no grid to take its base off; drop model.dither")
 
 
-LADDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+# the types around the Q4_K_M grid the source was on, where an artifact would break the order
+LADDER = ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 
 
 @pytest.mark.slow
 def test_on_the_dithered_base_kld_falls_strictly_with_bits(base_dithered, tmp_path):
     """With the imatrix of the dithered base, as a new user would quantize it (2 x 512 tokens of
-    calibration text; KLD on 4 x 512 tokens of wikitext-2)."""
+    calibration text; KLD on 4 x 256 tokens of wikitext-2)."""
     tokens = calibration_tokens(base_dithered, [resolve_dataset("groups_merged")])
     totals, _ = collect(base_dithered, tokens, 512, 2)
     imatrix = tmp_path / "imatrix.gguf"
     write_imatrix(imatrix, to_imatrix(totals, 512, ["groups_merged.txt"]))
     with Model(base_dithered) as model:
-        chunks = perplexity.make_chunks(model, read_text(resolve_dataset("wikitext-2")), 512, 4)
-        with Context(model, 512, 4) as c:
+        chunks = perplexity.make_chunks(model, read_text(resolve_dataset("wikitext-2")), 256, 4)
+        with Context(model, 256, 4) as c:
             base = perplexity.base_distribution(model, c, chunks)
     kld = {}
     for ftype in LADDER:
         path = tmp_path / f"{ftype}.gguf"
         quantize_file(base_dithered, path, ftype, imatrix_path=imatrix)
-        with Model(path) as model, Context(model, 512, 4) as c:
+        with Model(path) as model, Context(model, 256, 4) as c:
             kld[ftype] = perplexity.summarize(base, perplexity.score_against_base(model, c, base))["mean_kld"]
         path.unlink()
     values = [kld[t] for t in LADDER]

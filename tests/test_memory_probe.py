@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.choose.file_probes import KLDProbe, build_mixed, file_kld, file_tensor_errors
+from pipeline.choose.groups import group_of, probe_types
+from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
+from pipeline.choose.weight_errors import tensor_errors
 from pipeline.engine.ggml_quant import dequantize_rows, quantize_rows, round_trip
 from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.model_info import read_model_info
 from pipeline.fsutil import read_text
-from pipeline.choose.file_probes import KLDProbe, build_mixed, file_kld, file_tensor_errors
-from pipeline.choose.groups import group_of, probe_types
-from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
-from pipeline.choose.weight_errors import tensor_errors
 
 CTX, CHUNKS = 256, 2
 
@@ -172,7 +172,7 @@ KILLED_RUN = textwrap.dedent("""
         return out
 
     probe = MemoryProbe(Path(base), read_text(Path(text)), 256, 2, imatrix_path=Path(imatrix))
-    run_sensitivity(probe, read_model_info(Path(base)), Path(imatrix), layers=[0, 1, 2], log_path=Path(log),
+    run_sensitivity(probe, read_model_info(Path(base)), Path(imatrix), layers=[0], log_path=Path(log),
                     map=map_then_die)
 """)
 
@@ -198,11 +198,11 @@ def test_a_killed_sensitivity_step_resumes_with_the_probes_it_had(base_f16, imat
 
     info = read_model_info(base_f16)
     with MemoryProbe(base_f16, _text(calibration_sample), CTX, CHUNKS, imatrix_path=imatrix) as probe:
-        result = run_sensitivity(probe, info, imatrix, layers=[0, 1, 2], log_path=log, map=counting_map,
+        result = run_sensitivity(probe, info, imatrix, layers=[0], log_path=log, map=counting_map,
                                  echo=said.append)
-        # 3 layers x 3 probes, the embedding, 7 kinds: the 4 measured before the kill are not measured again
-        assert said == [f"sensitivity: resuming with 4 of 17 probes measured ({log.name})"]
-        assert len(measured) == 13 and (0, "removed") not in measured
+        # 1 layer x 3 probes, the embedding, 7 kinds: the 4 measured before the kill are not measured again
+        assert said == [f"sensitivity: resuming with 4 of 11 probes measured ({log.name})"]
+        assert len(measured) == 7 and (0, "removed") not in measured
         # what was logged before the kill is what an uninterrupted probe measures
         first = json.loads(lines[1])
         assert first["unit"] == "0.removed"

@@ -7,7 +7,6 @@ figures."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -84,30 +83,16 @@ def test_llama_cpp_reports_its_buffers_and_the_sliding_window_cache_holds_the_wi
 
 @pytest.mark.slow
 def test_a_memory_targeted_variant_fits_when_loaded_as_it_will_run(base_f16, write_recipe, tmp_path, monkeypatch):
-    from pipeline.choose.budget import tensor_bytes
-    from pipeline.choose.sensitivity import CANDIDATE_TYPES, Sensitivity, TensorError, group_of
     from pipeline.engine.runtime_memory import runtime_memory
-    from pipeline.formats.ggml_types import bits_per_weight, fits, tensor_type
     from pipeline.run.runner import Runner
     from pipeline.stages import quantize
-    from pipeline.stages.registry import open_run
+    from tests.made_up_map import run_with_made_up_map
 
     monkeypatch.chdir(tmp_path)
     path = write_recipe(RECIPE.format(target="{memory: 780 MiB, ctx: 4096}") + "  b: {ftype: Q4_0, target_memory: "
                                                                                "{memory: 780 MiB, ctx: 4096, kv_type: q8_0}}\n")
     path.write_text(path.read_text().replace("select:\n", "select:\n  refine_rounds: 0\n"))
-    ctx = open_run(path.name, tmp_path / "results")
-    ctx.folder.mkdir(parents=True, exist_ok=True)
-    os.link(base_f16, ctx.base_path)
-    errors, groups = [], set()  # a made-up map: errors that shrink with bits (the fit is what is tested)
-    for t in ctx.model_info.quantizable():
-        g = group_of(t.name)
-        for q in CANDIDATE_TYPES:
-            if g and fits(t.shape, q):
-                errors.append(TensorError(t.name, g, q, tensor_bytes(q, t.shape),
-                                          t.shape[0] * t.shape[1] * 4.0 ** -bits_per_weight(tensor_type(q))))
-                groups.add(g)
-    ctx.sensitivity_json_path.write_text(Sensitivity([], {}, {g: 1.0 for g in groups}, errors, {}).to_json())
+    ctx = run_with_made_up_map(base_f16, path, tmp_path / "results")  # the fit is what is tested
     Runner(ctx.folder, echo=lambda m: None).run(quantize.steps(ctx))
     allowed = 780 * MiB - int(0.05 * 780 * MiB)
     fit = {}

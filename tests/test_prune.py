@@ -285,9 +285,9 @@ def test_removing_layers_in_memory_measures_what_the_pruned_file_does(base_f16, 
     """Zeroed residual outputs (the probe) against the layers cut from the file: the same KLD
     within 1 %, at a context past the 512-token window, where keeping each layer's attention
     kind matters (old layer 17 is global)."""
-    from pipeline.fsutil import read_text
     from pipeline.choose.file_probes import KLDProbe
     from pipeline.choose.memory_probe import MemoryProbe
+    from pipeline.fsutil import read_text
     from pipeline.sources.datasets import resolve_dataset
 
     text = read_text(resolve_dataset("wikitext-2"))[:20000]
@@ -306,12 +306,12 @@ def test_removing_layers_in_memory_measures_what_the_pruned_file_does(base_f16, 
 
 @pytest.mark.slow
 def test_sleb_finds_a_set_no_proxy_beats(base_f16, squeeze_imatrix, calibration_sample):
-    from pipeline.formats.imatrix_file import read_imatrix
-    from pipeline.formats.layers_csv import block_influence
-    from pipeline.fsutil import read_text
     from pipeline.choose.memory_probe import MemoryProbe
     from pipeline.choose.prune_auto import PROXIES, choose_layers
     from pipeline.choose.sensitivity import imatrix_layer_stats
+    from pipeline.formats.imatrix_file import read_imatrix
+    from pipeline.formats.layers_csv import block_influence
+    from pipeline.fsutil import read_text
 
     im_path, layers_csv = squeeze_imatrix
     cossim = {k: v["cossim"] for k, v in imatrix_layer_stats(read_imatrix(im_path)).items()}

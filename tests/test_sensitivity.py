@@ -10,12 +10,13 @@ import gguf
 import numpy as np
 import pytest
 
-from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
-from pipeline.formats.tensor_names import ATTN_KINDS
 from pipeline.choose.file_probes import build_mixed
 from pipeline.choose.groups import group_of, low_type_for, low_types
 from pipeline.choose.sensitivity import LayerRow, imatrix_layer_stats, proxy_correlations, spearman
-from pipeline.choose.weight_errors import BLOCK_ROWS, MIN_ROWS_PER_MATRIX, VOCAB_ROWS, row_limit, sampled_rows, tensor_errors
+from pipeline.choose.weight_errors import (BLOCK_ROWS, MIN_ROWS_PER_MATRIX, VOCAB_ROWS, row_limit, sampled_rows,
+                                           tensor_errors)
+from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
+from pipeline.formats.tensor_names import ATTN_KINDS
 from pipeline.report.sensitivity import plot_heatmap
 
 
@@ -75,8 +76,8 @@ def probe(base_f16):
     import os
     from pathlib import Path
 
-    from pipeline.fsutil import read_text
     from pipeline.choose.file_probes import KLDProbe
+    from pipeline.fsutil import read_text
 
     text = read_text(Path(os.environ["SQUEEZE_DATA"]) / "imatrix-calibration" / "groups_merged.txt")
     return KLDProbe(base_f16, text, 256, 2)

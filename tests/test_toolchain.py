@@ -135,8 +135,17 @@ def test_a_cuda_build_has_its_own_flags_and_cache_name(monkeypatch):
     monkeypatch.setenv("SQUEEZE_GPU", "")
     cpu_args, cpu_id = build_flags.cmake_args(), build_flags.flags_id()
     monkeypatch.setenv("SQUEEZE_GPU", "cuda")
-    assert build_flags.cmake_args() == cpu_args + ["-DGGML_CUDA=ON"]
+    monkeypatch.setenv("SQUEEZE_CUDA_ARCHS", "")  # nothing asked: the H100/H200 alone
+    assert build_flags.cmake_args() == cpu_args + ["-DGGML_CUDA=ON", "-DGGML_CUDA_NO_VMM=ON",
+                                                   "-DCMAKE_CUDA_ARCHITECTURES=90-real"]
+    assert build_flags.flags_id().startswith("cuda90_real-")
     assert build_flags.flags_id() != cpu_id  # the CPU wheel is never reused for a CUDA build
+    monkeypatch.setenv("SQUEEZE_CUDA_ARCHS", "86,90")
+    assert build_flags.cmake_args()[-1] == "-DCMAKE_CUDA_ARCHITECTURES=86;90"
+    monkeypatch.setenv("SQUEEZE_CUDA_ARCHS", "hopper")
+    with pytest.raises(SystemExit, match="CUDA_ARCHS=hopper: expected CUDA architectures"):
+        build_flags.cmake_args()
+    monkeypatch.setenv("SQUEEZE_CUDA_ARCHS", "")
     monkeypatch.setenv("SQUEEZE_GPU", "rocm")
     with pytest.raises(SystemExit, match="GPU=rocm: expected one of: cuda"):
         build_flags.cmake_args()

@@ -24,9 +24,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pipeline.choose import knapsack
 from pipeline.errors import SqueezeError
 from pipeline.formats.tensor_names import kind_of, sort_key
-from pipeline.choose import knapsack
 from pipeline.units import MiB
 
 if TYPE_CHECKING:  # only its fields are read: the allocator stays arithmetic, free of the engine

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.choose.groups import CANDIDATE_TYPES, group_of
 from pipeline.formats import ggml_types
 from pipeline.formats.ggml_types import fits
 from pipeline.formats.gguf_index import read_index
 from pipeline.formats.model_info import ModelInfo
 from pipeline.formats.tensor_names import layer_of
-from pipeline.choose.groups import CANDIDATE_TYPES, group_of
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.choose.groups import CANDIDATE_TYPES, group_of
+from pipeline.choose.weight_errors import TensorError, column_weights
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
@@ -24,8 +26,6 @@ from pipeline.formats.prune import prune_gguf
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
-from pipeline.choose.groups import CANDIDATE_TYPES, group_of
-from pipeline.choose.weight_errors import TensorError, column_weights
 from pipeline.progress import serial_map
 
 

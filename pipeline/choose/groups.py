@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline.formats.ggml_types import fits
 from pipeline.formats.model_info import ModelInfo
-from pipeline.formats.tensor_names import ATTN_KINDS, MLP_KINDS, TOKEN_EMBD, kind_of, layer_of, parse
+from pipeline.formats.tensor_names import ATTN_KINDS, FFN_KINDS, TOKEN_EMBD, kind_of, layer_of, parse
 
 LOW_TYPE = "Q2_K"
 LOW_FALLBACK = "Q4_0"
@@ -20,7 +20,8 @@ CANDIDATE_TYPES = ("IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "Q4_K", "Q5_K", 
 
 
 def group_of(name: str) -> str | None:
-    """'token_embd', '<layer>.attn' or '<layer>.mlp': the unit a KLD is measured for."""
+    """'token_embd', '<layer>.attn' or '<layer>.mlp': the unit a KLD is measured for. An MoE
+    layer's routed and shared experts are its MLP; its router is never quantized."""
     if name == TOKEN_EMBD:
         return "token_embd"
     n = parse(name)
@@ -28,7 +29,7 @@ def group_of(name: str) -> str | None:
         return None
     if n.kind in ATTN_KINDS:
         return f"{n.layer}.attn"
-    if n.kind in MLP_KINDS:
+    if n.kind in FFN_KINDS:
         return f"{n.layer}.mlp"
     return None
 
@@ -49,10 +50,11 @@ KIND_PREFIX = "kind:"  # (None, "kind:ffn_down"): that kind at the low type in e
 
 
 def kind_units(info: ModelInfo) -> list[tuple[None, str]]:
-    """One probe per tensor kind of the blocks' attention and MLP (attn_q ... ffn_down): how much
-    KLD a unit of that kind's weight error costs, compared across kinds."""
+    """One probe per tensor kind of the blocks' attention and MLP (attn_q ... ffn_down, and an
+    MoE's ffn_*_exps and ffn_*_shexp): how much KLD a unit of that kind's weight error costs,
+    compared across kinds, so routed experts, shared experts and attention each get their own."""
     present = {kind_of(t.name) for t in info.quantizable() if layer_of(t.name) is not None}
-    return [(None, KIND_PREFIX + k) for k in ATTN_KINDS + MLP_KINDS if k in present]
+    return [(None, KIND_PREFIX + k) for k in ATTN_KINDS + FFN_KINDS if k in present]
 
 
 def probe_types(info: ModelInfo, unit: tuple[int | None, str]) -> dict[str, str]:
@@ -66,4 +68,4 @@ def probe_types(info: ModelInfo, unit: tuple[int | None, str]) -> dict[str, str]
         return {t.name: low_type_for(t.shape) for t in info.quantizable() if t.name == TOKEN_EMBD}
     if what == "removed":
         return {}
-    return low_types(info, layer, ATTN_KINDS if what == "attn" else MLP_KINDS)
+    return low_types(info, layer, ATTN_KINDS if what == "attn" else FFN_KINDS)

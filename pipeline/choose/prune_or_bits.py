@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.errors import SqueezeError
 from pipeline.choose.allocate import Allocation
+from pipeline.errors import SqueezeError
 from pipeline.units import MiB
 
 

@@ -28,8 +28,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.errors import SqueezeError
 from pipeline.choose.allocate import Allocation
+from pipeline.errors import SqueezeError
 
 
 @dataclass

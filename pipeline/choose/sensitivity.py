@@ -30,16 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.choose.groups import (CANDIDATE_TYPES, EMBEDDING, KIND_PREFIX, LAYER_PROBES, group_of, kind_units,
+                                    probe_types)
+from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
+from pipeline.choose.weight_errors import TensorError, tensor_errors
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import Imatrix, read_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import ModelInfo
 from pipeline.formats.tensor_names import kind_of
-from pipeline.choose.groups import (CANDIDATE_TYPES, EMBEDDING, KIND_PREFIX, LAYER_PROBES, group_of, kind_units,
-                                     probe_types)
-from pipeline.choose.memory_probe import MemoryProbe, ProbeLog
 from pipeline.measure.statistics import layer_statistics, tensor_statistics
-from pipeline.choose.weight_errors import TensorError, tensor_errors
 from pipeline.progress import serial_map
 
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.choose.budget import tensor_bytes
 from pipeline.engine.ggml_quant import round_trip
 from pipeline.formats.ggml_types import fits
 from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.model_info import ModelInfo
 from pipeline.formats.tensor_names import layer_of
-from pipeline.choose.budget import tensor_bytes
 from pipeline.progress import bar
 
 # Rows sampled per tensor (see the module's docstring): a 262k x 640 embedding keeps 1 row in 16,

@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from pipeline.cost.gpu_rates import GPU
+from pipeline.cost.rates import Rates
 from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.model_info import ModelInfo, TensorInfo, synthetic_model_info
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, kind_of, layer_of
-from pipeline.cost.gpu_rates import GPU
-from pipeline.cost.rates import Rates
 
 ALIGNMENT = 32  # GGUF tensor data alignment
 # A hub model's vocabulary in the GGUF header: token string, score and type per entry (typical).

@@ -44,20 +44,20 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from pipeline.choose.groups import CANDIDATE_TYPES
 from pipeline.engine.backend import default_threads, engine_versions
 from pipeline.engine.build_flags import flags_id
 from pipeline.engine.context import Context
 from pipeline.engine.ggml_quant import quantize_rows, round_trip
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
+from pipeline.errors import SqueezeError
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.formats.imatrix_file import write_imatrix
-from pipeline.errors import SqueezeError
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
-from pipeline.choose.groups import CANDIDATE_TYPES
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 3  # of the cached record; bump when the probe measures differently
+RATES_FORMAT = 4  # of the cached record; bump when the probe measures differently
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -506,16 +506,16 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
         chunks = perplexity.make_chunks(model, text, PROBE_CTX, PROBE_CHUNKS)
         n_seq = min(perplexity.seqs_per_batch(PROBE_CTX), PROBE_CHUNKS)
         with Context(model, PROBE_CTX, n_seq, threads) as c:
-            base_s, dist = _timed(lambda: perplexity.base_distribution(model, c, chunks))
-            # the same decodes with nothing done per chunk: what the numpy work adds is the difference
-            eval_f16_s, _ = _timed(lambda: perplexity.evaluate_logits(c, chunks, lambda *a: None, "probe"))
+            # the numpy work alone is timed (a difference of two timed decodes is noise on a busy machine)
+            sketch_spent: dict = {}
+            dist = perplexity.base_distribution(model, c, chunks, spent=sketch_spent)
     # calibration: the forward pass plus the eval hook that copies and sums every matmul input
     cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, PROBE_CTX, PROBE_CHUNKS, threads=threads,
                                                             progress_desc="probe"))
     hook_values = n_tok * hooked_values_per_token(PROBE_DIMS)
     hook_rate = hook_values / max(cal_s - n_tok * flops / pp_f16, 0.05 * cal_s)
     scored = chunks.tokens.shape[0] * chunks.n_scored
-    sketch = max(base_s - eval_f16_s, 0.0) / (scored * nv)
+    sketch = sketch_spent["numpy_s"] / (scored * nv)
     imatrix = folder / f".probe-imatrix-{os.getpid()}.gguf"
     write_imatrix(imatrix, calibration.to_imatrix(totals, PROBE_CTX, ["probe"]))
     try:
@@ -535,11 +535,10 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
         tg_s_per_token = 1.0 / sp[f"tg{PROBE_TG}"]["mean"]
         qbytes = model.size_bytes
         with Context(model, PROBE_CTX, n_seq, threads) as c:
-            kld_s, _ = _timed(lambda: perplexity.score_against_base(model, c, dist))
-            eval_q_s, _ = _timed(lambda: perplexity.evaluate_logits(c, chunks, lambda *a: None, "probe"))
+            kld_spent: dict = {}
+            perplexity.score_against_base(model, c, dist, spent=kld_spent)
         scaling = measure_scaling(model)
-    # (a busy machine can make these differences zero: machine_rates refuses to cache that)
-    kld = max(kld_s - eval_q_s, 0.0) / (scored * nv)
+    kld = kld_spent["numpy_s"] / (scored * nv)
     # a single-token decode reads every weight once: bandwidth-bound (its fixed cost folded in)
     tg_rate = qbytes / tg_s_per_token
 

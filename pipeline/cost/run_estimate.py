@@ -11,24 +11,24 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.engine.backend import supports_gpu_offload
-from pipeline.errors import SqueezeError
-from pipeline.formats.gguf_index import read_index, read_metadata
-from pipeline.formats.model_info import read_model_info
-from pipeline.formats.task_data import BENCHMARKS
-from pipeline.formats.tensor_names import TOKEN_EMBD, layer_of
-from pipeline.measure import drift as drift_measure
-from pipeline.cost import estimate as est
-from pipeline.cost.estimate import Pricer, Shape, StepCost
-from pipeline.cost.gpu_rates import GPU
 from pipeline.choose.groups import CANDIDATE_TYPES, group_of, kind_units, low_type_for
 from pipeline.choose.measured_allocation import GROUP_SHARE
 from pipeline.choose.memory_probe import PROBE_CHUNKS
-from pipeline.choose.weight_errors import row_limit, sampled_rows
-from pipeline.formats.ggml_types import fits
-from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
 from pipeline.choose.prune_auto import search_probes
+from pipeline.choose.weight_errors import row_limit, sampled_rows
+from pipeline.cost import estimate as est
+from pipeline.cost.estimate import Pricer, Shape, StepCost
+from pipeline.cost.gpu_rates import GPU
 from pipeline.cost.rates import Rates
+from pipeline.engine.backend import supports_gpu_offload
+from pipeline.errors import SqueezeError
+from pipeline.formats.ggml_types import fits
+from pipeline.formats.gguf_index import read_index, read_metadata
+from pipeline.formats.model_info import read_model_info
+from pipeline.formats.task_data import BENCHMARKS
+from pipeline.formats.tensor_names import layer_of
+from pipeline.measure import drift as drift_measure
+from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
 from pipeline.measure.tasks import load_selected
 from pipeline.recipe.rules import resolve_types
 from pipeline.recipe.schema import VariantSpec

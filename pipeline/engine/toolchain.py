@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.engine.backend import engine_version, engine_versions
-from pipeline.engine.build_flags import LLAMA_CPP_PYTHON_VERSION, cmake_args, flags_id
+from pipeline.engine.build_flags import LLAMA_CPP_PYTHON_VERSION, cmake_args, cuda_paths, flags_id, gpu, nvcc
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import cache_dir
 
@@ -109,7 +109,9 @@ def build_reference(echo=print, jobs: int | None = None) -> Path:
         fetch_source(echo=echo) / "vendor" / "llama.cpp"
     build = build_dir()
     echo(f"building {', '.join(REFERENCE_TOOLS)} from {src} into {build}")
-    configure = ["cmake", "-S", str(src), "-B", str(build), *cmake_args(), "-DCMAKE_BUILD_TYPE=Release",
+    # A CUDA build links cuBLAS from wherever setup found it (the toolkit or a pip wheel).
+    gpu_paths = cuda_paths(nvcc()) if gpu() == "cuda" else []
+    configure = ["cmake", "-S", str(src), "-B", str(build), *cmake_args(), *gpu_paths, "-DCMAKE_BUILD_TYPE=Release",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
     compile_ = ["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2),
                 "--target", *REFERENCE_TOOLS]

@@ -2,10 +2,25 @@
 
 A base dequantized from a quantized GGUF holds values that lie on that file's grids, so
 requantizing a tensor to its source type is nearly free and every quality-per-byte figure rewards
-landing back on the grid. Dithering restores the residual a real rounding would have left: for
-each block of 32 values the grid step is the smallest positive gap between its distinct values,
-and uniform noise in ±step/2 is added (method and figures: shared/FINDINGS.md, "An off-grid base").
-Deterministic: the noise of a tensor depends only on its name and the seed.
+landing back on the grid (a file type can then beat the next larger one). Dithering restores the
+residual a real rounding would have left. The method, as this module does it:
+
+1. The source GGUF is dequantized to the F16/F32 base as usual (a new file; the source is never
+   written). Every tensor the source held in a quantized type is then dithered in that base file,
+   in place; tensors the source held as F32/F16/BF16 are left as they are.
+2. A tensor's values are taken in storage order in blocks of 32 consecutive values (a ggml row
+   is a whole number of blocks, so a block never spans two rows).
+3. A block's grid step is the smallest positive gap between its distinct values, read from the
+   base as stored. That is the quantizer's step when two of the block's values sit on
+   neighbouring levels, a multiple of it when none do, and the finer one when the block spans
+   two sub-blocks with their own scales (Q2_K, Q3_K and Q6_K scale 16 values at a time).
+   A block whose values are all equal has step 0 and is left unchanged.
+4. Each value gets uniform noise in [-step/2, +step/2) of its block's step, computed in float32
+   and stored back in the base's type (so F16 rounds it once more).
+
+Deterministic: the noise of a tensor depends only on its name and the seed (a generator seeded with
+the seed and the CRC-32 of the name, drawn slice by slice in storage order). What it changes is
+measured in tests/test_dither.py: on the dithered base, KLD falls strictly from Q2_K to Q8_0.
 """
 
 from __future__ import annotations

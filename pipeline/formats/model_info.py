@@ -12,6 +12,7 @@ import gguf
 
 from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_io import open_gguf
+from pipeline.formats.tensor_names import NEVER_QUANTIZED_KINDS, kind_of
 from pipeline.fsutil import cache_dir, write_json_atomic
 
 
@@ -30,8 +31,10 @@ class ModelInfo:
     n_vocab: int | None = None
 
     def quantizable(self) -> list[TensorInfo]:
-        """Tensors llama-quantize may change the type of: the 2-D (or 3-D expert) weights."""
-        return [t for t in self.tensors if t.name.endswith(".weight") and (t.shape is None or len(t.shape) >= 2)]
+        """Tensors llama-quantize may change the type of: the 2-D (or 3-D expert) weights, less
+        those it always keeps (the MoE router, ...: tensor_names.NEVER_QUANTIZED_KINDS)."""
+        return [t for t in self.tensors if t.name.endswith(".weight") and (t.shape is None or len(t.shape) >= 2)
+                and kind_of(t.name) not in NEVER_QUANTIZED_KINDS]
 
 
 def read_model_info(path: Path) -> ModelInfo:

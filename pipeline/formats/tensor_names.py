@@ -26,6 +26,19 @@ OUTPUT = gguf.TENSOR_NAMES[_T.OUTPUT] + ".weight"
 # The kinds a layer's attention and MLP are made of (pruning probes, per-group sensitivities).
 ATTN_KINDS = tuple(_kind(t) for t in (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT))
 MLP_KINDS = tuple(_kind(t) for t in (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN))
+# A mixture-of-experts layer's MLP: the routed experts (one 3-D tensor per kind, an expert per
+# slice; 80-95 % of an MoE's bytes) and the shared experts every token goes through. Each is a
+# kind of its own, with its own measured gain (pipeline.choose.groups.kind_units).
+EXPERT_KINDS = tuple(_kind(t) for t in (_T.FFN_GATE_EXP, _T.FFN_UP_EXP, _T.FFN_DOWN_EXP, _T.FFN_GATE_UP_EXP))
+SHARED_EXPERT_KINDS = tuple(_kind(t) for t in (_T.FFN_GATE_SHEXP, _T.FFN_UP_SHEXP, _T.FFN_DOWN_SHEXP))
+FFN_KINDS = MLP_KINDS + SHARED_EXPERT_KINDS + EXPERT_KINDS
+# 2-D weights llama-quantize keeps at their type whatever it is asked (llama-quant.cpp): the
+# router (ffn_gate_inp), positional and token-type embeddings, and small recurrent-state weights.
+# A rule or an allocation never gives them a type llama.cpp would refuse or ignore.
+NEVER_QUANTIZED_KINDS = tuple(_kind(getattr(_T, t)) for t in (
+    "FFN_GATE_INP", "POS_EMBD", "TOKEN_TYPES", "SSM_CONV1D", "ATTN_REL_B", "TIME_MIX_FIRST", "TIME_MIX_W0",
+    "TIME_MIX_W1", "TIME_MIX_W2", "TIME_MIX_DECAY_W1", "TIME_MIX_DECAY_W2", "TIME_MIX_LERP_FUSED")
+    if hasattr(_T, t))
 # The kinds that write a block's result into the residual stream: zeroed, the block adds nothing
 # (a layer removed in memory, pipeline.choose.memory_probe).
 RESIDUAL_OUT_KINDS = tuple(_kind(t) for t in (_T.ATTN_OUT, _T.FFN_DOWN, _T.FFN_DOWN_EXP, _T.FFN_DOWN_SHEXP))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,17 +121,22 @@ def _batches(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
-def evaluate_logits(ctx: Context, chunks: Chunks, per_chunk, desc: str) -> None:
+def evaluate_logits(ctx: Context, chunks: Chunks, per_chunk, desc: str) -> float:
     """Run the chunks through the model, n_seq sequences per decode as llama-perplexity does,
     and hand each chunk's raw logits at positions first..ctx-2 (n_scored, n_vocab) and the
-    tokens they predict to `per_chunk(i, logits, targets)`."""
+    tokens they predict to `per_chunk(i, logits, targets)`. Returns the seconds spent in
+    per_chunk: the numpy work alone, which the cost model prices apart from the decodes."""
     first = chunks.first
+    spent = 0.0
     with bar(total=len(chunks.tokens), desc=desc, unit="chunk") as progress:
         for batch in _batches(len(chunks.tokens), ctx.n_seq):
             logits = ctx.eval([chunks.tokens[i] for i in batch], output_from=first)
             for j, i in enumerate(batch):
+                start = time.perf_counter()
                 per_chunk(i, logits[j, :-1], chunks.tokens[i, first + 1:])
+                spent += time.perf_counter() - start
                 progress.update(1)
+    return spent
 
 
 def _sketch_block(logits: np.ndarray, targets: np.ndarray, k: int, n_tail: int) -> tuple:
@@ -159,7 +165,9 @@ def _sketch_block(logits: np.ndarray, targets: np.ndarray, k: int, n_tail: int) 
 
 
 def base_distribution(model: Model, ctx: Context, chunks: Chunks, k: int = TOP_K,
-                      n_tail: int = TAIL_SAMPLES) -> dict[str, np.ndarray]:
+                      n_tail: int = TAIL_SAMPLES, spent: dict | None = None) -> dict[str, np.ndarray]:
+    """The base sketch of every chunk; `spent["numpy_s"]`, when given, gets the seconds of
+    sketching alone (without the decodes)."""
     n, m = len(chunks.tokens), chunks.n_scored
     k = min(k, model.n_vocab)
     out = {"top_ids": np.zeros((n, m, k), np.int32), "top_logp": np.zeros((n, m, k), np.float32),
@@ -174,7 +182,9 @@ def base_distribution(model: Model, ctx: Context, chunks: Chunks, k: int = TOP_K
             for name, part in zip(names, parts):
                 out[name][i, a: a + _LSE_ROWS] = part
 
-    evaluate_logits(ctx, chunks, keep, "score base")
+    seconds = evaluate_logits(ctx, chunks, keep, "score base")
+    if spent is not None:
+        spent["numpy_s"] = seconds
     return {"tokens": chunks.tokens, "first": np.array(chunks.first), **out, "n_vocab": np.array(model.n_vocab),
             "vocab": np.array(vocab_fingerprint(model)), "format": np.array(BASE_FORMAT)}
 
@@ -234,8 +244,10 @@ def check_same_vocabulary(model: Model, base: dict[str, np.ndarray]) -> None:
                            f"refusing to score against it")
 
 
-def score_against_base(model: Model, ctx: Context, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per scored token: variant log-prob of the target, KLD(base || variant), top-token agreement."""
+def score_against_base(model: Model, ctx: Context, base: dict[str, np.ndarray],
+                       spent: dict | None = None) -> dict[str, np.ndarray]:
+    """Per scored token: variant log-prob of the target, KLD(base || variant), top-token agreement;
+    `spent["numpy_s"]`, when given, gets the seconds of the comparison alone (without the decodes)."""
     check_same_vocabulary(model, base)
     chunks = Chunks(base["tokens"], int(base["first"]))
     n, m = base["target_logp"].shape
@@ -257,7 +269,9 @@ def score_against_base(model: Model, ctx: Context, base: dict[str, np.ndarray]) 
             out["kld"][i] = kld_top_k_bucket(logp, q_top)
         out["same_top"][i] = logits.argmax(axis=1) == _cli_base_argmax(ids, base["top_logp"][i])
 
-    evaluate_logits(ctx, chunks, compare, f"score {model.path.stem}")
+    seconds = evaluate_logits(ctx, chunks, compare, f"score {model.path.stem}")
+    if spent is not None:
+        spent["numpy_s"] = seconds
     return out
 
 

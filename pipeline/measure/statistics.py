@@ -27,7 +27,7 @@ def split_name(full: str) -> tuple[str, str]:
 
 def tensor_statistics(im: Imatrix) -> list[dict]:
     """One row per imatrix entry, sorted as the CLI prints them (by tensor family, then Σ(Act²) down)."""
-    rows, raw = [], {}
+    rows, raw, order = [], {}, {}
     for name, e in im.entries.items():
         counts = e.counts.astype(np.float64)
         sums = e.sums.reshape(len(e.counts), -1).astype(np.float64)
@@ -39,6 +39,7 @@ def tensor_statistics(im: Imatrix) -> list[dict]:
             continue
         act = (sums[keep] / counts[keep][:, None]).ravel()
         total = float(act.sum())
+        order[name] = _cli_total(sums[keep], counts[keep])
         mean = total / act.size
         var = float(np.square(act).sum()) / act.size - mean * mean
         dev = math.sqrt(max(0.0, var))
@@ -66,8 +67,16 @@ def tensor_statistics(im: Imatrix) -> list[dict]:
             a, b = raw[row["name"]], raw[prev]
             denom = math.sqrt(float(a @ a)) * math.sqrt(float(b @ b))
             row["cossim"] = float(a @ b) / denom if denom > 0 else float("nan")
-    rows.sort(key=lambda r: (r["tensor"], -r["sum_act2"]))
+    rows.sort(key=lambda r: (r["tensor"], -order[r["name"]]))
     return rows
+
+
+def _cli_total(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Σ(Act²) as the CLI sorts by it: float32 means added one by one in float32. After an RMS
+    norm every token's squares add up to about the width, so the totals of one tensor kind in
+    different layers can agree to 1e-6 and only the CLI's own rounding orders them the same way."""
+    act = (sums.astype(np.float32) / counts.astype(np.float32)[:, None]).ravel()
+    return float(np.add.accumulate(act, dtype=np.float32)[-1]) if act.size else 0.0
 
 
 def layer_statistics(rows: list[dict]) -> list[dict]:

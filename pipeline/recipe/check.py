@@ -10,6 +10,10 @@ from pipeline.recipe.rules import resolve_types
 from pipeline.recipe.schema import Recipe
 
 
+def info_type(info: ModelInfo, name: str) -> str:
+    return next((t.type for t in info.tensors if t.name == name), None) or "its type"
+
+
 def check_recipe_against_model(recipe: Recipe, info: ModelInfo) -> None:
     """Rules must match a tensor, types must fit its rows, prune layers must exist."""
     w = recipe.where
@@ -22,6 +26,11 @@ def check_recipe_against_model(recipe: Recipe, info: ModelInfo) -> None:
     for path, rules in rule_sets:
         for i, rule in enumerate(rules):
             if not any(rule.regex.search(n) for n in names):
+                kept = [t.name for t in info.tensors if t.name not in names and rule.regex.search(t.name)
+                        and len(t.shape or ()) >= 2]
+                if kept:
+                    raise SqueezeError(f"{w(*path, i, 'pattern')}'{rule.pattern}' matches only tensors llama.cpp "
+                                       f"never quantizes (e.g. '{kept[0]}', kept at {info_type(info, kept[0])})")
                 example = names[len(names) // 2] if names else "?"
                 raise SqueezeError(f"{w(*path, i, 'pattern')}'{rule.pattern}' matches no tensor of the "
                                    f"{info.arch} model (names look like '{example}')")

@@ -19,9 +19,9 @@ import yaml
 
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats import ggml_types
+from pipeline.formats.ggml_types import KV_CACHE_TYPES
 from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import check_benchmark
-from pipeline.formats.ggml_types import KV_CACHE_TYPES
 from pipeline.recipe.schema import BUDGET_KEYS, SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
 from pipeline.units import parse_size

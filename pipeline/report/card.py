@@ -9,7 +9,8 @@ import yaml
 
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import write_text_atomic
-from pipeline.report.tables import PLOT_FILE, load_run, published_section, requant_caveat, stale_banner, tables_of
+from pipeline.report.tables import (GRID_MARK, PLOT_FILE, grid_flattered, load_run, mark_grid, published_section,
+                                    requant_caveat, stale_banner, tables_of)
 from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
 from pipeline.sources.model_source import BaseInfo
@@ -31,7 +32,7 @@ def _front_matter(ctx: RunContext) -> str:
 
 
 def _versions(ctx: RunContext) -> dict:
-    m = Manifest(ctx.folder)
+    m = Manifest(ctx.folder, read_only=True)
     for key, rec in m.steps.items():
         if rec.versions:
             return rec.versions
@@ -76,13 +77,17 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
     tables = load_run(ctx.folder, [v.name for v in r.variants])
     if tables.scores.empty:
         raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
-    t = tables_of(tables, r.report.reference, stale)
+    base = BaseInfo.load(ctx.base_info_path)
+    t = mark_grid(tables_of(tables, r.report.reference, stale), grid_flattered(base, tables.scores))
     title = r.report.title or f"{r.name} GGUF"
     parts = [_front_matter(ctx), f"# {title}", ""]
     if stale:
         parts += [stale_banner(stale), ""]
     if r.description:
         parts += [r.description, ""]
+    caveat = requant_caveat(base, tables.scores)
+    if caveat:  # above the first table, where its marks are
+        parts += [f"> {GRID_MARK.strip()} **Caveat**: {caveat}", ""]
     parts += ["GGUF quantizations made and measured with squeeze from one recipe; "
               "every number below was measured on the files listed here.", "",
               "## Files", "", t["sizes.csv"].to_markdown(index=False, disable_numparse=True), "",
@@ -93,7 +98,7 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
               t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if (ctx.folder / PLOT_FILE).exists():
         parts += [f"![mean KLD against file size]({PLOT_FILE})", ""]
-    parts += published_section(ctx, tables.scores, "##")
+    parts += published_section(ctx, tables, "##")
     if not t["tasks.csv"].empty:
         parts += ["## Benchmarks", "", "Accuracy (%) ± standard error.", "", t["tasks.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if not t["speed.csv"].empty:
@@ -104,9 +109,6 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
                   "(lower error does not always mean the same behaviour).", "",
                   t["drift.csv"].to_markdown(index=False, disable_numparse=True), ""]
     parts += ["## How these files were made", "", *_method(ctx), ""]
-    caveat = requant_caveat(BaseInfo.load(ctx.base_info_path), tables.scores)
-    if caveat:
-        parts += ["## Caveat", "", caveat, ""]
     parts += ["## Reproduce", "", "```sh", f"squeeze run {r.path or 'RECIPE.yaml'}", "```", ""]
     return "\n".join(parts)
 

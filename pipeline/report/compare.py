@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats.score_table import read_score_table
 from pipeline.recipe.load import load_recipe
-from pipeline.report.tables import STALE_MARK, load_run
+from pipeline.report.tables import STALE_MARK, load_run, variant_metrics
 from pipeline.run.layout import results_root
 
 
@@ -34,9 +34,17 @@ METRICS = (
     Metric("BPW", "bpw", True, 2),
     Metric("PPL", "ppl", True, 4),
     Metric("Mean KLD", "mean_kld", True, 5),
+    Metric("Cor(ln PPL) %", "cor_ln_ppl_pct", False, 2),
     Metric("Same top p %", "same_top_pct", False, 2),
     Metric("RMS Δp %", "rms_dp_pct", True, 2),
     Metric("Task avg %", "task_average_pct", False, 2),
+    # a card's task columns (ARC: ARC-Easy and ARC-Challenge pooled) and their mean, its Average
+    Metric("ARC %", "arc_pct", False, 2),
+    Metric("HellaSwag %", "hellaswag_pct", False, 2),
+    Metric("MMLU %", "mmlu_pct", False, 2),
+    Metric("TruthfulQA %", "truthfulqa_pct", False, 2),
+    Metric("WinoGrande %", "winogrande_pct", False, 2),
+    Metric("Card task avg %", "card_average_pct", False, 2),
     Metric("pp t/s", "pp_tps", False, 1),
     Metric("tg t/s", "tg_tps", False, 1),
 )
@@ -67,6 +75,8 @@ def published_metrics(path: Path) -> pd.DataFrame:
     rows = read_score_table(path)
     df = pd.DataFrame([vars(r) for r in rows])
     df["size_mib"] = df.pop("size_bytes") / 2**20
+    # a card's Average is the mean of its own task columns: squeeze's like figure is card_average_pct
+    df["card_average_pct"] = df.pop("task_average_pct")
     for m in METRICS:
         if m.key not in df:
             df[m.key] = math.nan
@@ -81,17 +91,10 @@ def metrics_of(folder: Path) -> pd.DataFrame:
     t = load_run(folder)
     if t.scores.empty:
         raise SqueezeError(f"{folder}: no variant scores in {folder / 'scores'}")
-    df = t.scores.copy()
-    df["size_mib"] = df["file_bytes"] / 2**20
-    df["task_average_pct"] = math.nan
-    df["pp_tps"] = df["tg_tps"] = math.nan
-    if not t.tasks.empty:
-        avg = t.tasks.groupby("model")["accuracy_pct"].mean()
-        df["task_average_pct"] = df["variant"].map(avg)
-    if not t.speed.empty:
-        for col, prefix in (("pp_tps", "pp"), ("tg_tps", "tg")):
-            s = t.speed[t.speed["test"].str.match(rf"{prefix}\d+$")].set_index("model")["tokens_per_s"]
-            df[col] = df["variant"].map(s)
+    df = variant_metrics(t)
+    for m in METRICS:  # a record from before a metric existed
+        if m.key not in df:
+            df[m.key] = math.nan
     return df
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.fsutil import atomic_path, write_text_atomic
 from pipeline.choose.groups import LOW_FALLBACK, LOW_TYPE
 from pipeline.choose.sensitivity import LayerRow, Sensitivity
+from pipeline.fsutil import atomic_path, write_text_atomic
 from pipeline.report.plotting import pyplot
 
 

@@ -267,6 +267,45 @@ def plot_kld_vs_size(df: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---- one row of figures per model, for comparisons -------------------------------------------
+
+# squeeze's benchmarks as a card's task columns: a card's one ARC column is ARC-Easy and
+# ARC-Challenge pooled task by task (llama.cpp's ARC set is both).
+CARD_TASKS = {"arc_pct": ("arc-easy", "arc-challenge"), "hellaswag_pct": ("hellaswag",), "mmlu_pct": ("mmlu",),
+              "truthfulqa_pct": ("truthfulqa",), "winogrande_pct": ("winogrande",)}
+
+
+def task_metrics(tasks: pd.DataFrame) -> pd.DataFrame:
+    """Per model (index): the mean accuracy over its benchmarks (task_average_pct), each card task
+    column of CARD_TASKS, and their mean when all are measured (card_average_pct, as a card's
+    Average is the mean of its columns)."""
+    cols = ["task_average_pct", *CARD_TASKS, "card_average_pct"]
+    if tasks.empty:
+        return pd.DataFrame(columns=cols, dtype=float)
+    out = pd.DataFrame({"task_average_pct": tasks.groupby("model", sort=False)["accuracy_pct"].mean()})
+    for col, names in CARD_TASKS.items():
+        sets = tasks[tasks["benchmark"].isin(names)].groupby("model")[["correct", "tasks"]].sum()
+        out[col] = 100 * sets["correct"] / sets["tasks"]
+    out["card_average_pct"] = out[list(CARD_TASKS)].mean(axis=1, skipna=False)
+    return out[cols]
+
+
+def variant_metrics(tables: RunTables) -> pd.DataFrame:
+    """One row per scored variant: its score record, size in MiB, `task_metrics` and pp/tg
+    tokens/s; NaN where not measured."""
+    df = tables.scores.copy()
+    df["size_mib"] = df["file_bytes"] / 2**20
+    tasks = task_metrics(tables.tasks)
+    for col in tasks.columns:
+        df[col] = df["variant"].map(tasks[col]).astype(float)
+    df["pp_tps"] = df["tg_tps"] = math.nan
+    if not tables.speed.empty:
+        for col, prefix in (("pp_tps", "pp"), ("tg_tps", "tg")):
+            sp = tables.speed[tables.speed["test"].str.match(rf"{prefix}\d+$")].set_index("model")["tokens_per_s"]
+            df[col] = df["variant"].map(sp)
+    return df
+
+
 # ---- writing --------------------------------------------------------------------------------
 
 def published_path(ctx: RunContext) -> Path | None:
@@ -276,35 +315,57 @@ def published_path(ctx: RunContext) -> Path | None:
     return ctx.recipe.beside(spec.table)
 
 
-def published_table(ctx: RunContext, df: pd.DataFrame) -> pd.DataFrame:
-    """squeeze's figures beside the published ones, variant by variant, and the base's PPL beside
-    the published base row's; empty when the recipe names no published table."""
+# (label, squeeze's key, the card's key, digits): the figures a published table is compared on,
+# each shown only when both the card and the run have it.
+PUBLISHED_FIGURES = (
+    ("PPL", "ppl", "ppl", 4), ("Cor(ln PPL) %", "cor_ln_ppl_pct", "cor_ln_ppl_pct", 2),
+    ("KLD", "mean_kld", "mean_kld", 5), ("RMS Δp %", "rms_dp_pct", "rms_dp_pct", 3),
+    ("Same top p %", "same_top_pct", "same_top_pct", 2), ("ARC %", "arc_pct", "arc_pct", 2),
+    ("HellaSwag %", "hellaswag_pct", "hellaswag_pct", 2), ("MMLU %", "mmlu_pct", "mmlu_pct", 2),
+    ("TruthfulQA %", "truthfulqa_pct", "truthfulqa_pct", 2), ("WinoGrande %", "winogrande_pct", "winogrande_pct", 2),
+    ("Task average %", "card_average_pct", "task_average_pct", 2),
+    ("pp t/s", "pp_tps", "pp_tps", 1), ("tg t/s", "tg_tps", "tg_tps", 1),
+)
+
+
+def _num(x, digits) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def published_table(ctx: RunContext, tables: RunTables) -> pd.DataFrame:
+    """squeeze's figures beside the published ones, variant by variant: size and every figure of
+    PUBLISHED_FIGURES that both the card and the run give, and the base's row (its PPL and task
+    scores) beside the published base row; empty when the recipe names no published table."""
     path = published_path(ctx)
+    df = tables.scores
     if path is None or df.empty:
         return pd.DataFrame()
     spec = ctx.recipe.report.published
     card = {r.variant: r for r in read_score_table(path)}
+    ours = variant_metrics(tables).set_index("variant")
+    base_tasks = task_metrics(tables.tasks)
+    shown = [f for f in PUBLISHED_FIGURES
+             if any(not math.isnan(getattr(c, f[2])) for c in card.values()) and f[1] in ours
+             and ours[f[1]].notna().any()]
 
-    def num(x, digits):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    def row(name: str, mine, c, size_bytes) -> dict:
+        out = {"Variant": name, "Size (GB)": _num(size_bytes / 1e9, 2),
+               "Published size (GB)": _num(c.size_bytes / 1e9 if c else None, 2)}
+        for label, key, card_key, digits in shown:
+            out[label] = _num(mine.get(key, math.nan), digits)
+            out[f"Published {label}"] = _num(getattr(c, card_key) if c else None, digits)
+        return out
 
-    rows = []
-    for _, r in df.iterrows():
-        c = card.get(r["variant"])
-        rows.append({"Variant": r["variant"], "Size (GB)": num(r["file_bytes"] / 1e9, 2),
-                     "PPL": num(r["ppl"], 4), "KLD": num(r["mean_kld"], 5),
-                     "Published size (GB)": num(c.size_bytes / 1e9 if c else None, 2),
-                     "Published PPL": num(c.ppl if c else None, 2), "Published KLD": num(c.mean_kld if c else None, 3)})
+    rows = [row(v, ours.loc[v], card.get(v), ours.loc[v, "file_bytes"]) for v in df["variant"]]
     base = card.get(spec.base) if spec.base else None
-    rows.append({"Variant": f"Base ({ctx.recipe.model.base_type.upper()})", "Size (GB)": "-",
-                 "PPL": num(float(df["ppl_base"].iloc[0]), 4), "KLD": "-",
-                 "Published size (GB)": num(base.size_bytes / 1e9 if base else None, 2),
-                 "Published PPL": num(base.ppl if base else None, 2), "Published KLD": "-"})
+    mine = {"ppl": float(df["ppl_base"].iloc[0]),  # the base's own tasks, scored as the variants' are
+            **(base_tasks.loc[BASE].to_dict() if BASE in base_tasks.index else {})}
+    rows.append(row(f"Base ({ctx.recipe.model.base_type.upper()})", mine, base, math.nan))
     return pd.DataFrame(rows)
 
 
-def published_section(ctx: RunContext, df: pd.DataFrame, h2: str) -> list[str]:
-    table = published_table(ctx, df)
+def published_section(ctx: RunContext, tables: RunTables, h2: str) -> list[str]:
+    table = published_table(ctx, tables)
     if table.empty:
         return []
     spec = ctx.recipe.report.published
@@ -312,7 +373,8 @@ def published_section(ctx: RunContext, df: pd.DataFrame, h2: str) -> list[str]:
     return [f"{h2} Against the published figures", "",
             f"The figures of `{spec.table}`{source} beside squeeze's. The published KLDs are measured against "
             f"their own base (the row '{spec.base or 'base'}'), on their own text and chunks: compare the "
-            "ranking and the gaps, not the decimals.", "",
+            "ranking and the gaps, not the decimals. Task scores depend on how many tasks each side ran, and "
+            "speed on the machine it was measured on.", "",
             table.to_markdown(index=False, disable_numparse=True), ""]
 
 
@@ -349,16 +411,50 @@ def stale_banner(stale: set[str]) -> str:
             "numbers from an earlier version of the recipe. Run `squeeze run` to bring them up to date.")
 
 
+GRID_MARK = " †"
+
+
+def grid_flattered(base: BaseInfo, df: pd.DataFrame) -> list[str]:
+    """The variants whose quality figures the base's grid flatters: at or above the bits per weight
+    of the coarsest grid of the quantized file the base was dequantized from (base-<type>.json
+    records it). None on a base that was never quantized or was dithered off its grid."""
+    if base.grid_bpw is None or df.empty:
+        return []
+    return [v for v, bpw in zip(df["variant"], df["bpw"]) if bpw >= base.grid_bpw]
+
+
 def requant_caveat(base: BaseInfo, df: pd.DataFrame) -> str | None:
     """The warning a table needs when its base was dequantized from a quantized file and some
     variant is at or above that file's coarsest grid: requantizing lands back on the grid and
-    looks nearly lossless, so such rows say little about the type's quality."""
-    if base.grid_bpw is None or not bool((df["bpw"] >= base.grid_bpw).any()):
+    looks nearly lossless, so such rows say little about the type's quality. It goes above the
+    tables, whose rows for those variants carry GRID_MARK (`mark_grid`): a reader who looks only
+    at the first table must not take the artifact for a result."""
+    flattered = grid_flattered(base, df)
+    if not flattered:
         return None
     return (f"This model's base was dequantized from a {base.dequantized_from} file ({base.source}), so its "
             f"weights lie on that file's quantization grids: variants at about "
-            f"{base.grid_bpw:g} bits per weight and above land back on them and look nearly lossless. "
-            "Compare quality below that and for pruning.")
+            f"{base.grid_bpw:g} bits per weight and above (marked{GRID_MARK}: {', '.join(flattered)}) land back "
+            "on them and look nearly lossless, which says little about their type. Compare quality below "
+            "that and for pruning; `model.dither: true` takes the base off the grid.")
+
+
+def mark_grid(t: dict[str, pd.DataFrame], flattered: list[str]) -> dict[str, pd.DataFrame]:
+    """Every row of a variant the grid flatters (`grid_flattered`) labelled with GRID_MARK, in
+    every table whose first column names variants (a stale row keeps its mark after the name)."""
+    if not flattered:
+        return t
+    names = set(flattered)
+
+    def mark(x):
+        name = str(x).removesuffix(STALE_MARK)
+        return f"{name}{GRID_MARK}{str(x)[len(name):]}" if name in names else x
+
+    out = {}
+    for key, table in t.items():
+        col = table.columns[0] if not table.empty else None  # "Variant" or "Model"
+        out[key] = table if col is None else table.assign(**{col: [mark(x) for x in table[col]]})
+    return out
 
 
 def write_report(ctx: RunContext, tables: RunTables, out=None, failed: dict[str, str] | None = None) -> None:
@@ -381,7 +477,7 @@ def write_report(ctx: RunContext, tables: RunTables, out=None, failed: dict[str,
     write("scores.md", lambda p: p.write_text(render_markdown(ctx, tables, t, failed=failed), encoding="utf-8"))
     write(PLOT_FILE, lambda p: plot_kld_vs_size(tables.scores, p, f"{r.name}: mean KLD vs file size"))
     if r.report.published is not None:
-        write(PUBLISHED_FILE, lambda p: published_table(ctx, tables.scores).to_csv(p, index=False))
+        write(PUBLISHED_FILE, lambda p: published_table(ctx, tables).to_csv(p, index=False))
     if r.score.drift.tokens > 0:
         write(DRIFT_PLOT_FILE, lambda p: plot_kld_by_position(
             kld_by_position(tables.drift), p, f"{r.name}: drift KLD along the base's greedy continuation"))
@@ -397,17 +493,23 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
     parts = [f"{heading} {title}", ""]
     if stale:
         parts += [stale_banner(stale), ""]
+    base = BaseInfo.load(ctx.base_info_path)
+    t = mark_grid(t, grid_flattered(base, df))
     parts += [
              f"Model: `{r.model.source}` (base {r.model.base_type.upper()}). Scored on {r.score.dataset}, "
              f"{int(df['tokens'].iloc[0])} tokens ({int(df['chunks'].iloc[0]) if 'chunks' in df else r.score.chunks} "
              f"chunks of {r.score.ctx}, second half of each chunk), against the base. "
              f"PPL of the base: {_pm(df['ppl_base'].iloc[0], df['ppl_base_err'].iloc[0], 4) if 'ppl_base_err' in df else round(df['ppl_base'].iloc[0], 4)}.",
-             "", f"{h2} Sizes", "", t["sizes.csv"].to_markdown(index=False, disable_numparse=True), "",
+             ""]
+    caveat = requant_caveat(base, df)
+    if caveat:  # above the first table, where its marks are
+        parts += [f"> {GRID_MARK.strip()} **Caveat**: {caveat}", ""]
+    parts += [f"{h2} Sizes", "", t["sizes.csv"].to_markdown(index=False, disable_numparse=True), "",
              f"{h2} Perplexity and KL divergence", "", t["ppl-kld.csv"].to_markdown(index=False, disable_numparse=True), "",
              "KLD and Δp distribution (as `llama-perplexity --kl-divergence` prints it):", "",
              t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), "",
              f"![mean KLD against file size]({PLOT_FILE})", ""]
-    parts += published_section(ctx, df, h2)
+    parts += published_section(ctx, tables, h2)
     parts += targets_section(ctx, df, h2)
     if not t["tasks.csv"].empty:
         s = r.score.tasks
@@ -436,9 +538,6 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
                   "(`squeeze run --keep-going`).", "",
                   *(f"- {name}: {reason}" for name, reason in failed.items()), ""]
     parts += _choices_section(ctx, h2)
-    caveat = requant_caveat(BaseInfo.load(ctx.base_info_path), df)
-    if caveat:
-        parts += [f"> Note: {caveat}", ""]
     return "\n".join(parts)
 
 

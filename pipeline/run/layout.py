@@ -3,7 +3,6 @@ and the tags that name a variant's pruned base."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -166,9 +165,15 @@ class RunContext:
         return self.folder / name
 
     # ---- the model, as far as it is known before any work ---------------------------------
-    @functools.cached_property
+    @property
     def model_info(self) -> ModelInfo:
-        return model_info_for(self.recipe, self.base_path)
+        # Before convert, a Hugging Face source's tensors are predicted from its names; once the
+        # base exists it is the truth, so the answer is kept only while the base's presence holds.
+        have_base = self.base_path.exists()
+        cached = self.__dict__.get("_model_info")
+        if cached is None or cached[0] != have_base:
+            cached = self.__dict__["_model_info"] = (have_base, model_info_for(self.recipe, self.base_path))
+        return cached[1]
 
     @property
     def threads(self) -> int | None:

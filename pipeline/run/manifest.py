@@ -61,10 +61,15 @@ class StepRecord:
 
 class Manifest:
     """`set_aside`: where an unreadable manifest.json was moved (it is kept, not deleted), with
-    `notice` saying so; the steps it cannot vouch for are then redone."""
+    `notice` saying so; the steps it cannot vouch for are then redone.
 
-    def __init__(self, folder: Path):
+    `read_only`: for commands that only look (`status`, `report`, `card`, `compare`): a damaged
+    manifest is reported in `notice` and left in place, byte for byte, so looking never changes
+    what the next `run` finds; only `run` sets it aside."""
+
+    def __init__(self, folder: Path, read_only: bool = False):
         self.folder = folder
+        self.read_only = read_only
         self.path = folder / "manifest.json"
         self.hashes = HashCache(folder / ".hashes.json")
         self.steps: dict[str, StepRecord] = {}
@@ -74,7 +79,11 @@ class Manifest:
         self.failures: dict[str, str] = {}
         if self.path.exists():
             self.steps, problem = _read_steps(self.path)
-            if problem is not None:
+            if problem is not None and read_only:
+                kept = f"; {len(self.steps)} readable step records used" if self.steps else ""
+                self.notice = (f"{self.path}: {problem}; left in place (`squeeze run` sets it aside){kept}, "
+                               f"and every step it cannot vouch for shows as stale or missing")
+            elif problem is not None:
                 self._set_aside(problem)
             else:
                 self.failures = _read_failures(self.path)
@@ -106,6 +115,8 @@ class Manifest:
         return p if p.is_absolute() else self.folder / p
 
     def save(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.path}: opened read-only, not saved")  # a caller's bug, not bad input
         self.hashes.save()
         data = {"schema": MANIFEST_SCHEMA,
                 "steps": {k: vars(v) for k, v in sorted(self.steps.items())}}

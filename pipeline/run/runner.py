@@ -176,10 +176,13 @@ class Verdict:
 
 
 class Runner:
-    def __init__(self, folder: Path, echo: Callable[[str], None] = print):
+    def __init__(self, folder: Path, echo: Callable[[str], None] = print, read_only: bool = False):
+        """`read_only`: only verdicts are asked for (`status`, freshness checks): a damaged
+        manifest is reported and left where it is, and the folder is not created."""
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.folder)
+        if not read_only:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.folder, read_only=read_only)
         self.echo = echo
         if self.manifest.notice:
             echo(self.manifest.notice)
@@ -247,10 +250,12 @@ class Runner:
         with self.lock():
             remove_partials(self.folder)
             while (step := self.next_ready(dag)) is not None:
-                if not self.decide(step, redo):
-                    dag.done(step.key, ran=False)
-                    continue
                 try:
+                    # Deciding is inside: a signal just after "imatrix: run" is printed still
+                    # names the step it stopped.
+                    if not self.decide(step, redo):
+                        dag.done(step.key, ran=False)
+                        continue
                     self._execute(step)
                 except Interrupted as exc:
                     exc.step = exc.step or step.key

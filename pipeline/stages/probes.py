@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.fsutil import read_text
 from pipeline.choose.memory_probe import MemoryProbe
+from pipeline.fsutil import read_text
 from pipeline.run.layout import RunContext
 from pipeline.sources.datasets import resolve_dataset
 

@@ -17,21 +17,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.choose.budget import layout
+from pipeline.choose.measured_allocation import choose_types
+from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.choose.prune_auto import SEARCH, PruneChoice, choose_layers
+from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
+from pipeline.choose.sensitivity import imatrix_layer_stats, load_sensitivity
 from pipeline.engine.backend import engine_versions
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.prune import check_prune_set, prune_gguf, remap_imatrix
-from pipeline.choose.budget import layout
-from pipeline.choose.measured_allocation import choose_types
-from pipeline.choose.prune_auto import SEARCH, PruneChoice, choose_layers
-from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
-from pipeline.choose.sensitivity import imatrix_layer_stats, load_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_base_bytes
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.stages.quantize import budget_bytes
 

@@ -58,7 +58,7 @@ def publish(ctx: RunContext, repo_id: str, private: bool = False, allow_stale: b
 def published_files(ctx: RunContext) -> list[LocalFile]:
     """The files of a finished run that go to the hub, with the sha256 the run's hash cache holds
     for the big ones (no GGUF is hashed twice)."""
-    hashes = Manifest(ctx.folder).hashes
+    hashes = Manifest(ctx.folder, read_only=True).hashes  # publishing never sets a manifest aside
     files = []
     for v in ctx.recipe.variants:
         path = ctx.variant_path(v.name)

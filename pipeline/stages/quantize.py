@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.choose.allocate import check_budget_fits, explain_markdown
+from pipeline.choose.budget import Layout, layout, tensor_bytes
+from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
+from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
+from pipeline.choose.memory_probe import PROBE_CHUNKS
+from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.quantize import quantize_file
 from pipeline.engine.runtime_memory import runtime_memory
 from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_metadata
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
-from pipeline.choose.allocate import check_budget_fits, explain_markdown
-from pipeline.choose.budget import Layout, layout, tensor_bytes
-from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
-from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
-from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.schema import VariantSpec
 from pipeline.run.layout import RunContext
@@ -26,10 +27,8 @@ from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
-from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.units import MiB, parse_size
-
 
 # A memory target: tries at choosing, quantizing and loading the file before giving up, and bytes
 # taken off beyond the overshoot each time (llama.cpp rounds buffers up).

@@ -6,14 +6,14 @@ Every probe runs in memory on the base loaded once; each result is logged as it 
 
 from __future__ import annotations
 
-from pipeline.engine.backend import engine_versions
 from pipeline.choose.groups import CANDIDATE_TYPES, LOW_TYPE
+from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import run_sensitivity
+from pipeline.engine.backend import engine_versions
 from pipeline.report.sensitivity import save_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 
 
