@@ -47,6 +47,7 @@ from pipeline.choose.prune_auto import choose_layers, proxy_picks  # noqa: E402
 from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits  # noqa: E402
 from pipeline.choose.sensitivity import imatrix_layer_stats  # noqa: E402
 from pipeline.engine.backend import engine_versions  # noqa: E402
+from pipeline.engine.layer_kinds import sliding_window_layers  # noqa: E402
 from pipeline.engine.quantize import quantize_file  # noqa: E402
 from pipeline.errors import SqueezeError  # noqa: E402
 from pipeline.formats.gguf_index import read_index  # noqa: E402
@@ -79,7 +80,7 @@ class Pruned:
         if layers not in self.made:
             tag = "-".join(map(str, layers))
             base, im = self.work / f"card-pruned-{tag}.gguf", self.work / f"card-pruned-{tag}.imatrix.gguf"
-            prune_gguf(self.base, base, layers)
+            prune_gguf(self.base, base, layers, swa_layers=sliding_window_layers(self.base))
             write_imatrix(im, remap_imatrix(read_imatrix(self.imatrix), self.n_layers, layers))
             self.made[layers] = (base, im)
         return self.made[layers]

@@ -36,6 +36,7 @@ from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe
 from pipeline.choose.prune_auto import choose_layers
 from pipeline.choose.sensitivity import imatrix_layer_stats
 from pipeline.engine.backend import engine_versions
+from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.model_info import read_model_info
@@ -71,7 +72,7 @@ def held_out(base: Path, layers, p, keep_pattern: bool = True) -> dict:
     """The pruned FILE scored against the base: what a user of the pruned model gets."""
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         path = Path(tmp) / "pruned.gguf"
-        prune_gguf(base, path, list(layers), keep_swa_pattern=keep_pattern)
+        prune_gguf(base, path, list(layers), swa_layers=sliding_window_layers(base), keep_swa_pattern=keep_pattern)
         s = p.measure(path)
     return {"layers": sorted(layers), "mean_kld": s["mean_kld"], "same_top_pct": s["same_top_pct"],
             "ppl_ratio": s["ppl_ratio"], "tokens": s["tokens"]}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +102,20 @@ def test_the_model_name_pattern_catches_model_names():
         assert MODEL_NAME.search(name), name
     for text in ("gemma3", "llama", "Q4_K_M", "IQ3_M", "ctx 512", "blk.12.attn_q", "4.5 bits", "180 MiB"):
         assert not MODEL_NAME.search(text), text
+
+
+# The folders that choose and measure work on any model: no string in them may be a llama.cpp
+# architecture id (per-architecture facts come from gguf-py's tables, the GGUF's metadata or
+# llama.cpp's own report, e.g. pipeline/engine/layer_kinds.py).
+ARCH_FREE = ("stages", "choose", "measure", "report", "recipe", "run")
+
+
+def test_no_stage_or_choice_names_an_architecture():
+    arches = {name.lower() for name in gguf.MODEL_ARCH_NAMES.values()}
+    found = []
+    for folder in ARCH_FREE:
+        for path in (PACKAGE / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in arches:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []

@@ -18,6 +18,7 @@ import pytest
 from pipeline.choose.file_probes import KLDProbe
 from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.engine.context import Context
+from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.imatrix_file import check_against_model, read_imatrix, write_imatrix
@@ -303,7 +304,7 @@ def test_pruning_a_layer(family, tiny, tmp_path):
     too) measures the pruned file's KLD within 1 %."""
     run = tiny(family)
     pruned = tmp_path / "pruned.gguf"
-    prune_gguf(run.path, pruned, [1])
+    prune_gguf(run.path, pruned, [1], swa_layers=sliding_window_layers(run.path))
     r = gguf.GGUFReader(str(pruned))
     arch = read_model_info(run.path).arch
     assert r.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)).contents() == N_LAYERS - 1

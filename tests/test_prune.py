@@ -7,9 +7,10 @@ import gguf
 import numpy as np
 import pytest
 
+from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
-from pipeline.formats.prune import layer_map, prune_gguf, remap_imatrix, swa_pattern
+from pipeline.formats.prune import layer_map, prune_gguf, remap_imatrix
 
 GEMMA3_DEFAULT = [i % 6 != 5 for i in range(18)]  # True = sliding window; 5, 11, 17 are global
 
@@ -42,14 +43,14 @@ def _field(reader, key):
 def test_tiny_prune_shortens_per_layer_arrays_and_renumbers(tmp_path):
     src, dst = tmp_path / "tiny.gguf", tmp_path / "pruned.gguf"
     _tiny_gemma3(src)
-    info = prune_gguf(src, dst, [1])
+    info = prune_gguf(src, dst, [1], swa_layers=[True] * 4)  # llama.cpp's gemma3 rule for 4 layers: all local
     r = gguf.GGUFReader(str(dst))
     assert _field(r, "gemma3.block_count") == 3
     assert _field(r, "gemma3.attention.head_count_kv") == [1, 3, 4]
     assert _field(r, "gemma3.feed_forward_length") == [10, 30, 40]
     assert _field(r, "gemma3.rope.dimension_sections") == [1, 2, 3, 4]
     assert _field(r, "squeeze.pruned_layers") == [1]
-    # default gemma3 rule for 4 layers: all local; the survivors 0, 2, 3 keep that
+    # the survivors 0, 2, 3 keep their kinds
     assert _field(r, "gemma3.attention.sliding_window_pattern") == [True, True, True]
     names = [t.name for t in r.tensors]
     assert names == ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_norm.weight",
@@ -63,7 +64,7 @@ def test_tiny_prune_shortens_per_layer_arrays_and_renumbers(tmp_path):
 def test_tiny_prune_keeps_an_explicit_pattern(tmp_path):
     src, dst = tmp_path / "tiny.gguf", tmp_path / "pruned.gguf"
     _tiny_gemma3(src, pattern=[True, False, True, False])
-    prune_gguf(src, dst, [0, 1])
+    prune_gguf(src, dst, [0, 1], swa_layers=[True, False, True, False])  # as llama.cpp reads the array
     r = gguf.GGUFReader(str(dst))
     assert _field(r, "gemma3.attention.sliding_window_pattern") == [True, False]
 
@@ -71,7 +72,7 @@ def test_tiny_prune_keeps_an_explicit_pattern(tmp_path):
 def test_without_the_fix_no_pattern_is_written(tmp_path):
     src, dst = tmp_path / "tiny.gguf", tmp_path / "pruned.gguf"
     _tiny_gemma3(src)
-    prune_gguf(src, dst, [1], keep_swa_pattern=False)
+    prune_gguf(src, dst, [1], swa_layers=[True] * 4, keep_swa_pattern=False)
     assert gguf.GGUFReader(str(dst)).get_field("gemma3.attention.sliding_window_pattern") is None
 
 
@@ -79,11 +80,14 @@ def test_bad_prune_sets_are_one_line_errors(tmp_path):
     src = tmp_path / "tiny.gguf"
     _tiny_gemma3(src)
     with pytest.raises(SqueezeError) as e:
-        prune_gguf(src, tmp_path / "x.gguf", [0, 1, 2, 3])
+        prune_gguf(src, tmp_path / "x.gguf", [0, 1, 2, 3], swa_layers=None)
     assert str(e.value) == "tiny.gguf: prune: prunes all 4 layers; at least one must stay"
     with pytest.raises(SqueezeError) as e:
-        prune_gguf(src, tmp_path / "x.gguf", [4])
+        prune_gguf(src, tmp_path / "x.gguf", [4], swa_layers=None)
     assert str(e.value) == "tiny.gguf: prune: layer 4 is out of range: the model has 4 layers (0-3)"
+    with pytest.raises(SqueezeError) as e:
+        prune_gguf(src, tmp_path / "x.gguf", [1], swa_layers=[True] * 18)
+    assert str(e.value) == f"{src}: 18 sliding-window layer kinds given for a model of 4 layers"
 
 
 def test_imatrix_is_renamed_to_the_new_numbering():
@@ -107,7 +111,7 @@ def test_imatrix_is_renamed_to_the_new_numbering():
 @pytest.fixture(scope="module")
 def pruned_13_15(base_f16, tmp_path_factory):
     path = tmp_path_factory.mktemp("prune") / "pruned-13-15.gguf"
-    prune_gguf(base_f16, path, [13, 15])
+    prune_gguf(base_f16, path, [13, 15], swa_layers=sliding_window_layers(base_f16))
     return path
 
 
@@ -115,13 +119,15 @@ def pruned_13_15(base_f16, tmp_path_factory):
 def test_gemma3_survivors_keep_their_local_global_kind(base_f16, pruned_13_15):
     from pipeline.formats.gguf_index import read_index, read_metadata, tensor_values
 
-    meta = {kv.key: kv.value for kv in read_metadata(base_f16)[0]}
-    assert swa_pattern(meta, "gemma3", 18) == GEMMA3_DEFAULT
+    # the base has no pattern array: llama.cpp applies its gemma3 rule, and says so while loading
+    assert not any(kv.key.endswith("sliding_window_pattern") for kv in read_metadata(base_f16)[0])
+    assert sliding_window_layers(base_f16) == GEMMA3_DEFAULT
     r = gguf.GGUFReader(str(pruned_13_15))
     kept = [i for i in range(18) if i not in (13, 15)]
     pattern = _field(r, "gemma3.attention.sliding_window_pattern")
     assert pattern == [GEMMA3_DEFAULT[i] for i in kept]
     assert not pattern[15]  # old layer 17 stays global (index rule would make new 15 local)
+    assert sliding_window_layers(pruned_13_15) == pattern  # and llama.cpp runs the pruned file so
     assert _field(r, "gemma3.block_count") == 16
     layers = {int(t.name.split(".")[1]) for t in r.tensors if t.name.startswith("blk.")}
     assert layers == set(range(16))
@@ -294,12 +300,13 @@ def test_removing_layers_in_memory_measures_what_the_pruned_file_does(base_f16, 
     cache = tmp_path / "base.npz"
     with MemoryProbe(base_f16, text, 768, 1, cache=cache) as memory:
         in_memory = memory.kld(removed=[13, 15])
-    prune_gguf(base_f16, tmp_path / "pruned.gguf", [13, 15])
+    swa = sliding_window_layers(base_f16)
+    prune_gguf(base_f16, tmp_path / "pruned.gguf", [13, 15], swa_layers=swa)
     from_file = KLDProbe(base_f16, text, 768, 1, cache=cache).kld(tmp_path / "pruned.gguf")
     assert from_file > 0.1
     assert abs(in_memory - from_file) <= 0.01 * from_file, (in_memory, from_file)
     # the context does reach past the window: a file that loses the pattern measures otherwise
-    prune_gguf(base_f16, tmp_path / "no-pattern.gguf", [13, 15], keep_swa_pattern=False)
+    prune_gguf(base_f16, tmp_path / "no-pattern.gguf", [13, 15], swa_layers=swa, keep_swa_pattern=False)
     lost = KLDProbe(base_f16, text, 768, 1, cache=cache).kld(tmp_path / "no-pattern.gguf")
     assert abs(lost - from_file) > 0.01 * from_file, (lost, from_file)
 

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.choose.groups import CANDIDATE_TYPES, group_of
 from pipeline.choose.weight_errors import TensorError, column_weights
 from pipeline.engine.context import Context
+from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.ggml_types import fits
@@ -130,7 +131,7 @@ def file_kld(probe: KLDProbe, base: Path, imatrix_path: Path | None, workdir: Pa
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "variant.gguf"
         if removed:
-            prune_gguf(base, path, list(removed))
+            prune_gguf(base, path, list(removed), swa_layers=sliding_window_layers(base))
         else:
             build_mixed(base, path, types or {}, imatrix_path, threads)
         return probe.kld(path)

@@ -31,21 +31,6 @@ from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
 from pipeline.formats.tensor_names import layer_map, renumber
 from pipeline.progress import bar
 
-# How llama.cpp derives the local/global layer pattern when the GGUF has no
-# `sliding_window_pattern` array: (period n, dense_first), from each architecture's
-# load_swa_pattern(ml, n, dense_first) call. dense_first=False: layer il is global when
-# il % n == n - 1; dense_first=True: global when il % n == 0 (llama_hparams::set_swa_pattern).
-SWA_DEFAULT_PATTERN = {
-    "gemma2": (2, False),
-    "gemma3": (6, False),
-    "gemma3n": (5, False),
-    "gemma-embedding": (6, False),
-    "cohere2": (4, False),
-    "exaone4": (4, False),
-    "olmo2": (4, False),
-    "gpt-oss": (2, False),
-}
-
 # Arrays under `<arch>.` that can have n_layer entries by coincidence but are not per layer.
 _NOT_PER_LAYER = {"rope.dimension_sections"}
 
@@ -65,27 +50,6 @@ def check_prune_set(drop, n_layers: int, where: str = "", where_item=None) -> tu
     return drop
 
 
-def swa_pattern(meta: dict, arch: str, n_layers: int) -> list[bool] | None:
-    """Per original layer, True when llama.cpp runs it with sliding-window attention; None when
-    the model has no interleaved sliding window (nothing to preserve). `meta`: key -> value as
-    pipeline.formats.gguf_index.read_metadata decodes it."""
-    value = meta.get(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch))
-    if isinstance(value, tuple):  # an explicit array: llama.cpp copies it over defaults of false
-        values = [bool(v) for v in (value[1] or [])]
-        return (values + [False] * n_layers)[:n_layers]
-    window = meta.get(gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch))
-    if not window or arch not in SWA_DEFAULT_PATTERN:
-        return None
-    period, dense_first = SWA_DEFAULT_PATTERN[arch]
-    if isinstance(value, int):  # a scalar period replaces the architecture's default
-        period = value
-    if period == 0:
-        return [True] * n_layers
-    if dense_first:
-        return [il % period != 0 for il in range(n_layers)]
-    return [il % period < period - 1 for il in range(n_layers)]
-
-
 _I32, _BOOL, _ARRAY = (int(gguf.GGUFValueType.INT32), int(gguf.GGUFValueType.BOOL),
                       int(gguf.GGUFValueType.ARRAY))
 
@@ -98,13 +62,17 @@ class PruneResult:
     swa_after: list[bool] | None  # as written for the survivors (None: not written)
 
 
-def prune_gguf(src: Path, dst: Path, drop, *, keep_swa_pattern: bool = True) -> PruneResult:
+def prune_gguf(src: Path, dst: Path, drop, *, swa_layers: list[bool] | None,
+               keep_swa_pattern: bool = True) -> PruneResult:
     """Write `src` without the layers in `drop` (original numbers) to `dst`.
 
     Metadata entries are copied as raw bytes except the ones that change, and tensor data byte
     for byte (no type changes), so pruning costs one file copy.
-    `keep_swa_pattern=False` reproduces llama.cpp's behaviour (the pattern is re-derived from the
-    new indices); it exists for the benchmark that measures what the fix is worth.
+    `swa_layers`: per original layer, whether llama.cpp runs it with sliding-window attention
+    (pipeline.engine.layer_kinds.sliding_window_layers; None when no layer does). The survivors'
+    kinds are written as an explicit pattern: without one llama.cpp would derive them from the
+    new layer numbers, turning a global layer local. `keep_swa_pattern=False` reproduces that
+    behaviour; it exists for the benchmark that measures what the fix is worth.
     Returns what was done: layers kept, the old and new sliding-window patterns."""
     src, dst = Path(src), Path(dst)
     kvs, alignment = read_metadata(src)
@@ -116,7 +84,9 @@ def prune_gguf(src: Path, dst: Path, drop, *, keep_swa_pattern: bool = True) -> 
     n_layers = meta[count_key]
     drop = check_prune_set(drop, n_layers, f"{src.name}: prune: ")
     kept = sorted(layer_map(n_layers, drop))
-    pattern = swa_pattern(meta, arch, n_layers)
+    pattern = list(swa_layers) if swa_layers is not None and any(swa_layers) else None
+    if pattern is not None and len(pattern) != n_layers:
+        raise SqueezeError(f"{src}: {len(pattern)} sliding-window layer kinds given for a model of {n_layers} layers")
     pattern_key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
 
     entries = []

@@ -24,6 +24,7 @@ from pipeline.choose.prune_auto import SEARCH, PruneChoice, choose_layers
 from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
 from pipeline.choose.sensitivity import imatrix_layer_stats, load_sensitivity
 from pipeline.engine.backend import engine_versions
+from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
@@ -146,7 +147,8 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
         else:
             layers = what
         check_room(f"prune {tag}", ctx.pruned_base_path(tag).parent, predicted_base_bytes(ctx, layers))
-        info = prune_gguf(ctx.base_path, io.out(ctx.pruned_base_path(tag)), layers)
+        info = prune_gguf(ctx.base_path, io.out(ctx.pruned_base_path(tag)), layers,
+                          swa_layers=sliding_window_layers(ctx.base_path))
         if imatrix:
             write_imatrix(io.out(ctx.pruned_imatrix_path(tag)), remap_imatrix(read_imatrix(imatrix), n_layers, layers))
         return {**extra, "swa_after": info.swa_after}
