@@ -8,6 +8,7 @@ logs `layer N assigned to device X, is_swa = B` for every layer."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -20,7 +21,17 @@ _LAYER = re.compile(r"layer\s+(?P<il>\d+) assigned to device \S+, is_swa = (?P<s
 
 def sliding_window_layers(path: Path) -> list[bool] | None:
     """Per layer, True when llama.cpp runs it with sliding-window attention; None when no layer
-    does (nothing to preserve when layers are removed). The weights are memory-mapped, not read."""
+    does (nothing to preserve when layers are removed). The weights are memory-mapped, not read;
+    the answer is kept per file (its path, size and modification time), so a prune search that
+    writes many pruned files from one base loads the base once."""
+    st = Path(path).stat()
+    kinds = _sliding_window_layers(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return list(kinds) if kinds is not None else None
+
+
+@functools.lru_cache(maxsize=16)
+def _sliding_window_layers(path: str, size: int, mtime_ns: int) -> tuple[bool, ...] | None:
+    """sliding_window_layers of one version of a file (size and mtime_ns only key the cache)."""
     with capture_log() as lines:
         with Model(path) as model:
             n_layer = model.n_layer
@@ -33,5 +44,5 @@ def sliding_window_layers(path: Path) -> list[bool] | None:
     if sorted(kinds) != list(range(n_layer)):
         raise SqueezeError(f"{path}: llama.cpp did not report every layer's attention kind while loading "
                            f"({len(kinds)} of {n_layer}); this llama.cpp build logs them differently")
-    swa = [kinds[il] for il in range(n_layer)]
+    swa = tuple(kinds[il] for il in range(n_layer))
     return swa if any(swa) else None
