@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.errors import SqueezeError
@@ -39,6 +40,20 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def build_folder(target: Path, build) -> None:
+    """`build(folder)` fills a hidden sibling of `target`, which then takes `target`'s place: a
+    folder is never seen half-built, and a failed build leaves nothing behind."""
+    target = Path(target)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(work)
+        work.chmod(0o755)  # mkdtemp makes it private
+        shutil.rmtree(target, ignore_errors=True)
+        work.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

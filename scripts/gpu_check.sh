@@ -53,7 +53,7 @@ with tempfile.TemporaryDirectory() as tmp:
 EOF
   wheel=$(ls "$("$PY" -m pip cache dir)/squeeze-wheels/llama-cpp-python-$version-$flags_id"/*.whl 2>/dev/null) ||
     die "no CUDA wheel ($flags_id) in pip's cache: build it first with \`make setup GPU=cuda VENV=<another venv>\`"
-  cp "$wheel" .whl/
+  "$PY" pipeline/engine/slim_wheel.py "$wheel" ".whl/$(basename "$wheel")"  # wheels built before setup slimmed them
   du -sh .whl/* "$check"
   total=$(du -sk .whl "$check" | awk '{s += $1} END {print int(s / 1024)}')
   [ "$total" -lt 60 ] || die "what travels is $total MiB, over the 64 MiB a device call carries (with the repo)"

@@ -2,7 +2,8 @@
 # Install llama-cpp-python into a Python environment, built with squeeze's llama.cpp flags
 # (pipeline/engine/build_flags.py). The sdist compiles for ~4-7 minutes on 2 cores, so the wheel is
 # kept in pip's cache folder under a name that includes the flags: a later setup, or CI on
-# the same machine, installs it in seconds, and a change of flags never reuses a stale build.
+# the same machine, installs it in seconds, and a change of flags never reuses a stale build. The
+# wheel is slimmed first (pipeline/engine/slim_wheel.py): each library once, not six times.
 #
 # GPU=cuda (make setup GPU=cuda) builds llama.cpp's CUDA backend; it needs the CUDA toolkit (nvcc)
 # and cuBLAS, which a toolkit installed from pip lacks: then the matching `nvidia-cublas` wheel is
@@ -45,6 +46,8 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   rm -rf "$wheels.partial"
   CMAKE_ARGS="$("$PY" "$flags") $cublas_args" \
     "$PY" -m pip wheel --no-deps --no-cache-dir -w "$wheels.partial" "llama-cpp-python==$version"
+  # one copy of each library the package loads (a wheel stores each symlink as a full copy)
+  "$PY" "$here/pipeline/engine/slim_wheel.py" "$wheels.partial"/llama_cpp_python-*.whl
   mkdir -p "$(dirname "$wheels")" && rm -rf "$wheels" && mv "$wheels.partial" "$wheels"
 fi
 "$PY" -m pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-*.whl

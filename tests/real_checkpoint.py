@@ -16,15 +16,13 @@ Cached in squeeze's cache (`test-models/gemma3-270m-hf/`) keyed like the other t
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import gguf
 
 from pipeline.cache import MadeFrom, cached, package_versions
-from pipeline.fsutil import cache_dir
+from pipeline.fsutil import build_folder, cache_dir
 from tests.example_model import example_source_gguf
 
 DTYPE = "bfloat16"  # the published checkpoint's dtype
@@ -103,16 +101,6 @@ def example_hf_folder() -> Path:
     target = cache_dir("test-models") / "gemma3-270m-hf"
     made_from = MadeFrom({"model": source, "builder": Path(__file__)}, builder_versions(), {"dtype": DTYPE})
 
-    def build() -> None:
-        work = Path(tempfile.mkdtemp(prefix=".gemma3-270m-hf-", dir=target.parent))
-        try:
-            build_hf_folder(source, work)
-            work.chmod(0o755)  # mkdtemp makes it private
-            shutil.rmtree(target, ignore_errors=True)
-            work.rename(target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    cached(target, made_from, build,
+    cached(target, made_from, lambda: build_folder(target, lambda work: build_hf_folder(source, work)),
            lambda why: print(f"test model: rebuilding {target.name} from {source.name} ({why})", file=sys.stderr))
     return target

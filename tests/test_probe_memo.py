@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.choose.memory_probe import MemoryProbe, ProbeMemo, probe_key
+from pipeline.engine.quantized_tensors import QuantizedCache, shared_cache
 from pipeline.fsutil import read_text
 
 CTX, CHUNKS = 256, 2
@@ -112,7 +113,6 @@ def test_a_killed_step_resumes_with_the_probes_it_had_measured(base_f16, imatrix
 def test_quantized_bytes_are_kept_least_recently_used_first_out():
     import numpy as np
 
-    from pipeline.choose.memory_probe import QuantizedCache
 
     cache = QuantizedCache(limit=300)
     cache.put(("a", "Q4_0", "-"), np.zeros(100, np.uint8))
@@ -128,7 +128,7 @@ def test_quantized_bytes_are_kept_least_recently_used_first_out():
 @pytest.mark.slow
 def test_a_mix_applied_again_reuses_its_quantized_bytes_and_measures_the_same(base_f16, imatrix, calibration_sample):
     with _probe(base_f16, read_text(calibration_sample), imatrix, None) as probe:
-        cache = probe._loaded()["quantized"]
+        cache = shared_cache()
         first = probe.kld(ATTN_3)
         misses = cache.misses
         assert probe.kld(ATTN_3) == first  # measured again (no memo), from the same bytes

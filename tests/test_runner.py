@@ -101,3 +101,31 @@ def test_second_run_on_the_same_folder_is_refused(folder):
     finally:
         os.close(fd)
     assert run(folder, [step])[0] == {"ran": 1, "skipped": 0}
+
+
+def test_each_step_records_its_own_peak_memory_children_included(folder):
+    """A step's peak is its own (the high-water mark is reset before it) and a child process it
+    runs counts; the figures land in manifest.json for `squeeze status` and the scaling bench."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    mib = 1 << 20
+
+    def step(name, action):
+        def act(io):
+            action()
+            io.out(folder / f"{name}.txt").write_text(name)
+        return Step(f"quantize {name}", "quantize", {}, [folder / "in.txt"], [folder / f"{name}.txt"], act)
+
+    big = step("big", lambda: np.ones(400 * mib // 8).sum())
+    small = step("small", lambda: None)
+    child = step("child", lambda: subprocess.run(
+        [sys.executable, "-c", "import numpy; numpy.ones(600 * 2**20 // 8).sum()"], check=True))
+    run(folder, [big, small, child])
+    peaks = {k: v["peak_rss_bytes"] for k, v in json.loads((folder / "manifest.json").read_text())["steps"].items()}
+    assert peaks["quantize big"] >= 400 * mib
+    assert 0 < peaks["quantize small"] < peaks["quantize big"] - 300 * mib
+    assert peaks["quantize child"] >= 600 * mib

@@ -29,15 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.engine.backend import engine_version
 from pipeline.engine.context import Context
-from pipeline.engine.ggml_quant import quantize_rows
 from pipeline.engine.model import Model
+from pipeline.engine.quantized_tensors import file_identity, quantized_bytes, shared_cache
 from pipeline.engine.weights import ModelWeights
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix
@@ -50,11 +49,6 @@ from pipeline.measure import perplexity
 PROBE_CHUNKS = 2
 
 _open_probes: dict[tuple, tuple] = {}  # settings -> (model, weights, context): one per process
-# Quantized bytes kept per (tensor, type, imatrix) while the model is loaded: refinement rounds,
-# the cheaper mixes of a KLD target and later variants apply mostly the same pairs again, and
-# quantizing (with an imatrix, a few million weights a second per core) is most of a probe's cost
-# on a large model. Least recently used pairs go first beyond this many bytes.
-QUANTIZED_CACHE_BYTES = 2 << 30
 
 
 class MemoryProbe:
@@ -99,7 +93,7 @@ class MemoryProbe:
         if loaded is None:
             model = Model(self.base_path, self.n_gpu_layers, writable=True)
             loaded = _open_probes[self._key()] = {"model": model, "weights": ModelWeights(model), "contexts": {},
-                                                  "users": 0, "quantized": QuantizedCache(QUANTIZED_CACHE_BYTES)}
+                                                  "users": 0}
         if not self._holds:
             loaded["users"] += 1
             self._holds = True
@@ -171,14 +165,11 @@ class MemoryProbe:
     def apply(self, types: dict[str, str] | None = None, removed=()) -> None:
         """Change the loaded model: tensors at types (name -> type), layers removed."""
         weights = self.weights
-        cache = self._loaded()["quantized"]
-        key_imatrix = str(self.imatrix_path)
+        cache = shared_cache()  # the assembler writes the variant's file from the same bytes
+        source, imatrix = file_identity(self.base_path), file_identity(self.imatrix_path)
         for name, qtype in (types or {}).items():
-            key = (name, qtype.upper(), key_imatrix)
-            data = cache.get(key)
-            if data is None:
-                data = quantized_bytes(weights.original(name), weights.shape(name), qtype, self.column_weights(name))
-                cache.put(key, data)
+            data = cache.get_or_quantize(source, name, qtype, imatrix, lambda: quantized_bytes(
+                weights.original(name), weights.shape(name), qtype, self.column_weights(name)))
             weights.write_quantized(name, qtype, data)
         for layer in removed:
             for name in self.residual_outputs(layer):
@@ -232,51 +223,6 @@ class MemoryProbe:
         context, tokens = self._context(), self.base["tokens"]
         return np.concatenate([context.eval(list(tokens[i:i + context.n_seq]), output_from=int(self.base["first"]))
                                for i in range(0, len(tokens), context.n_seq)])
-
-
-def _matrices(values: np.ndarray, shape, column_weights: np.ndarray | None):
-    """(matrix, its imatrix slice) pairs: a 3-D tensor (experts) is quantized one matrix at a
-    time, each with its own slice of the imatrix entry, as llama_model_quantize does."""
-    n = shape[0]
-    mats = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    per = values.reshape(mats, -1, n)
-    for e in range(mats):
-        w = column_weights
-        if column_weights is not None and column_weights.size == n * mats:
-            w = column_weights[e * n:(e + 1) * n]
-        yield per[e], w
-
-
-def quantized_bytes(values: np.ndarray, shape, qtype: str, column_weights: np.ndarray | None) -> np.ndarray:
-    """`values` (rows, row length) stored in `qtype`: the bytes a quantized file holds."""
-    return np.concatenate([quantize_rows(m, qtype, w).reshape(-1) for m, w in _matrices(values, shape, column_weights)])
-
-
-class QuantizedCache:
-    """(tensor, type, imatrix) -> its quantized bytes, least recently used dropped past `limit`."""
-
-    def __init__(self, limit: int):
-        self.limit, self.bytes = limit, 0
-        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        data = self._data.get(key)
-        if data is None:
-            self.misses += 1
-            return None
-        self._data.move_to_end(key)
-        self.hits += 1
-        return data
-
-    def put(self, key: tuple, data: np.ndarray) -> None:
-        if data.nbytes > self.limit:
-            return
-        self._data[key] = data
-        self.bytes += data.nbytes
-        while self.bytes > self.limit:
-            _, old = self._data.popitem(last=False)
-            self.bytes -= old.nbytes
 
 
 def probe_key(types: dict[str, str] | None = None, removed=()) -> str:

@@ -352,9 +352,11 @@ class _Estimator:
 
     def _refinement(self, v: VariantSpec) -> tuple[float, int]:
         """(seconds, probes) of a budgeted variant's refinement (pipeline.choose.refine): the base
-        loaded and its distribution taken; every round the whole chosen mix quantized in memory and
-        measured, and, but in the last round, the groups carrying GROUP_SHARE of the predicted KLD
-        each measured alone at its types."""
+        loaded and its distribution taken; every round the whole chosen mix measured, and, but in
+        the last round, the groups carrying GROUP_SHARE of the predicted KLD each measured alone at
+        its types. Quantizing: the first round the whole mix; later rounds only the groups whose
+        types changed (priced as the measured share, an upper bound); the groups' own probes use
+        the mix's pairs, already quantized (pipeline.engine.quantized_tensors keeps them)."""
         rounds = self.recipe.select.refine_rounds
         if not rounds:
             return 0.0, 0
@@ -365,7 +367,7 @@ class _Estimator:
         n_groups = (rounds - 1) * per_round
         one = self._probe_kld(1, PROBE_CHUNKS, True) - self._probe_kld(0, PROBE_CHUNKS)
         seconds = (self._probe_kld(0, PROBE_CHUNKS) + (rounds + n_groups) * one
-                   + rounds * self._probe_quantize(types)
+                   + self._probe_quantize(types)
                    + (rounds - 1) * self._probe_quantize(types, REFINE_GROUP_FRACTION))
         return seconds, rounds + n_groups
 
@@ -374,7 +376,11 @@ class _Estimator:
         v = self.recipe.variant(step.variant)
         size = self.variant_size(v)
         # (the probe's quantize rates include reading the source and writing the output)
-        seconds = self.p.quantize(self.shape, self.variant_tensor_types[v.name])
+        types = self.variant_tensor_types[v.name]
+        refined = self.recipe.budget_for(v) is not None and self.recipe.select.refine_rounds > 0
+        if refined:  # the file is assembled from the mix its refinement just quantized: priced as a
+            types = {n: "Q8_0" for n in types}  # write at the fastest quantize rate (an upper bound)
+        seconds = self.p.quantize(self.shape, types)
         writes = {self.ctx.variant_path(v.name): size,
                   self.ctx.tensor_types_path(v.name): 60 + 30 * sum(1 for _ in self._explicit(v))}
         mem, dev = self.rss + 3 * self.largest_f32, 0

@@ -10,21 +10,32 @@ per-layer fact from the new index.
 from __future__ import annotations
 
 import ctypes
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
-from pipeline.engine.backend import default_threads, init_backend
+from pipeline.engine.backend import capture_log, default_threads, init_backend
 from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.imatrix_file import read_imatrix
 
 
-def quantize_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None = None,
-                  overrides: list[tuple[str, str]] = (),
-                  output_type: str | None = None, token_embedding_type: str | None = None,
-                  threads: int | None = None) -> None:
-    """Quantize `src` into `dst` as llama-quantize would with the equivalent flags."""
+@dataclass
+class QuantizeParams:
+    """llama_model_quantize_params as llama-quantize fills it from its flags; `kv` are the
+    metadata overrides it writes (key, override tag, value), `keep_alive` the ctypes buffers the
+    struct points into, which must outlive the call."""
+
+    params: llama_cpp.llama_model_quantize_params
+    kv: list[tuple[str, int, object]]
+    keep_alive: list
+
+
+def quantize_params(ftype: str, *, imatrix_path: Path | None = None, overrides: list[tuple[str, str]] = (),
+                    output_type: str | None = None, token_embedding_type: str | None = None,
+                    threads: int | None = None) -> QuantizeParams:
     init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or default_threads()
@@ -34,7 +45,7 @@ def quantize_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
     if token_embedding_type:
         params.token_embedding_type = int(ggml_types.tensor_type(token_embedding_type))
 
-    keep_alive = []  # ctypes buffers referenced by params must outlive the call
+    keep_alive = []
     kv = []
     if imatrix_path is not None:
         im = read_imatrix(imatrix_path)
@@ -75,7 +86,47 @@ def quantize_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
         arr[len(overrides)].pattern = None
         params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep_alive.append(arr)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # what llama.cpp writes of a string override: its fixed 128-byte field, cut at 127 bytes
+    kv = [(k, t, v.encode()[:127].decode("utf-8", "ignore") if isinstance(v, str) else v) for k, t, v in kv]
+    return QuantizeParams(params, kv, keep_alive)
+
+
+def _call(src: Path, dst: Path, qp: QuantizeParams, what: str) -> None:
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp.params))
     if rc != 0:
-        raise SqueezeError(f"quantizing {src.name} to {ftype} failed (llama_model_quantize returned {rc}); "
+        raise SqueezeError(f"{what} failed (llama_model_quantize returned {rc}); "
                            f"set SQUEEZE_LLAMA_LOG=1 to see llama.cpp's log")
+
+
+def quantize_file(src: Path, dst: Path, ftype: str, **flags) -> None:
+    """Quantize `src` into `dst` as llama-quantize would with the equivalent flags (the keyword
+    arguments of quantize_params)."""
+    _call(src, dst, quantize_params(ftype, **flags), f"quantizing {src.name} to {ftype}")
+
+
+# One line per tensor of llama_model_quantize's dry run: "[  12/ 236]  blk.1.attn_k.weight - [ 640,
+# 256, 1, 1], type = f16, size = 0.312 MiB -> 0.088 MiB (q4_K)" (no "-> ... (type)" when it stays).
+_PLANNED = re.compile(r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[[^\]]*\], type =\s*(?P<type>\S+), "
+                      r"size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((?P<new>\S+)\))?")
+
+
+@dataclass
+class QuantizePlan:
+    types: dict[str, str]  # tensor name -> ggml type name, upper case
+    refused: bool  # llama_model_quantize would refuse it (a type that needs an imatrix, none given)
+
+
+def planned_types(src: Path, ftype: str, **flags) -> QuantizePlan:
+    """Each tensor's type in the file llama_model_quantize would write, from its own dry run:
+    llama.cpp's mix rules, the overrides and its fallbacks for rows a type cannot hold, decided by
+    llama.cpp itself, nothing quantized."""
+    qp = quantize_params(ftype, **flags)
+    qp.params.dry_run = True
+    with capture_log() as lines:
+        _call(src, src.with_name(src.name + ".dry-run"), qp, f"planning {src.name} in {ftype}")
+        said = "".join(lines)
+    types = {m["name"]: (m["new"] or m["type"]).upper() for m in _PLANNED.finditer(said)}
+    if not types:
+        raise SqueezeError(f"{src}: llama.cpp's dry run of {ftype} reported no tensor; this llama.cpp build "
+                           "logs it differently")
+    return QuantizePlan(types, "will require an imatrix" in said)

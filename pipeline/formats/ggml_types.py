@@ -12,8 +12,9 @@ from pipeline.errors import SqueezeError, did_you_mean
 
 # Types that cannot be a quantization target (integer types, or only used for activations).
 _NOT_TARGETS = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
-# Types that llama.cpp needs an importance matrix for (llama-quantize refuses without one).
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S"}
+# Types that llama.cpp needs an importance matrix for (llama_model_quantize refuses a tensor of
+# these without one, as tensor_requires_imatrix says; so is Q2_K in a Q2_K_S file).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}
 
 TENSOR_TYPES = {t.name: t for t in GGMLQuantizationType if t.name not in _NOT_TARGETS}
 FILE_TYPES = {

@@ -179,13 +179,23 @@ def write_gguf(dst: Path, src: Path, metadata: list[bytes], tensors: list[tuple[
                alignment: int = 32, progress=None) -> None:
     """A GGUF v3 file with the given encoded metadata entries and tensors copied byte for byte
     from `src` (each (new name, entry in src)), data aligned as llama.cpp expects."""
-    infos, offset = [], 0
-    for name, e in tensors:
-        nb = name.encode()
-        infos.append(struct.pack("<Q", len(nb)) + nb + struct.pack(f"<I{len(e.shape)}Q", len(e.shape), *e.shape)
-                     + struct.pack("<IQ", int(e.type), offset))
-        offset += (e.n_bytes + alignment - 1) // alignment * alignment
     src_data = np.memmap(src, dtype=np.uint8, mode="r")
+    write_gguf_tensors(dst, metadata, [(name, e.shape, e.type, e.n_bytes) for name, e in tensors],
+                       lambda i: memoryview(src_data[tensors[i][1].offset:tensors[i][1].offset + tensors[i][1].n_bytes]),
+                       alignment, progress)
+
+
+def write_gguf_tensors(dst: Path, metadata: list[bytes], tensors: list[tuple[str, tuple[int, ...], int, int]],
+                       produce, alignment: int = 32, progress=None) -> None:
+    """A GGUF v3 file: the encoded metadata entries, then the tensors described up front (name,
+    ggml shape, ggml type, bytes), whose data `produce(i)` returns one at a time, in order, each
+    padded with zeros to `alignment` as gguf_get_meta_data and llama_model_quantize write it."""
+    infos, offset = [], 0
+    for name, shape, ggml_type, n_bytes in tensors:
+        nb = name.encode()
+        infos.append(struct.pack("<Q", len(nb)) + nb + struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
+                     + struct.pack("<IQ", int(ggml_type), offset))
+        offset += (n_bytes + alignment - 1) // alignment * alignment
     with open(dst, "wb") as f:
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
         for kv in metadata:
@@ -193,8 +203,11 @@ def write_gguf(dst: Path, src: Path, metadata: list[bytes], tensors: list[tuple[
         for info in infos:
             f.write(info)
         f.write(b"\0" * (-f.tell() % alignment))
-        for i, (_, e) in enumerate(tensors):
-            f.write(memoryview(src_data[e.offset:e.offset + e.n_bytes]))
-            f.write(b"\0" * (-e.n_bytes % alignment))
+        for i, (name, _, _, n_bytes) in enumerate(tensors):
+            data = memoryview(produce(i))
+            if data.nbytes != n_bytes:
+                raise ValueError(f"{name}: produced {data.nbytes} bytes, planned {n_bytes}")
+            f.write(data)
+            f.write(b"\0" * (-n_bytes % alignment))
             if progress:
                 progress(i)

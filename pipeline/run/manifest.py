@@ -56,6 +56,7 @@ class StepRecord:
     outputs: dict  # path -> {size, sha256}
     seconds: float = 0.0
     finished: str = ""
+    peak_rss_bytes: int = 0  # the step's own high-water mark of resident memory; 0: not measured
     extra: dict = field(default_factory=dict)
 
 

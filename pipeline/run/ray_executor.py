@@ -29,6 +29,7 @@ from pipeline.errors import SqueezeError
 from pipeline.fsutil import remove_partials
 from pipeline.progress import serial_map
 from pipeline.run.dag import Dag
+from pipeline.run.peak_memory import StepPeak
 from pipeline.run.runner import Runner, Step, StepIO, forced_stages
 
 # A task's memory: its largest input (the model it loads, quantizes or prunes) times this, as a
@@ -59,11 +60,12 @@ def run_step(step: Step, cwd: str, options: dict) -> dict:
     io.discard_leftovers()
     start = time.monotonic()
     try:
-        extra = io.extra(step.action(io))
+        with StepPeak() as peak:  # the worker's own peak for this step (workers are reused)
+            extra = io.extra(step.action(io))
     except BaseException:
         io.discard()
         raise
-    return {"temps": io.temps, "extra": extra, "seconds": time.monotonic() - start}
+    return {"temps": io.temps, "extra": extra, "seconds": time.monotonic() - start, "peak_rss_bytes": peak.bytes}
 
 
 def run_share(fn, items: list, cwd: str) -> list:
@@ -240,7 +242,7 @@ class RayExecutor:
                         raise exc from None
                     runner.record_failure(dag, step, exc)
                     continue
-                runner.record(step, result["extra"], result["seconds"])
+                runner.record(step, result["extra"], result["seconds"], result["peak_rss_bytes"])
                 dag.done(step.key, ran=True)
         finally:
             if running:

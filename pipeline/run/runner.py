@@ -26,6 +26,7 @@ from pipeline.fsutil import PARTIAL_MARK, partial_name, remove_partials
 from pipeline.progress import serial_map
 from pipeline.run.dag import Dag
 from pipeline.run.manifest import Manifest, StepRecord, params_diff, same_file
+from pipeline.run.peak_memory import StepPeak
 
 
 @dataclass
@@ -308,12 +309,13 @@ class Runner:
         io = StepIO(step)
         start = time.monotonic()
         try:
-            extra = io.extra(step.action(io))
+            with StepPeak() as peak:
+                extra = io.extra(step.action(io))
             io.commit()
         except BaseException:
             io.discard()
             raise
-        self.record(step, extra, time.monotonic() - start)
+        self.record(step, extra, time.monotonic() - start, peak.bytes)
 
     def begin(self, step: Step) -> None:
         """Before a step's action runs (here or on a worker): its inputs exist, its old record is gone."""
@@ -323,7 +325,7 @@ class Runner:
         self.manifest.forget(step.key)
         self.manifest.save()
 
-    def record(self, step: Step, extra: dict, seconds: float) -> None:
+    def record(self, step: Step, extra: dict, seconds: float, peak_rss: int = 0) -> None:
         """After a step's outputs are committed: what they were made from, in the manifest."""
         self.manifest.failures.pop(step.key, None)
         rec = StepRecord(
@@ -331,7 +333,7 @@ class Runner:
             inputs={self.manifest.rel(p): self.manifest.digest(p) for p in step.inputs},
             outputs={self.manifest.rel(p): self.manifest.digest(p) for p in step.outputs},
             seconds=round(seconds, 2), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra=extra)
+            peak_rss_bytes=peak_rss, extra=extra)
         self.manifest.steps[step.key] = rec
         self.manifest.save()
         self.echo(f"{step.key}: done in {seconds:.1f} s")

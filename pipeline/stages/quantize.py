@@ -1,4 +1,5 @@
-"""Stage quantize: one GGUF per variant (pipeline.engine.quantize), with one exact type per tensor
+"""Stage quantize: one GGUF per variant (pipeline.engine.assemble: llama_model_quantize's file,
+from tensors quantized once per run), with one exact type per tensor
 the recipe's rules name (pipeline.recipe.rules) or, under a size budget, one for every tensor
 (pipeline.choose.allocate). Pruned variants start from their pruned base.
 """
@@ -14,8 +15,8 @@ from pipeline.choose.measured_allocation import TargetChoice, choose_types, choo
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
+from pipeline.engine.assemble import PrunedFrom, assemble_file
 from pipeline.engine.backend import engine_versions
-from pipeline.engine.quantize import quantize_file
 from pipeline.engine.runtime_memory import runtime_memory
 from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_metadata
@@ -234,11 +235,15 @@ def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes:
     needed = extra.get("predicted_bytes") or predicted_variant_bytes(ctx, v, {n: c.type for n, c in choices.items()},
                                                                       layers)
     check_room(f"quantize {v.name}", ctx.variant_path(v.name).parent, needed)
-    quantize_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
-                  imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
-                  output_type=recipe.output_type_for(v),
-                  token_embedding_type=token_embd_type, threads=ctx.threads)
-    return {**extra, "pruned_layers": list(layers),
+    # the file llama_model_quantize writes, from the tensors this run already quantized (the
+    # refinement's last mix, earlier variants) where it has them (pipeline.engine.assemble)
+    pruned_from = PrunedFrom(ctx.base_path, imatrix_input(ctx) if imatrix else None, tuple(layers)) if layers else None
+    made = assemble_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
+                         imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
+                         output_type=recipe.output_type_for(v), token_embedding_type=token_embd_type,
+                         threads=ctx.threads, pruned_from=pruned_from)
+    return {**extra, "pruned_layers": list(layers), "tensors_quantized": made.quantized,
+            "tensors_reused": made.reused, "tensors_copied": made.copied,
             "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
 
 

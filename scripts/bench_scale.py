@@ -1,0 +1,234 @@
+"""Benchmark: how squeeze's cost grows from 100M to 1B parameters, stage by stage, and what the
+estimate predicted for each stage before the run.
+
+The auto recipe's work (recipes/gemma3-270m-auto.yaml: convert, imatrix, the sensitivity map,
+prune or bits, three budgeted variants with one refinement round, scoring) runs on three Hugging
+Face checkpoints, each converted by squeeze's own convert stage:
+
+  llama-thin   1.3e8 parameters, 32 thin layers, random weights (scripts/scale_models.py)
+  gemma3-270m  2.7e8, Gemma 3 270M's real weights rebuilt as a HF folder (tests/real_checkpoint.py)
+  gemma3-1b    1.0e9, Gemma 3 1B's shapes, random weights (scripts/scale_models.py)
+
+The work per size is the same: calibration 20 x 512 tokens of groups_merged, scoring 10 x 512
+tokens of wikitext-2 (the auto recipe scores 20; halved so that the 1B run fits in about an hour
+on 2 cores). Costs of random-weight models are real; their quality numbers mean nothing and are
+not reported.
+
+For each size: the estimate (the library call behind `squeeze plan RECIPE --estimate`, at this
+machine's rates) is made for a fresh results folder first; then `python -m pipeline run RECIPE`
+runs as a child process. Per stage it records wall seconds (the runner's own, manifest.json), peak
+RSS (the highest of its steps' high-water marks, which the runner records per step), the
+prediction and seconds per billion parameters; and the 1B figure per parameter against the 270M
+one (linear scaling: ratio 1.0).
+
+Writes results/bench/scale.json and scale.md after every size, so a partial run leaves what it
+measured (rows of sizes not run this time are kept from the previous file). Run it on a quiet
+machine, nothing else heavy beside it.
+Usage: python scripts/bench_scale.py [--sizes llama-thin,gemma3-270m,gemma3-1b] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from bench_common import OUT, log, portable, run_child, write_json, write_text
+from bench_estimate import compare, load_average, pct
+from scale_models import scale_model
+
+from pipeline.cost.rates import cpu_name, machine_rates
+from pipeline.cost.run_estimate import estimate_run
+from pipeline.engine.backend import engine_versions
+from pipeline.formats.gguf_index import read_index
+from pipeline.stages.registry import build_steps, open_run
+from tests.real_checkpoint import example_hf_folder
+
+SIZES = {"llama-thin": lambda: scale_model("llama-thin"), "gemma3-270m": example_hf_folder,
+         "gemma3-1b": lambda: scale_model("gemma3-1b")}
+REFERENCE = "gemma3-270m"  # seconds per parameter are compared with this size's
+LINEAR_TARGET = 1.25  # issue 18: each stage's seconds per parameter at 1B <= 1.25 x the 270M figure
+CALIBRATION_CHUNKS, SCORE_CHUNKS = 20, 10
+
+
+def recipe(source: Path, name: str) -> dict:
+    """The auto recipe's work on `source` (see recipes/gemma3-270m-auto.yaml for why each setting)."""
+    return {
+        "version": 1, "description": f"scaling benchmark: the auto recipe's work on {name}",
+        "model": {"source": str(source), "base_type": "F16"},
+        "calibration": {"datasets": ["groups_merged"], "ctx": 512, "chunks": CALIBRATION_CHUNKS},
+        "select": {"target_bpw": 5.5, "refine_rounds": 1},
+        "variants": {"auto-5.5bpw": {"ftype": "Q3_K_M"},
+                     "auto-4.8bpw": {"ftype": "Q2_K", "target_bpw": 4.8},
+                     "auto-5.5bpw-prune-or-bits": {"ftype": "Q3_K_M", "prune": "auto"}},
+        "score": {"dataset": "wikitext-2", "ctx": 512, "chunks": SCORE_CHUNKS},
+        "report": {"reference": "auto-5.5bpw", "title": f"scaling benchmark, {name}"},
+    }
+
+
+def parameters(results: Path, manifest: dict) -> int:
+    """Parameters of the converted base, as llama.cpp counts them (every tensor's elements)."""
+    convert = next(rec for rec in manifest["steps"].values() if rec["stage"] == "convert")
+    base = next(results / rel for rel in convert["outputs"] if rel.endswith(".gguf"))
+    return sum(math.prod(t.shape) for t in read_index(base).values())
+
+
+def predict(name: str, folder: Path):
+    """(recipe path, results folder, the estimate for that fresh folder, rates) for size `name`."""
+    source = SIZES[name]()
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_path, results = folder / f"scale-{name}.yaml", folder / "results"
+    recipe_path.write_text(yaml.safe_dump(recipe(source, name), sort_keys=False))
+    ctx = open_run(str(recipe_path), results)
+    rates = machine_rates(ctx.threads, echo=log)
+    return recipe_path, results, estimate_run(ctx, build_steps(ctx), rates), rates
+
+
+def _by_stage(costs) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in costs:
+        out[c.stage] = out.get(c.stage, 0.0) + c.seconds
+    return out
+
+
+def measure(name: str, tmp: Path) -> dict:
+    recipe_path, results, estimate, rates = predict(name, tmp / name)
+    argv = [sys.executable, "-m", "pipeline", "run", str(recipe_path), "--results", str(results)]
+    load_before = load_average()
+    log(f"{name}: predicted {estimate.seconds:.0f} s; running {subprocess.list2cmdline(argv)}")
+    wall, rss, _ = run_child(argv, tmp / name / "run.log")
+    load_after = load_average()
+    manifest = json.loads((results / "manifest.json").read_text())
+    stages, _, _ = compare(estimate.costs, manifest, results)
+    for stage, s in stages.items():
+        s["peak_rss_bytes"] = max((rec.get("peak_rss_bytes", 0) for rec in manifest["steps"].values()
+                                   if rec["stage"] == stage), default=0)
+    n_params = parameters(results, manifest)
+    for s in stages.values():
+        s["s_per_billion_params"] = round(s["measured_s"] / (n_params / 1e9), 1)
+    steps_s = sum(rec["seconds"] for rec in manifest["steps"].values())
+    rss = max([rss] + [s["peak_rss_bytes"] for s in stages.values()])
+    log(f"{name}: {n_params / 1e9:.3f}e9 parameters, {steps_s:.0f} s in steps (predicted {estimate.seconds:.0f} s), "
+        f"peak RSS {rss / 2**30:.2f} GiB")
+    return {"model": name, "source": portable(SIZES[name]()), "parameters": n_params,
+            "threads": rates.key.get("threads"), "measured_s": round(steps_s, 1), "wall_s": round(wall, 1),
+            "predicted_s": round(estimate.seconds, 1), "time_error_pct": pct(estimate.seconds, steps_s),
+            "peak_rss_bytes": rss, "predicted_peak_memory_bytes": estimate.peak_memory,
+            "load_average": {"before": load_before, "after": load_after},
+            "command": subprocess.list2cmdline(["squeeze", "run", f"scale-{name}.yaml"]),
+            "predicted_when": "before the run", "stages": stages}
+
+
+def repredict(row: dict, tmp: Path) -> None:
+    """The row's predictions made again by the current estimate for a fresh folder (after a change
+    to the cost model; the measurements stay)."""
+    _, _, estimate, _ = predict(row["model"], tmp / row["model"])
+    by_stage = _by_stage(estimate.costs)
+    for stage, s in row["stages"].items():
+        s["predicted_s"] = round(by_stage.get(stage, 0.0), 1)
+        s["time_error_pct"] = pct(by_stage.get(stage, 0.0), s["measured_s"])
+    row["predicted_s"] = round(estimate.seconds, 1)
+    row["time_error_pct"] = pct(estimate.seconds, row["measured_s"])
+    row["predicted_peak_memory_bytes"] = estimate.peak_memory
+    row["peak_rss_bytes"] = max([row["peak_rss_bytes"]] + [s["peak_rss_bytes"] for s in row["stages"].values()])
+    row["predicted_when"] = f"after the run, by the estimate as of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+
+
+def scaling(rows: dict) -> dict:
+    """Per stage, seconds per parameter at each size over the reference size's."""
+    ref = rows.get(REFERENCE)
+    if not ref:
+        return {}
+    out = {}
+    for name, row in rows.items():
+        if name == REFERENCE:
+            continue
+        out[name] = {stage: (round(s["s_per_billion_params"] / ref["stages"][stage]["s_per_billion_params"], 2)
+                             if ref["stages"].get(stage, {}).get("s_per_billion_params") else None)
+                     for stage, s in row["stages"].items()}
+        out[name]["total"] = round((row["measured_s"] / row["parameters"]) / (ref["measured_s"] / ref["parameters"]), 2)
+    return out
+
+
+def markdown(r: dict) -> str:
+    md = [f"# {r['title']}", "", f"{r['date']}, {r['machine']}.", "", r["what"], "",
+          "| model | parameters | stage | predicted s | measured s | error % | s per 1e9 params | peak RSS MiB |",
+          "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, row in r["rows"].items():
+        for stage, s in row["stages"].items():
+            md.append(f"| {name} | {row['parameters'] / 1e9:.3f}e9 | {stage} | {s['predicted_s']} | {s['measured_s']} | "
+                      f"{s['time_error_pct'] if s['time_error_pct'] is not None else '-'} | "
+                      f"{s['s_per_billion_params']} | {s['peak_rss_bytes'] / 2**20:.0f} |")
+        md.append(f"| {name} | | **total** | {row['predicted_s']} | {row['measured_s']} | {row['time_error_pct']} | "
+                  f"{row['measured_s'] / (row['parameters'] / 1e9):.1f} | {row['peak_rss_bytes'] / 2**20:.0f} |")
+    if r["scaling"]:
+        md += ["", f"## Seconds per parameter against {REFERENCE} (1.0: linear; target at 1B <= {LINEAR_TARGET})", ""]
+        for name, ratios in r["scaling"].items():
+            md.append(f"- {name}: " + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in ratios.items()))
+    md += ["", "Costs are real for every size; the random-weight models' quality numbers mean nothing and are "
+               "not reported.", ""]
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary results folders")
+    ap.add_argument("--repredict", action="store_true",
+                    help="only make the predictions of the sizes' rows in scale.json again (the current estimate)")
+    args = ap.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        sys.exit(f"--sizes: unknown {', '.join(unknown)}; one of {', '.join(SIZES)}")
+    out_json = args.out / "scale.json"
+    previous = json.loads(out_json.read_text())["rows"] if out_json.exists() else {}
+    rows = {k: v for k, v in previous.items() if k not in sizes}
+    if args.repredict and not set(sizes) <= set(previous):
+        sys.exit(f"--repredict: {out_json} has no row for {', '.join(set(sizes) - set(previous))}")
+    tmp = Path(tempfile.mkdtemp(prefix="squeeze-scale-"))
+    try:
+        for name in sizes:
+            if args.repredict:
+                rows[name] = previous[name]
+                repredict(rows[name], tmp)
+            else:
+                rows[name] = measure(name, tmp)
+            rows = {k: rows[k] for k in SIZES if k in rows}
+            result = {
+                "benchmark": "scale",
+                "title": "The auto recipe's work at three sizes: measured and predicted seconds, peak RSS, per stage",
+                "what": f"convert, imatrix ({CALIBRATION_CHUNKS} x 512 tokens), sensitivity, prune or bits, three "
+                        f"budgeted variants (one refinement round), scoring ({SCORE_CHUNKS} x 512 tokens of wikitext-2); "
+                        "predicted by the estimate for a fresh folder before each run.",
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, Python "
+                           f"{platform.python_version()}",
+                "versions": engine_versions(),
+                "rows": rows,
+                "scaling": scaling(rows),
+                "linear_target": LINEAR_TARGET,
+            }
+            write_json(out_json, result)
+            write_text(args.out / "scale.md", markdown(result))
+            if not args.keep:
+                shutil.rmtree(tmp / name, ignore_errors=True)
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
