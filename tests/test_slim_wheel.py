@@ -91,3 +91,7 @@ def test_the_slim_wheel_installed_alone_gives_the_same_logits(slim_wheel, tmp_pa
                               env=env, cwd=tmp_path).stdout.split()
     assert slim_run[0].startswith(str(site)) and not full_run[0].startswith(str(site))
     assert slim_run[1] == full_run[1]
+
+
+def test_the_slim_wheel_keeps_the_built_wheels_permissions(built_wheel, slim_wheel):
+    assert slim_wheel.stat().st_mode & 0o777 == built_wheel.stat().st_mode & 0o777

@@ -94,6 +94,7 @@ def slim(wheel_path: Path, out: Path | None = None) -> tuple[int, int]:
                     dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
                     lines.append(_record_line(info.filename, data))
             dst.writestr(record_name, "\n".join(lines + [f"{record_name},,"]) + "\n")
+        os.chmod(tmp, wheel_path.stat().st_mode & 0o777)  # mkstemp makes it private
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
