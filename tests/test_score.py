@@ -71,7 +71,7 @@ def tiny_gguf_with_vocab(dst, width: int = 64):
 
 @pytest.fixture(scope="module")
 def variant_q3(base_f16, tmp_path_factory):
-    from pipeline.stages.quantize import quantize_file
+    from pipeline.engine.quantize import quantize_file
 
     path = tmp_path_factory.mktemp("score") / "Q3_K_M.gguf"
     quantize_file(base_f16, path, "Q3_K_M")
