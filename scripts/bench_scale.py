@@ -83,14 +83,14 @@ def parameters(results: Path, manifest: dict) -> int:
 
 
 def predict(name: str, folder: Path):
-    """(recipe path, results folder, the estimate for that fresh folder, rates) for size `name`."""
+    """(source folder, recipe path, results folder, the estimate for that fresh folder, rates) for size `name`."""
     source = SIZES[name]()
     folder.mkdir(parents=True, exist_ok=True)
     recipe_path, results = folder / f"scale-{name}.yaml", folder / "results"
     recipe_path.write_text(yaml.safe_dump(recipe(source, name), sort_keys=False))
     ctx = open_run(str(recipe_path), results)
     rates = machine_rates(ctx.threads, echo=log)
-    return recipe_path, results, estimate_run(ctx, build_steps(ctx), rates), rates
+    return source, recipe_path, results, estimate_run(ctx, build_steps(ctx), rates), rates
 
 
 def _by_stage(costs) -> dict[str, float]:
@@ -101,7 +101,7 @@ def _by_stage(costs) -> dict[str, float]:
 
 
 def measure(name: str, tmp: Path) -> dict:
-    recipe_path, results, estimate, rates = predict(name, tmp / name)
+    source, recipe_path, results, estimate, rates = predict(name, tmp / name)
     argv = [sys.executable, "-m", "pipeline", "run", str(recipe_path), "--results", str(results)]
     load_before = load_average()
     log(f"{name}: predicted {estimate.seconds:.0f} s; running {subprocess.list2cmdline(argv)}")
@@ -119,7 +119,7 @@ def measure(name: str, tmp: Path) -> dict:
     rss = max([rss] + [s["peak_rss_bytes"] for s in stages.values()])
     log(f"{name}: {n_params / 1e9:.3f}e9 parameters, {steps_s:.0f} s in steps (predicted {estimate.seconds:.0f} s), "
         f"peak RSS {rss / 2**30:.2f} GiB")
-    return {"model": name, "source": portable(SIZES[name]()), "parameters": n_params,
+    return {"model": name, "source": portable(source), "parameters": n_params,
             "threads": rates.key.get("threads"), "measured_s": round(steps_s, 1), "wall_s": round(wall, 1),
             "predicted_s": round(estimate.seconds, 1), "time_error_pct": pct(estimate.seconds, steps_s),
             "peak_rss_bytes": rss, "predicted_peak_memory_bytes": estimate.peak_memory,
@@ -131,7 +131,7 @@ def measure(name: str, tmp: Path) -> dict:
 def repredict(row: dict, tmp: Path) -> None:
     """The row's predictions made again by the current estimate for a fresh folder (after a change
     to the cost model; the measurements stay)."""
-    _, _, estimate, _ = predict(row["model"], tmp / row["model"])
+    _, _, _, estimate, _ = predict(row["model"], tmp / row["model"])
     by_stage = _by_stage(estimate.costs)
     for stage, s in row["stages"].items():
         s["predicted_s"] = round(by_stage.get(stage, 0.0), 1)

@@ -124,8 +124,12 @@ def test_each_step_records_its_own_peak_memory_children_included(folder):
     small = step("small", lambda: None)
     child = step("child", lambda: subprocess.run(
         [sys.executable, "-c", "import numpy; numpy.ones(600 * 2**20 // 8).sum()"], check=True))
-    run(folder, [big, small, child])
+    # a child smaller than an earlier one: its own peak is not in getrusage's maximum, the sampler sees it
+    later = step("later", lambda: subprocess.run(
+        [sys.executable, "-c", "import numpy, time; a = numpy.ones(300 * 2**20 // 8); time.sleep(0.3)"], check=True))
+    run(folder, [big, small, child, later])
     peaks = {k: v["peak_rss_bytes"] for k, v in json.loads((folder / "manifest.json").read_text())["steps"].items()}
     assert peaks["quantize big"] >= 400 * mib
     assert 0 < peaks["quantize small"] < peaks["quantize big"] - 300 * mib
     assert peaks["quantize child"] >= 600 * mib
+    assert peaks["quantize later"] >= 300 * mib

@@ -18,7 +18,6 @@ name (the model loader's weight_name_comparer); data padded to the alignment.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +25,15 @@ import gguf
 import llama_cpp
 import numpy as np
 
-from pipeline.engine.quantize import planned_types, quantize_file, quantize_params
+from pipeline.engine.quantize import planned_types, quantize_params, quantize_with
 from pipeline.engine.quantized_tensors import QuantizedCache, file_identity, quantized_bytes, shared_cache
 from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.gguf_index import encode_kv, read_index, read_metadata, tensor_values, write_gguf_tensors
-from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, layer_map, layer_of, with_layer
 
 _SPLIT_KEYS = {gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}
-_LAYER = re.compile(r"blk\.([+-]?\d+)")
 
 
 @dataclass(frozen=True)
@@ -68,8 +65,8 @@ class Assembled:
 
 def loader_order(name: str) -> tuple[int, str]:
     """llama_model_loader's weight_name_comparer: layer number (-1 outside blocks), then name."""
-    m = _LAYER.match(name)
-    return (int(m.group(1)) if m else -1, name)
+    layer = layer_of(name)
+    return (-1 if layer is None else layer, name)
 
 
 def _u32(key: str, value: int) -> bytes:
@@ -112,19 +109,18 @@ def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
     cache's quantized tensors where it holds them (`pruned_from`: where a pruned source's tensors
     came from, so the pairs quantized from the unpruned base count too)."""
     src, cache = Path(src), cache or shared_cache()
-    planned = planned_types(src, ftype, imatrix_path=imatrix_path, **flags)
-    types = planned.types
+    qp = quantize_params(ftype, imatrix_path=imatrix_path, **flags)
+    planned = planned_types(src, qp)
+    types, columns = planned.types, qp.columns
     index = read_index(src)
     missing = sorted(set(index) - set(types))
     if missing:
         raise SqueezeError(f"{src}: llama.cpp's dry run planned no type for {', '.join(missing[:3])}")
-    columns = read_imatrix(imatrix_path).normalized() if imatrix_path is not None else {}
     if planned.refused or any(_needs_imatrix(n, t, ftype) and n not in columns for n, t in types.items()):
         # llama_model_quantize refuses these (a type that needs an imatrix, none for the tensor):
         # let it, so the refusal is its own
-        quantize_file(src, dst, ftype, imatrix_path=imatrix_path, **flags)
+        quantize_with(src, dst, qp)
         raise SqueezeError(f"llama_model_quantize quantized {src.name} to {ftype} where squeeze expected a refusal")
-    qp = quantize_params(ftype, imatrix_path=imatrix_path, **flags)
     metadata, alignment = output_metadata(src, ftype, qp.kv)
     names = sorted(index, key=loader_order)
     source_id, imatrix_id, original = file_identity(src), file_identity(imatrix_path), {n: n for n in index}
@@ -134,8 +130,8 @@ def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
     for name in names:
         e = index[name]
         new = gguf.GGMLQuantizationType[types[name]]
-        plan.append((name, _ggml_shape(e.shape), new, math.prod(e.shape) // gguf.GGML_QUANT_SIZES[new][0]
-                     * gguf.GGML_QUANT_SIZES[new][1]))
+        plan.append((name, _ggml_shape(e.shape), new,
+                     ggml_types.bytes_per_row(new, e.shape[0]) * math.prod(e.shape[1:])))
     src_data = np.memmap(src, dtype=np.uint8, mode="r")
 
     def produce(i: int):

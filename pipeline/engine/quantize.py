@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from pipeline.engine.backend import capture_log, default_threads, init_backend
 from pipeline.errors import SqueezeError
@@ -25,11 +26,14 @@ from pipeline.formats.imatrix_file import read_imatrix
 @dataclass
 class QuantizeParams:
     """llama_model_quantize_params as llama-quantize fills it from its flags; `kv` are the
-    metadata overrides it writes (key, override tag, value), `keep_alive` the ctypes buffers the
-    struct points into, which must outlive the call."""
+    metadata overrides it writes (key, override tag, value), `columns` the imatrix entries it is
+    given (tensor name -> normalized values), `keep_alive` the ctypes buffers the struct points
+    into, which must outlive the call."""
 
+    ftype: str
     params: llama_cpp.llama_model_quantize_params
     kv: list[tuple[str, int, object]]
+    columns: dict[str, np.ndarray]
     keep_alive: list
 
 
@@ -47,6 +51,7 @@ def quantize_params(ftype: str, *, imatrix_path: Path | None = None, overrides: 
 
     keep_alive = []
     kv = []
+    data = {}
     if imatrix_path is not None:
         im = read_imatrix(imatrix_path)
         data = im.normalized()
@@ -88,7 +93,7 @@ def quantize_params(ftype: str, *, imatrix_path: Path | None = None, overrides: 
         keep_alive.append(arr)
     # what llama.cpp writes of a string override: its fixed 128-byte field, cut at 127 bytes
     kv = [(k, t, v.encode()[:127].decode("utf-8", "ignore") if isinstance(v, str) else v) for k, t, v in kv]
-    return QuantizeParams(params, kv, keep_alive)
+    return QuantizeParams(ftype, params, kv, data, keep_alive)
 
 
 def _call(src: Path, dst: Path, qp: QuantizeParams, what: str) -> None:
@@ -101,7 +106,11 @@ def _call(src: Path, dst: Path, qp: QuantizeParams, what: str) -> None:
 def quantize_file(src: Path, dst: Path, ftype: str, **flags) -> None:
     """Quantize `src` into `dst` as llama-quantize would with the equivalent flags (the keyword
     arguments of quantize_params)."""
-    _call(src, dst, quantize_params(ftype, **flags), f"quantizing {src.name} to {ftype}")
+    quantize_with(src, dst, quantize_params(ftype, **flags))
+
+
+def quantize_with(src: Path, dst: Path, qp: QuantizeParams) -> None:
+    _call(src, dst, qp, f"quantizing {src.name} to {qp.ftype}")
 
 
 # One line per tensor of llama_model_quantize's dry run: "[  12/ 236]  blk.1.attn_k.weight - [ 640,
@@ -116,17 +125,19 @@ class QuantizePlan:
     refused: bool  # llama_model_quantize would refuse it (a type that needs an imatrix, none given)
 
 
-def planned_types(src: Path, ftype: str, **flags) -> QuantizePlan:
-    """Each tensor's type in the file llama_model_quantize would write, from its own dry run:
-    llama.cpp's mix rules, the overrides and its fallbacks for rows a type cannot hold, decided by
-    llama.cpp itself, nothing quantized."""
-    qp = quantize_params(ftype, **flags)
+def planned_types(src: Path, qp: QuantizeParams) -> QuantizePlan:
+    """Each tensor's type in the file llama_model_quantize would write from `src` with `qp`, from
+    its own dry run: llama.cpp's mix rules, the overrides and its fallbacks for rows a type cannot
+    hold, decided by llama.cpp itself, nothing quantized."""
     qp.params.dry_run = True
-    with capture_log() as lines:
-        _call(src, src.with_name(src.name + ".dry-run"), qp, f"planning {src.name} in {ftype}")
-        said = "".join(lines)
+    try:
+        with capture_log() as lines:
+            _call(src, src.with_name(src.name + ".dry-run"), qp, f"planning {src.name} in {qp.ftype}")
+            said = "".join(lines)
+    finally:
+        qp.params.dry_run = False
     types = {m["name"]: (m["new"] or m["type"]).upper() for m in _PLANNED.finditer(said)}
     if not types:
-        raise SqueezeError(f"{src}: llama.cpp's dry run of {ftype} reported no tensor; this llama.cpp build "
+        raise SqueezeError(f"{src}: llama.cpp's dry run of {qp.ftype} reported no tensor; this llama.cpp build "
                            "logs it differently")
     return QuantizePlan(types, "will require an imatrix" in said)

@@ -5,8 +5,10 @@ also falsify what `time -v` or a batch scheduler reports for the whole run, so i
 A step that raises it gets that mark, exact; otherwise its peak is the highest resident size a
 sampling thread read every 20 ms during the step (/proc/self/statm). What earlier steps still
 hold (the base kept loaded, caches) counts, as it does on the user's machine. A step that runs a
-child process (the converter) peaks in the child: the largest child's peak (getrusage
-RUSAGE_CHILDREN) counts when it grew during the step. Without /proc the peak is recorded as 0.
+child process (the converter) peaks in the child: the sampler adds the children's resident sizes
+(/proc/self/task/*/children), and the largest child's own peak (getrusage RUSAGE_CHILDREN) counts
+exactly when it grew during the step (a child below an earlier step's child is only sampled).
+Without /proc the peak is recorded as 0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
 _STATM = Path("/proc/self/statm")
+_TASKS = Path("/proc/self/task")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 SAMPLE_SECONDS = 0.02
 
@@ -36,11 +39,22 @@ def _high_water() -> int:
     return 0
 
 
-def _resident() -> int:
+def _resident_of(statm: Path) -> int:
     try:
-        return int(_STATM.read_text().split()[1]) * _PAGE
+        return int(statm.read_text().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
-        return 0
+        return 0  # not Linux, or a child that just exited
+
+
+def _resident() -> int:
+    """This process's resident bytes and its running children's."""
+    children = []
+    for listing in _TASKS.glob("*/children"):
+        try:
+            children += listing.read_text().split()
+        except OSError:
+            continue
+    return _resident_of(_STATM) + sum(_resident_of(Path(f"/proc/{pid}/statm")) for pid in children)
 
 
 class StepPeak:
