@@ -171,6 +171,12 @@ out = {"model": {"file": model.name, "layers": n_layer, "bytes": model.stat().st
        "seconds": seconds, "probes": probes, "probes_within_1_percent": ok,
        "probe_restored_bit_identical_on_gpu": klds["gpu_restored_bit_identical"], "imatrix_gpu_vs_cpu": imatrix}
 out["offloaded_layers"] = offload
+import os, shutil
+smi = shutil.which("nvidia-smi")
+gpu_name = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip() if smi else "none"
+out["machine"] = {"gpu": gpu_name, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "engine": __import__("llama_cpp").__version__}
 target = Path("results/bench/gpu.json" if offload else work / "gpu-rehearsal.json")
 target.parent.mkdir(parents=True, exist_ok=True)
 target.write_text(json.dumps(out, indent=1) + "\n")
