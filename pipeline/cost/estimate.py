@@ -43,11 +43,15 @@ HEADER_BYTES_FIXED = 32 << 10
 # llama.cpp's quantize keeps these tensors as they are (norms, biases: every 1-D tensor).
 _NOT_QUANTIZED_KINDS = ("ffn_gate_inp", "pos_embd", "token_types")
 
-# HF conversion (convert_hf_to_gguf.py, lazy): results/bench/convert.json measured ~17 s of start-up
-# (torch, transformers) and ~45 MiB/s of output on 2 cores, and peak memory ~377 MiB + 1.53 x the
-# largest tensor in f32. Downloading is not counted: it depends on the network.
-CONVERT_STARTUP_S = 17.0
-CONVERT_BYTES_PER_S = 45 * (1 << 20)
+# HF conversion (convert_hf_to_gguf.py, lazy). Seconds: fitted to the three quiet runs of
+# results/bench/scale.json (bf16 checkpoints of 245 MB, 549 MB and 1.9 GB, vocabularies of 50k and
+# 262k): ~4 s of start-up (torch, transformers), ~17.5 s per million vocabulary entries (the
+# tokenizer's vocabulary is read and written entry by entry in Python) and ~3 s per GB of weights.
+# Memory: results/bench/convert.json, ~377 MiB + 1.53 x the largest tensor in f32. Downloading is
+# not counted: it depends on the network.
+CONVERT_STARTUP_S = 4.2
+CONVERT_S_PER_VOCAB_ENTRY = 17.5e-6
+CONVERT_BYTES_PER_S = 1e9 / 2.96
 CONVERT_RSS_FIXED = 377 * (1 << 20)
 CONVERT_RSS_PER_LARGEST_F32 = 1.53
 

@@ -230,7 +230,8 @@ class _Estimator:
             mem = self.rss + 3 * self.largest_f32
             note = "linked, same type" if already else "dequantized with gguf-py"
         else:
-            seconds = est.CONVERT_STARTUP_S + self.base_bytes / est.CONVERT_BYTES_PER_S
+            seconds = (est.CONVERT_STARTUP_S + est.CONVERT_S_PER_VOCAB_ENTRY * self.shape.n_vocab
+                       + self.base_bytes / est.CONVERT_BYTES_PER_S)
             mem = int(est.CONVERT_RSS_FIXED + est.CONVERT_RSS_PER_LARGEST_F32 * self.largest_f32)
             note = "convert_hf_to_gguf.py; download not counted" if source.kind == "hub" else "convert_hf_to_gguf.py"
         return StepCost(step.key, step.stage, seconds, writes, mem, note=note)
