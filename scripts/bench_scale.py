@@ -174,6 +174,7 @@ def markdown(r: dict) -> str:
         md += ["", f"## Seconds per parameter against {REFERENCE} (1.0: linear; target at 1B <= {LINEAR_TARGET})", ""]
         for name, ratios in r["scaling"].items():
             md.append(f"- {name}: " + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in ratios.items()))
+    md += ["", "Predicted: " + "; ".join(f"{name} {row['predicted_when']}" for name, row in r["rows"].items()) + "."]
     md += ["", "Costs are real for every size; the random-weight models' quality numbers mean nothing and are "
                "not reported.", ""]
     return "\n".join(md)
@@ -192,7 +193,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"--sizes: unknown {', '.join(unknown)}; one of {', '.join(SIZES)}")
     out_json = args.out / "scale.json"
-    previous = json.loads(out_json.read_text())["rows"] if out_json.exists() else {}
+    previous_result = json.loads(out_json.read_text()) if out_json.exists() else {}
+    previous = previous_result.get("rows", {})
     rows = {k: v for k, v in previous.items() if k not in sizes}
     if args.repredict and not set(sizes) <= set(previous):
         sys.exit(f"--repredict: {out_json} has no row for {', '.join(set(sizes) - set(previous))}")
@@ -210,8 +212,11 @@ def main() -> None:
                 "title": "The auto recipe's work at three sizes: measured and predicted seconds, peak RSS, per stage",
                 "what": f"convert, imatrix ({CALIBRATION_CHUNKS} x 512 tokens), sensitivity, prune or bits, three "
                         f"budgeted variants (one refinement round), scoring ({SCORE_CHUNKS} x 512 tokens of wikitext-2); "
-                        "predicted by the estimate for a fresh folder before each run.",
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "predicted by the estimate for a fresh folder (each row says when: before its run, or made again "
+                        "after a change to the cost model, the measurement unchanged).",
+                # A re-prediction changes no measurement, so the file keeps the date they were made.
+                "date": (previous_result.get("date") if args.repredict
+                         else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
                 "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, Python "
                            f"{platform.python_version()}",
                 "versions": engine_versions(),

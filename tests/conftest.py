@@ -66,6 +66,22 @@ def write_recipe(tmp_path):
     return write
 
 
+def gguf_fields(path) -> dict:
+    """A GGUF's metadata values by key (arrays as lists; string arrays as None). gguf-py's reader
+    takes 10-30 s over a 262k-token vocabulary; the header parser squeeze itself uses, well under
+    a second."""
+    from pipeline.formats.gguf_index import read_metadata
+
+    return {kv.key: kv.value[1] if isinstance(kv.value, tuple) else kv.value for kv in read_metadata(Path(path))[0]}
+
+
+def gguf_tensor_types(path) -> dict[str, str]:
+    """Each tensor's ggml type name, from the file's tensor table."""
+    from pipeline.formats.gguf_index import read_index
+
+    return {name: e.type.name for name, e in read_index(Path(path)).items()}
+
+
 def run_squeeze(*args, env=None, cwd=None, timeout=1800) -> subprocess.CompletedProcess:
     """The real `squeeze` command in a subprocess (for kill/lock tests and exact output)."""
     full_env = dict(os.environ, **(env or {}))

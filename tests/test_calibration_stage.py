@@ -3,7 +3,6 @@ that variants are quantized with it, and the one-line answer to too little calib
 
 from __future__ import annotations
 
-import gguf
 import pytest
 
 from pipeline.errors import SqueezeError
@@ -11,6 +10,7 @@ from pipeline.formats.imatrix_file import read_imatrix
 from pipeline.formats.layers_csv import read_layers_csv
 from pipeline.run.runner import Runner
 from pipeline.stages.registry import build_steps, open_run
+from tests.conftest import gguf_fields
 
 RECIPE = """\
 name: calib
@@ -58,9 +58,9 @@ def test_run_writes_imatrix_layers_and_statistics_and_quantizes_with_them(base_f
     for png in (ctx.stats_heatmap_path, ctx.layers_plot_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the variant was quantized with this imatrix (llama-quantize's metadata keys say so)
-    reader = gguf.GGUFReader(str(ctx.variant_path("Q2_K")))
-    assert reader.get_field("quantize.imatrix.file").contents() == str(ctx.imatrix_path)
-    assert reader.get_field("quantize.imatrix.chunks_count").contents() == 2
+    fields = gguf_fields(ctx.variant_path("Q2_K"))
+    assert fields["quantize.imatrix.file"] == str(ctx.imatrix_path)
+    assert fields["quantize.imatrix.chunks_count"] == 2
     # nothing left behind, and a second run has nothing to do
     assert not (ctx.folder / "imatrix.checkpoint.npz").exists()
     _, log = run_stages(recipe)

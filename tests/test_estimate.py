@@ -172,7 +172,7 @@ def test_a_hub_model_not_downloaded_is_estimated_from_its_size():
 # ---- the host, thread scaling and the probe's load (pure arithmetic) ------------------------------
 def _rates(**over) -> Rates:
     """Rates of a made-up machine of 2 threads: the pricing arithmetic, not a measurement."""
-    fields = dict(key={"threads": 2}, pp_flops_f16=1e11, pp_flops_quant=1e11, tg_bytes_per_s=1e10,
+    fields = dict(key={"threads": 2}, pp_flops_f16=1e11, pp_flops_quant=1e11, output_flops=5e10, tg_bytes_per_s=1e10,
                   quantize_weights_per_s={"Q8_0": 1e8, "legacy": 5e7, "K": 2e7},
                   dequantize_values_per_s={"F16": 1e9, "Q8_0": 5e8}, write_bytes_per_s=1e9, hook_values_per_s=1e9,
                   sketch_s_per_entry=2e-9, kld_s_per_entry=1e-9, process_rss_bytes=1 << 28, load_s=0.5,
@@ -207,6 +207,9 @@ def test_a_host_of_more_threads_scales_each_kind_of_cpu_work_by_its_own_fraction
     # prompt processing: p = 0.9
     want = amdahl_speedup(0.9, 32) / amdahl_speedup(0.9, 2)
     assert here.forward(1000, 1e9, True) / host.forward(1000, 1e9, True) == pytest.approx(want)
+    # the output layer: only for the tokens with logits, at its own measured rate, scaled like pp
+    assert here.forward(1000, 1e9, True, 100, 2e9) == pytest.approx(1000 * 1e9 / 1e11 + 100 * 2e9 / 5e10)
+    assert here.forward(1000, 1e9, True, 100, 2e9) / host.forward(1000, 1e9, True, 100, 2e9) == pytest.approx(want)
     # the vocabulary work measured serial here stays as it is; serial kinds are not scaled
     assert host.kld(1000, 262144) == pytest.approx(here.kld(1000, 262144))
     assert host.write(1e9) == here.write(1e9) and host.load() == here.load()
@@ -361,17 +364,21 @@ def test_a_mixture_of_experts_is_evaluated_by_its_active_parameters():
     experts = 2 * 2 * 64 * 128 * 8
     assert s.n_params == 64 * 1000 + 64 + 2 * 64 * 64 + experts
     assert s.n_active_params == s.n_params - experts + experts * 2 // 8
-    assert s.flops_per_token() == pytest.approx(2 * s.n_active_params)  # tied: the output counts
+    # the blocks' active weights; the output layer (the tied embedding) per token with logits
+    assert s.flops_per_token() == pytest.approx(2 * (s.n_active_params - 64 * 1000))
+    assert s.output_flops_per_token() == 2 * 64 * 1000
     dense = replace(s, n_expert=0, n_expert_used=0)  # the same tensors, read as a dense model's
     assert dense.n_active_params == dense.n_params
     # dropping a layer drops its active share
-    assert s.flops_per_token(drop=[1]) == pytest.approx(2 * (s.n_active_params - (64 * 64 + 2 * 64 * 128 * 2)))
+    assert s.flops_per_token(drop=[1]) == pytest.approx(2 * (s.n_active_params - 64 * 1000
+                                                             - (64 * 64 + 2 * 64 * 128 * 2)))
 
 
 def test_a_shape_from_a_size_takes_active_parameters_too():
     s = shape_from_size("qwen3moe", 48, 30_000_000_000, 151936, active_params=3_000_000_000)
     assert s.n_active_params == 3_000_000_000 and s.n_params > 29e9
-    assert s.flops_per_token() == pytest.approx(2 * 3e9, rel=1e-6)
+    outside = sum(math.prod(t.shape) for t in s.tensors if t.name in ("token_embd.weight", "output.weight"))
+    assert s.flops_per_token() == pytest.approx(2 * (3e9 - outside), rel=1e-6)
     with pytest.raises(SqueezeError, match="--active-params"):
         shape_from_size("qwen3moe", 48, 30_000_000_000, 151936, active_params=40_000_000_000)
 

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 
-import gguf
 import pytest
 
 from pipeline.engine.model import Model
-from tests.conftest import ROOT, run_squeeze
+from tests.conftest import ROOT, gguf_tensor_types, run_squeeze
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +36,6 @@ variants:
 score: {{dataset: wikitext-2, ctx: 256, chunks: {chunks}}}
 report: {{reference: Q4_K_M}}
 """
-
-
-def tensor_types(path) -> dict[str, str]:
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: t.tensor_type.name for t in reader.tensors}
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +66,13 @@ def test_run_writes_a_score_table_for_every_variant(first_run):
 
 def test_tensor_types_are_exactly_what_the_rules_asked(first_run):
     _, results, _ = first_run
-    q2 = tensor_types(results / "variants" / "Q2_K.gguf")
+    q2 = gguf_tensor_types(results / "variants" / "Q2_K.gguf")
     assert q2["token_embd.weight"] == "Q4_0"
     assert q2["blk.1.ffn_down.weight"] == "Q5_K"
     assert all(q2[f"blk.{i}.attn_v.weight"] == "Q8_0" for i in range(18))
     assert q2["blk.2.ffn_down.weight"] != "Q5_K"  # the rule names layer 1 only
 
-    pruned = tensor_types(results / "variants" / "Q4_K_M-pruned.gguf")
+    pruned = gguf_tensor_types(results / "variants" / "Q4_K_M-pruned.gguf")
     assert not any(n.startswith("blk.16.") for n in pruned)  # 18 - 2 layers
     # The rule names original layer 6; after pruning 3 and 5 that layer is blk.4.
     assert pruned["blk.4.ffn_down.weight"] == "Q8_0"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import gguf
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from pipeline.choose.weight_errors import (BLOCK_ROWS, MIN_ROWS_PER_MATRIX, VOCA
 from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
 from pipeline.formats.tensor_names import ATTN_KINDS
 from pipeline.report.sensitivity import plot_heatmap
+from tests.conftest import gguf_tensor_types
 
 
 def test_groups_and_low_types():
@@ -90,14 +90,12 @@ def test_only_the_named_tensors_are_quantized_and_cost_kld(base_f16, info, probe
                      "blk.3.attn_v.weight": "Q4_0", "blk.3.attn_output.weight": "Q2_K"}
     path = tmp_path / "attn3.gguf"
     build_mixed(base_f16, path, types, None)
-    r = gguf.GGUFReader(str(path))
-    got = {t.name: t.tensor_type.name for t in r.tensors}
+    got = gguf_tensor_types(path)
     for name, qtype in types.items():
         assert got[name] == qtype
     others = {n: t for n, t in got.items() if n not in types}
     assert others["token_embd.weight"] == "F16" and others["blk.4.attn_q.weight"] == "F16"
     assert others["blk.3.attn_norm.weight"] == "F32"
-    del r
     assert probe.kld(base_f16) < 1e-6  # the base against itself
     assert probe.kld(path) > 1e-4
 

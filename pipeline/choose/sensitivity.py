@@ -268,7 +268,9 @@ def run_sensitivity(probe: MemoryProbe, info: ModelInfo, imatrix_path: Path | No
         group_kld["token_embd"] = GroupKLD(kld[EMBEDDING], probe_types(info, EMBEDDING))
     kind_kld = {what[len(KIND_PREFIX):]: GroupKLD(kld[(layer, what)], probe_types(info, (layer, what)))
                 for layer, what in units if what.startswith(KIND_PREFIX)}
-    errors = [e for e in tensor_errors(probe.base_path, imatrix_path, info, types, group_of) if e.group in group_kld]
+    # only the groups probed: with `layers` a subset, the other layers' tensors are not read
+    errors = tensor_errors(probe.base_path, imatrix_path, info, types,
+                           lambda name: group if (group := group_of(name)) in group_kld else None)
     gains = kind_gains(errors, kind_kld)
     per_group, per_tensor = group_alphas(errors, group_kld, gains)
     return Sensitivity(rows, group_kld, per_group, errors, proxy_correlations(rows), per_tensor, kind_kld, gains)

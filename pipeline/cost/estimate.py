@@ -113,11 +113,17 @@ class Shape:
         return not any(t.name == OUTPUT for t in self.tensors)
 
     def flops_per_token(self, drop=()) -> float:
-        """2 FLOP per weight a token passes through: the output layer (the embedding when tied)
-        counts, the embedding lookup does not."""
-        params = self.n_active_params - sum(self.layer_active(i) for i in set(drop))
-        embd = sum(n_values(t.shape) for t in self.tensors if t.name == TOKEN_EMBD)
-        return 2.0 * (params - (0 if self.tied_output else embd))
+        """2 FLOP per block weight a token passes through. The output layer is priced apart
+        (`output_flops_per_token`): llama.cpp runs it only for the tokens whose logits are asked
+        for (the last one in prompt processing, half of each chunk when scoring, every token in
+        the calibration pass), and over a 262k vocabulary it is as large as the blocks."""
+        blocks = self.n_active_params - sum(self.layer_active(i) for i in set(drop))
+        outside = sum(n_values(t.shape) for t in self.tensors if t.name in (TOKEN_EMBD, OUTPUT))
+        return 2.0 * max(blocks - outside, 0)
+
+    def output_flops_per_token(self) -> float:
+        """2 FLOP per weight of the output layer (the embedding when tied), per token with logits."""
+        return 2.0 * self.n_embd * self.n_vocab
 
     @property
     def kv_dim(self) -> int:
@@ -358,12 +364,15 @@ class Pricer:
     def load(self, n_models: int = 1) -> float:
         return n_models * self.rates.load_s
 
-    def forward(self, tokens: float, flops_per_token: float, quantized: bool) -> float:
+    def forward(self, tokens: float, flops_per_token: float, quantized: bool, outputs: float = 0,
+                output_flops: float = 0) -> float:
+        """`tokens` through the blocks and `outputs` of them through the output layer."""
         if self.gpu is not None:
-            rate = self.gpu.pp_flops
+            rate = out_rate = self.gpu.pp_flops
         else:
             rate = (self.rates.pp_flops_quant if quantized else self.rates.pp_flops_f16) * self._x("pp")
-        return tokens * flops_per_token / rate
+            out_rate = self.rates.output_flops * self._x("pp") if self.rates.output_flops else rate
+        return tokens * flops_per_token / rate + outputs * output_flops / out_rate
 
     def decode(self, tokens: float, model_bytes: float) -> float:
         rate = self.gpu.tg_bytes_per_s if self.gpu is not None else self.rates.tg_bytes_per_s * self._x("tg")

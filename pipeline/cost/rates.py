@@ -57,7 +57,7 @@ from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 4  # of the cached record; bump when the probe measures differently
+RATES_FORMAT = 5  # of the cached record; bump when the probe measures differently (5: pp as block work)
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -65,6 +65,7 @@ PROBE_DIMS = {"n_embd": 768, "n_ff": 2048, "n_layers": 4, "n_head": 12, "n_head_
 PROBE_QUANT = "Q4_K_M"
 PROBE_PP = 256  # tokens per prompt-processing batch
 PROBE_TG = 16  # single-token decodes
+PROBE_REPS = 3  # timed runs of each (after a warm-up): their mean, as llama-bench reports
 PROBE_CTX = 512  # context of the calibration and scoring probes (as the recipes use it) ...
 PROBE_CHUNKS = 4  # ... and chunks: one decode of 2048 tokens, llama-perplexity's batch
 # Types whose dequantization speed (gguf-py, numpy) is measured: what sources usually hold.
@@ -95,6 +96,9 @@ class Rates:
     # kind ("pp", "tg", "quantize", "vocab") -> {"seconds_1", "seconds_2", "parallel_fraction"};
     # empty where this machine cannot pin threads (not Linux, or one CPU)
     scaling: dict = field(default_factory=dict)
+    # FLOP/s of the output layer for the tokens whose logits are read (writing the logits out
+    # included): a decode asking for every token's logits against one asking for the last only
+    output_flops: float = 0.0
     # {"before": [1, 5, 15 min], "after": [...], "nproc", "threads", "other", "busy", "tries"}
     load: dict = field(default_factory=dict)
 
@@ -153,8 +157,8 @@ def bad_rates(data: dict) -> list[str]:
     """The rates of a record (Rates.to_json()) that are zero, negative or not finite: what a
     busy or broken probe leaves, and what no estimate may be made from."""
     bad = []
-    for name in ("pp_flops_f16", "pp_flops_quant", "tg_bytes_per_s", "write_bytes_per_s", "hook_values_per_s",
-                 "sketch_s_per_entry", "kld_s_per_entry"):
+    for name in ("pp_flops_f16", "pp_flops_quant", "output_flops", "tg_bytes_per_s", "write_bytes_per_s",
+                 "hook_values_per_s", "sketch_s_per_entry", "kld_s_per_entry"):
         v = data.get(name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             bad.append(name)
@@ -241,9 +245,15 @@ def load_text(load: dict) -> str:
 
 # ---- the synthetic model ---------------------------------------------------------------------
 def probe_flops_per_token(dims: dict) -> float:
-    """2 FLOP per weight a token passes through; the output is tied to the embedding, so every
-    parameter is one of them (the lookup itself is free, the output layer is not)."""
-    return 2.0 * probe_params(dims)
+    """2 FLOP per block weight a token passes through: prompt processing, as timed, runs the
+    output layer for the last token alone, so the rate is a rate of block work (the output layer
+    is priced at the same rate per token that asks for logits: estimate.Shape)."""
+    return 2.0 * (probe_params(dims) - probe_output_params(dims))
+
+
+def probe_output_params(dims: dict) -> int:
+    """The output layer's weights: the embedding, tied."""
+    return dims["n_vocab"] * dims["n_embd"]
 
 
 def probe_params(dims: dict) -> int:
@@ -436,7 +446,7 @@ def _best_of(n: int, fn) -> float:
 
 def _scaling_kernels(model: Model, threads: int, rng: np.random.Generator) -> dict[str, float]:
     """Seconds of each kind of multi-threaded work, with `threads` llama.cpp threads."""
-    tests = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
+    tests = speed.measure(model, PROBE_PP, PROBE_TG, PROBE_REPS, threads)["tests"]
     mat = rng.standard_normal((SCALING_QUANT_ROWS, SCALING_QUANT_COLS), dtype=np.float32)
     weights = rng.random(SCALING_QUANT_COLS, dtype=np.float32) + 0.5
     logits = rng.standard_normal((SCALING_VOCAB_ROWS, HEADER_VOCAB), dtype=np.float32) * 3
@@ -499,8 +509,6 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     n_tok = PROBE_CHUNKS * PROBE_CTX
 
     with Model(f16) as model:
-        sp = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
-        pp_f16 = sp[f"pp{PROBE_PP}"]["mean"] * flops
         text = probe_text(2 * n_tok)
         tokens = model.tokenize(text)
         chunks = perplexity.make_chunks(model, text, PROBE_CTX, PROBE_CHUNKS)
@@ -509,6 +517,15 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
             # the numpy work alone is timed (a difference of two timed decodes is noise on a busy machine)
             sketch_spent: dict = {}
             dist = perplexity.base_distribution(model, c, chunks, spent=sketch_spent)
+            # prompt processing as the workload runs it (n_seq chunks in one decode, not one short
+            # prompt: ~10x the work, so a timer's and a scheduler's jitter weigh less), first with
+            # the last token's logits alone (the blocks' work), then with every token's
+            seqs = list(chunks.tokens[:n_seq])
+            last = _best_of(PROBE_REPS, lambda: c.eval(seqs, output_last_only=True))
+            every = _best_of(PROBE_REPS, lambda: c.eval(seqs))
+            pp_f16 = n_seq * PROBE_CTX * flops / last
+            n_out = n_seq * (PROBE_CTX - 1)
+            output_rate = n_out * 2.0 * probe_output_params(PROBE_DIMS) / max(every - last, 1e-3 * every)
     # calibration: the forward pass plus the eval hook that copies and sums every matmul input
     cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, PROBE_CTX, PROBE_CHUNKS, threads=threads,
                                                             progress_desc="probe"))
@@ -530,13 +547,13 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     load_s, _ = _timed(load)
 
     with Model(quant) as model:
-        sp = speed.measure(model, PROBE_PP, PROBE_TG, 1, threads)["tests"]
-        pp_q = sp[f"pp{PROBE_PP}"]["mean"] * flops
+        sp = speed.measure(model, PROBE_PP, PROBE_TG, PROBE_REPS, threads)["tests"]
         tg_s_per_token = 1.0 / sp[f"tg{PROBE_TG}"]["mean"]
         qbytes = model.size_bytes
         with Context(model, PROBE_CTX, n_seq, threads) as c:
             kld_spent: dict = {}
             perplexity.score_against_base(model, c, dist, spent=kld_spent)
+            pp_q = n_seq * PROBE_CTX * flops / _best_of(PROBE_REPS, lambda: c.eval(seqs, output_last_only=True))
         scaling = measure_scaling(model)
     kld = kld_spent["numpy_s"] / (scored * nv)
     # a single-token decode reads every weight once: bandwidth-bound (its fixed cost folded in)
@@ -553,7 +570,8 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
             "other": round(other_load(load_before[0], load_after[0], threads, retry), 2),
             "busy": is_busy(load_before[0], load_after[0], nproc, threads, retry), "tries": 1}
     return Rates(
-        key=rates_key(threads), pp_flops_f16=pp_f16, pp_flops_quant=pp_q, tg_bytes_per_s=tg_rate,
+        key=rates_key(threads), pp_flops_f16=pp_f16, pp_flops_quant=pp_q, output_flops=output_rate,
+        tg_bytes_per_s=tg_rate,
         quantize_weights_per_s=quantize, dequantize_values_per_s=deq,
         write_bytes_per_s=write, hook_values_per_s=hook_rate, sketch_s_per_entry=sketch, kld_s_per_entry=kld,
         process_rss_bytes=rss, load_s=load_s, header_s_per_token=header,

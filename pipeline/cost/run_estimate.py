@@ -165,6 +165,7 @@ class _Estimator:
         self.base_bytes = est.base_file_bytes(shape, self.base_type)
         self.rss = rates.process_rss_bytes
         self.largest_f32 = 4 * shape.largest_tensor_values
+        self.out_flops = shape.output_flops_per_token()
         self.variant_bytes: dict[str, int] = {}
         self.variant_tensor_types: dict[str, dict[str, str]] = {}
         self.info = ctx.model_info
@@ -242,6 +243,9 @@ class _Estimator:
         tokens = cal.chunks * cal.ctx
         n_seq = max(1, 2048 // cal.ctx)
         flops, size, _, _ = self.model_for(None)
+        # priced as the blocks' work and the hook: measured at 126M-1B (results/bench/scale.json), the
+        # pass costs that, though it asks for every token's logits (the probe's hook rate, taken as
+        # what is left of its own pass after the blocks, holds the rest)
         seconds = self.p.load() + self.p.forward(tokens, flops, False) + self.p.hook(
             tokens, self.shape.hooked_values_per_token())
         host, dev = self.mem(size, n_seq * cal.ctx, n_seq * cal.ctx)
@@ -267,9 +271,11 @@ class _Estimator:
         ctx_len = cal.ctx if cal else self.recipe.score.ctx
         tokens = chunks * ctx_len
         scored = chunks * (ctx_len - 1 - ctx_len // 2)
+        outputs = chunks * (ctx_len - ctx_len // 2)  # logits from the chunk's middle on
         flops = self.shape.flops_per_token()
-        one = self.p.forward(tokens, flops, quantized) + self.p.kld(scored, self.shape.n_vocab)
-        base = self.p.load() + self.p.forward(tokens, flops, False) + self.p.sketch(scored, self.shape.n_vocab)
+        one = self.p.forward(tokens, flops, quantized, outputs, self.out_flops) + self.p.kld(scored, self.shape.n_vocab)
+        base = (self.p.load() + self.p.forward(tokens, flops, False, outputs, self.out_flops)
+                + self.p.sketch(scored, self.shape.n_vocab))
         return base + n_probes * one
 
     def _probe_quantize(self, types: dict[str, str], share: float = 1.0) -> float:
@@ -410,8 +416,9 @@ class _Estimator:
         tokens = s.chunks * s.ctx
         scored = s.chunks * (s.ctx - 1 - s.ctx // 2)
         n_seq = seqs_per_batch(s.ctx)
+        outputs = s.chunks * (s.ctx - s.ctx // 2)  # logits from the chunk's middle on
         flops, size, quantized, layers = self.model_for(name)
-        seconds = self.p.load() + self.p.forward(tokens, flops, quantized)
+        seconds = self.p.load() + self.p.forward(tokens, flops, quantized, outputs, self.out_flops)
         dist_bytes = scored * (TOP_K * 8 + TAIL_SAMPLES * 6 + 12) + tokens * 4
         if name is None:
             seconds += self.p.sketch(scored, self.shape.n_vocab)
@@ -428,7 +435,8 @@ class _Estimator:
         tokens, answers = sum(c[0] for c in counts), sum(c[1] for c in counts)
         flops, size, quantized, layers = self.model_for(name)
         # every token is evaluated; log-softmax rows only for the answers' tokens
-        seconds = self.p.load() + self.p.forward(tokens, flops, quantized) + self.p.kld(answers, self.shape.n_vocab)
+        seconds = (self.p.load() + self.p.forward(tokens, flops, quantized, answers, self.out_flops)
+                   + self.p.kld(answers, self.shape.n_vocab))
         host, dev = self.mem(size, t.ctx * 4, t.ctx * 4, layers=layers)
         return StepCost(step.key, step.stage, seconds, {}, host, dev, note=f"~{tokens:.0f} tokens")
 
@@ -451,8 +459,9 @@ class _Estimator:
         extra = 0
         if name is not None:  # the base's continuation teacher-forced through both models, compared
             base_flops = self.shape.flops_per_token()
-            seconds += self.p.load(2) + self.p.forward(forced_tokens, base_flops, False) + self.p.forward(
-                forced_tokens, flops, quantized)
+            forced_out = n_prompts * d.tokens  # logits of the continuation only
+            seconds += (self.p.load(2) + self.p.forward(forced_tokens, base_flops, False, forced_out, self.out_flops)
+                        + self.p.forward(forced_tokens, flops, quantized, forced_out, self.out_flops))
             seconds += 2 * self.p.kld(n_prompts * d.tokens, self.shape.n_vocab)
             extra = 2 * est.logits_bytes(n_prompts * d.tokens, self.shape.n_vocab)
             size = max(size, self.base_bytes)
