@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -17,11 +16,13 @@ from pipeline.engine.context import Context
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.dither import block_steps, dither_values
+from pipeline.formats.gguf_index import read_index, tensor_values
 from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import read_text
 from pipeline.measure import perplexity
 from pipeline.measure.calibration import calibration_tokens, collect, to_imatrix
 from pipeline.sources.datasets import resolve_dataset
+from tests.conftest import gguf_tensor_types
 from tests.tiny_gemma import build_tiny_gemma3, calibration_text
 
 
@@ -37,7 +38,8 @@ def test_each_block_moves_by_at_most_half_its_grid_step():
 
 
 def _tensors(path) -> dict[str, np.ndarray]:
-    return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path), "r").tensors}
+    """Each tensor as float32 (exact for the F16/F32 bases compared here)."""
+    return {name: tensor_values(path, e) for name, e in read_index(path).items()}
 
 
 def test_a_recipe_dithers_only_what_its_quantized_source_held(tmp_path):
@@ -55,7 +57,7 @@ def test_a_recipe_dithers_only_what_its_quantized_source_held(tmp_path):
         r = CliRunner().invoke(main, ["run", str(tmp_path / f"d-{dither}.yaml"), "--results", str(tmp_path / dither)])
         assert r.exit_code == 0, r.output
     plain, dithered = _tensors(tmp_path / "false" / "base-f16.gguf"), _tensors(tmp_path / "true" / "base-f16.gguf")
-    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantized_source), "r").tensors}
+    held = gguf_tensor_types(quantized_source)
     for name, kind in held.items():
         if kind == "Q8_0":  # was on a grid: moved, by less than one Q8_0 step of its block
             assert not np.array_equal(plain[name], dithered[name]), name

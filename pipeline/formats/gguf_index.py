@@ -122,6 +122,7 @@ class KeyValue:
     vtype: int
     raw: bytes  # the encoded entry, key included, as it appears in the file
     value: object  # scalars and strings decoded; arrays as (item type, list or None for strings)
+    count: int | None = None  # an array's number of items (string arrays included)
 
 
 def read_metadata(path: Path) -> tuple[list[KeyValue], int]:
@@ -137,7 +138,7 @@ def read_metadata(path: Path) -> tuple[list[KeyValue], int]:
         pos += 8 + n
         (vtype,) = struct.unpack_from("<I", buf, pos)
         pos += 4
-        value = None
+        value, count = None, None
         if vtype in _SCALAR:
             value = np.frombuffer(buf[pos:pos + _SCALAR[vtype]], _NUMPY[vtype])[0].item()
             pos += _SCALAR[vtype]
@@ -158,7 +159,7 @@ def read_metadata(path: Path) -> tuple[list[KeyValue], int]:
             value = (item, value)
         if key == _ALIGNMENT_KEY and vtype == _U32:
             alignment = value
-        out.append(KeyValue(key, vtype, bytes(buf[start:pos]), value))
+        out.append(KeyValue(key, vtype, bytes(buf[start:pos]), value, count))
     return out, alignment
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import gguf
 
-from pipeline.errors import SqueezeError
-from pipeline.formats.gguf_io import open_gguf
+from pipeline.errors import DamagedFile, SqueezeError
+from pipeline.formats.gguf_index import read_index, read_metadata
+from pipeline.formats.gguf_io import gguf_problem
 from pipeline.formats.tensor_names import NEVER_QUANTIZED_KINDS, kind_of
 from pipeline.fsutil import cache_dir, write_json_atomic
 
@@ -58,15 +59,21 @@ def read_model_info(path: Path) -> ModelInfo:
 
 
 def _parse_model_info(path: Path) -> ModelInfo:
-    reader = open_gguf(path)
-    arch = _field_str(reader, gguf.Keys.General.ARCHITECTURE)
-    if arch is None:
+    # squeeze's own header parser, not gguf-py's reader: that one decodes every vocabulary string
+    # (about 11 s for Gemma 3's 262k tokens, paid by whichever stage first asks).
+    problem = gguf_problem(path)
+    if problem is not None:
+        raise DamagedFile(path, problem, "delete it and rerun")
+    fields = {kv.key: kv for kv in read_metadata(path)[0]}
+    arch_kv = fields.get(gguf.Keys.General.ARCHITECTURE)
+    if arch_kv is None or not isinstance(arch_kv.value, str):
         raise SqueezeError(f"{path}: GGUF file has no general.architecture")
-    n_layers = _field_int(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
-    tensors = tuple(TensorInfo(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors)
-    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    n_vocab = len(tokens.data) if tokens is not None else None
-    return ModelInfo(arch, n_layers or 0, tensors, n_vocab)
+    arch = arch_kv.value
+    blocks = fields.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    n_layers = blocks.value if blocks is not None and isinstance(blocks.value, int) else 0
+    tensors = tuple(TensorInfo(e.name, e.shape, e.type.name) for e in read_index(path).values())
+    tokens = fields.get(gguf.Keys.Tokenizer.LIST)
+    return ModelInfo(arch, n_layers, tensors, tokens.count if tokens is not None else None)
 
 
 def synthetic_model_info(arch: str, n_layers: int) -> ModelInfo:
@@ -86,12 +93,3 @@ def synthetic_model_info(arch: str, n_layers: int) -> ModelInfo:
             names.append(template + ".weight")
     return ModelInfo(arch, n_layers, tuple(TensorInfo(n, None, None) for n in names))
 
-
-def _field_str(reader, key):
-    f = reader.get_field(key)
-    return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8")
-
-
-def _field_int(reader, key):
-    f = reader.get_field(key)
-    return None if f is None else int(f.parts[f.data[0]][0])

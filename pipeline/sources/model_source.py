@@ -25,6 +25,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.formats.dither import dither_gguf
+from pipeline.formats.gguf_index import read_metadata
 from pipeline.formats.gguf_io import gguf_problem
 from pipeline.formats.model_info import ModelInfo, read_model_info, synthetic_model_info
 from pipeline.formats.tensor_names import layer_of
@@ -211,9 +212,7 @@ def make_base(recipe, source: Source, out: Path, log_path: Path) -> tuple[BaseIn
 
 def _dithered_base(recipe, src: Path, info: BaseInfo, out: Path, base_type: str) -> BaseInfo:
     """The base dequantized as usual, then each tensor the source held quantized dithered off its grid."""
-    reader = gguf.GGUFReader(str(src), "r")
-    quantized = {t.name for t in reader.tensors if t.tensor_type.name not in ggml_types.BASE_TYPES}
-    del reader
+    quantized = {t.name for t in read_model_info(src).tensors if t.type not in ggml_types.BASE_TYPES}
     if not quantized:
         raise SqueezeError(f"{recipe.where('model', 'dither')}{src} holds no quantized tensor, so there is no grid "
                            "to take its base off; drop model.dither")
@@ -225,22 +224,24 @@ def _dithered_base(recipe, src: Path, info: BaseInfo, out: Path, base_type: str)
 
 
 def gguf_origin(src: Path, source: Source) -> BaseInfo:
-    reader = gguf.GGUFReader(str(src), "r")
-    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
-    ftype = int(field.contents()) if field is not None else None
-    grids = [ggml_types.bits_per_weight(t.tensor_type) for t in reader.tensors
-             if layer_of(t.name) is not None and len(t.shape) >= 2 and t.tensor_type.name not in ggml_types.BASE_TYPES]
+    ftype = _file_type(src)
+    grids = [ggml_types.bits_per_weight(gguf.GGMLQuantizationType[t.type]) for t in read_model_info(src).tensors
+             if layer_of(t.name) is not None and len(t.shape) >= 2 and t.type not in ggml_types.BASE_TYPES]
     if not grids:
         return BaseInfo(source.describe())
     name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "quantized"
     return BaseInfo(source.describe(), name, min(grids))
 
 
+def _file_type(src: Path) -> int | None:
+    """general.file_type, read by squeeze's header parser (gguf-py's reader decodes every
+    vocabulary string first: seconds for a 262k vocabulary)."""
+    kv = next((kv for kv in read_metadata(src)[0] if kv.key == gguf.Keys.General.FILE_TYPE), None)
+    return int(kv.value) if kv is not None and isinstance(kv.value, int) else None
+
+
 def _gguf_to_base(src: Path, dst: Path, base_type: str) -> None:
-    reader = gguf.GGUFReader(str(src), "r")
-    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
-    ftype = int(field.contents()) if field is not None else None
-    del reader
+    ftype = _file_type(src)
     if ftype == ggml_types.FILE_TYPES[base_type]:
         try:
             os.link(src, dst)  # same bytes, no copy
