@@ -16,8 +16,8 @@ from pipeline.cli import main
 from pipeline.cost import rates as rates_module
 from pipeline.cost.estimate import Pricer, Shape, shape_from_size
 from pipeline.cost.gpu_rates import GPUS, gpu
-from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates, other_load,
-                                 parallel_fraction, rates_key, rates_path, write_probe_model)
+from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates, other_cpus,
+                                 other_load, parallel_fraction, rates_key, rates_path, write_probe_model)
 from pipeline.cost.run_estimate import REFINE_GROUP_FRACTION, estimate_run, parse_count
 from pipeline.engine.backend import supports_gpu_offload
 from pipeline.engine.quantize import quantize_file
@@ -246,6 +246,12 @@ def test_the_probe_calls_a_machine_busy_from_the_load_beyond_its_own_threads():
     assert is_busy(2.4, 2.4, 2, 2) and not is_busy(2.4, 2.4, 2, 2, retry=True)
 
 
+def test_other_work_is_the_machines_cpu_time_less_the_probes_own():
+    # 60 s of probe: the machine busy for 150 CPU-s, 90 of them the probe's: one other core's worth
+    assert other_cpus(150.0, 90.0, 60.0) == pytest.approx(1.0)
+    assert other_cpus(88.0, 90.0, 60.0) == 0.0  # the clocks' ticks differ a little: never negative
+
+
 def test_a_zero_or_non_finite_rate_is_found_and_never_used_from_the_cache(tmp_path, monkeypatch):
     good = _rates().to_json()
     assert bad_rates(good) == []
@@ -262,9 +268,32 @@ def test_a_zero_or_non_finite_rate_is_found_and_never_used_from_the_cache(tmp_pa
     assert cached_rates(2) is None
 
 
+def test_rates_a_busy_probe_measured_serve_this_process_but_are_never_cached(tmp_path, monkeypatch):
+    # the probe stands in for a machine another job kept busy (the real one takes a minute)
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path))
+    monkeypatch.setattr(rates_module, "_busy_rates", {})
+    busy = {"before": [1.0] * 3, "after": [2.1] * 3, "nproc": 2, "threads": 2, "other": 1.0, "other_cpus": 0.93,
+            "busy": True, "tries": 1}
+    probes = []
+
+    def probe(threads, retry=False):
+        probes.append(retry)
+        return _rates(key=rates_key(threads), load=dict(busy))
+
+    monkeypatch.setattr(rates_module, "probe", probe)
+    said = []
+    first = machine_rates(2, echo=said.append)
+    assert probes == [False, True]  # measured again once
+    assert "busy machine (other work used 0.93 CPUs" in said[1] and "not cached" in said[-1]
+    assert not rates_path(rates_key(2)).exists() and cached_rates(2) is None
+    assert machine_rates(2, echo=said.append) is first and len(probes) == 2  # not probed again in this process
+
+
 def test_the_rate_probe_records_its_load_and_thread_scaling(tiny_recipe, tmp_path):
     rates = machine_rates(open_run(tiny_recipe, tmp_path / "r").threads)
-    assert set(rates.load) >= {"before", "after", "nproc", "threads", "other", "busy", "tries"}
+    assert set(rates.load) >= {"before", "after", "nproc", "threads", "other", "other_cpus", "busy", "tries"}
+    if rates.load["other_cpus"] is not None:  # Linux: measured from /proc/stat
+        assert rates.load["busy"] == (rates.load["other_cpus"] > rates_module.BUSY_CPU_SHARE * rates.load["nproc"])
     assert rates.load["nproc"] >= 1 and len(rates.load["before"]) == 3
     assert bad_rates(rates.to_json()) == []
     if rates.load["nproc"] >= 2:  # Linux pins the probe to 1 and 2 CPUs

@@ -21,10 +21,14 @@ this machine's CPUs, and records each kind's parallel fraction p from Amdahl's l
 rate x S(N) / S(T). Two points fit one parameter; the memory bandwidth a 32-thread host shares
 is not in them, so the extrapolation is an upper bound on speed for bandwidth-bound work.
 
-Load. The probe records the 1-minute load average before and after it ran, and the CPU count.
-Other work on the machine is the larger of the load before and the load after less the probe's
-own threads; above BUSY_SHARE x CPUs the machine was busy, the probe says so in one line and
-measures again (MAX_TRIES in all). A rate that comes out zero or not finite (a busy machine makes
+Load. The probe records the 1-minute load average before and after it ran, the CPU count, and,
+where /proc/stat exists, the CPUs other work used while it ran: the machine's busy CPU time over
+the probe less the probe's own (other_cpus). Above BUSY_CPU_SHARE x CPUs of that, the machine was
+busy. (The load average alone misjudged: it lags by a minute, so a job that kept one core of two
+busy throughout read as the probe's own earlier try.) Without /proc/stat, other work is the larger
+of the load before and the load after less the probe's own threads, busy above BUSY_SHARE x CPUs.
+A busy probe says so in one line and measures again (MAX_TRIES in all); rates still measured
+busy serve that process's estimates, with a note, and are not cached. A rate that comes out zero or not finite (a busy machine makes
 the subtractions below go negative) is never cached: the estimate refuses in one line, and a
 cached record holding one is measured again.
 """
@@ -57,7 +61,7 @@ from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 5  # of the cached record; bump when the probe measures differently (5: pp as block work)
+RATES_FORMAT = 6  # of the cached record; bump when the probe measures differently (5: pp as block work)
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -136,8 +140,11 @@ def amdahl_speedup(p: float, threads: int) -> float:
     return 1.0 / ((1.0 - p) + p / max(1, int(threads)))
 
 
-# The machine was busy when other work kept more than this share of its CPUs runnable.
+# The machine was busy when other work kept more than this share of its CPUs runnable (load
+# average), or used more than this share of its CPU time while the probe ran (/proc/stat): a
+# quiet machine's daemons use a few hundredths.
 BUSY_SHARE = 0.5
+BUSY_CPU_SHARE = 0.15
 MAX_TRIES = 2
 
 
@@ -151,6 +158,27 @@ def other_load(before: float, after: float, own_threads: int, retry: bool = Fals
 
 def is_busy(before: float, after: float, nproc: int, own_threads: int, retry: bool = False) -> bool:
     return other_load(before, after, own_threads, retry) > BUSY_SHARE * max(1, nproc)
+
+
+def other_cpus(machine_busy_s: float, own_s: float, wall_s: float) -> float:
+    """CPUs' worth of other work while the probe ran: the machine's busy CPU seconds over that
+    time less the probe's own, per wall second."""
+    return max(machine_busy_s - own_s, 0.0) / max(wall_s, 1e-9)
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(the machine's busy CPU seconds since boot, this process's CPU seconds), or None where the
+    kernel gives no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy; steal
+    # (another guest on the host) slows the probe just the same
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def bad_rates(data: dict) -> list[str]:
@@ -215,7 +243,7 @@ def cached_rates(threads: int | None) -> Rates | None:
 def machine_rates(threads: int | None = None, echo=print) -> Rates:
     """This machine's rates: from the cache when measured before with the same key, else probed
     (again when the machine was busy, MAX_TRIES in all); a zero or non-finite rate is refused."""
-    found = cached_rates(threads)
+    found = cached_rates(threads) or _busy_rates.get(json.dumps(rates_key(threads), sort_keys=True))
     if found is not None:
         return found
     echo("measuring this machine's rates (once per engine version, CPU and thread count) ...")
@@ -232,15 +260,23 @@ def machine_rates(threads: int | None = None, echo=print) -> Rates:
         raise SqueezeError(f"the rate probe measured {', '.join(bad)} as zero or not finite "
                            f"({load_text(rates.load)}); not cached: rerun on a quieter machine")
     if rates.load["busy"]:
-        echo(f"warning: the machine was still busy ({load_text(rates.load)}); rates cached with that load "
-             f"recorded: estimates from them may be slow (delete {rates_path(rates.key)} to measure again)")
+        # Used for this process's estimates only: cached, they would make every later one slow.
+        echo(f"warning: the machine was still busy ({load_text(rates.load)}); these rates are used for this "
+             "estimate only, not cached, and times may come out slow")
+        _busy_rates[json.dumps(rates.key, sort_keys=True)] = rates
+        return rates
     write_json_atomic(rates_path(rates.key), rates.to_json())
     return rates
 
 
+# Rates a busy probe measured, kept for the rest of this process instead of the cache.
+_busy_rates: dict[str, Rates] = {}
+
+
 def load_text(load: dict) -> str:
-    return (f"1-min load {load['before'][0]:.2f} before, {load['after'][0]:.2f} after, on {load['nproc']} CPUs "
-            f"with {load['threads']} probe threads")
+    others = f"other work used {load['other_cpus']:.2f} CPUs, " if load.get("other_cpus") is not None else ""
+    return (f"{others}1-min load {load['before'][0]:.2f} before, {load['after'][0]:.2f} after, on {load['nproc']} "
+            f"CPUs with {load['threads']} probe threads")
 
 
 # ---- the synthetic model ---------------------------------------------------------------------
@@ -420,6 +456,7 @@ def _quantize_rates(f16: Path, out_dir: Path, imatrix: Path, threads: int) -> di
 # weights, as with an imatrix), and logits of this many rows over the largest common vocabulary.
 SCALING_QUANT_ROWS, SCALING_QUANT_COLS = 2048, 4096
 SCALING_VOCAB_ROWS = 256
+SCALING_ROUNDS = 3
 ROUNDTRIP_ROWS = 128  # rows of SCALING_QUANT_COLS per candidate type's round-trip rate
 
 
@@ -455,8 +492,8 @@ def _scaling_kernels(model: Model, threads: int, rng: np.random.Generator) -> di
         perplexity.log_sum_exp_rows(logits)
         logits.argmax(axis=1)
 
-    return {"pp": 1.0 / tests[f"pp{PROBE_PP}"]["mean"], "tg": 1.0 / tests[f"tg{PROBE_TG}"]["mean"],
-            "quantize": _best_of(2, lambda: quantize_rows(mat, "Q4_K", weights)), "vocab": _best_of(3, vocab)}
+    return {"pp": 1.0 / max(tests[f"pp{PROBE_PP}"]["samples"]), "tg": 1.0 / max(tests[f"tg{PROBE_TG}"]["samples"]),
+            "quantize": _timed(lambda: quantize_rows(mat, "Q4_K", weights))[0], "vocab": _best_of(2, vocab)}
 
 
 def measure_scaling(model: Model) -> dict:
@@ -467,11 +504,15 @@ def measure_scaling(model: Model) -> dict:
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         return {}
-    seconds = {}
+    # Rounds alternate the order (1, 2), (2, 1), ... and each kind keeps its best time: a moment of
+    # other work then spoils one round, not the fraction (which hangs on the ratio of two times).
+    seconds: dict[int, dict[str, float]] = {}
     try:
-        for n in (1, 2):
-            _pin(set(allowed[:n]))
-            seconds[n] = _scaling_kernels(model, n, np.random.default_rng(n))
+        for r in range(SCALING_ROUNDS):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                _pin(set(allowed[:n]))
+                times = _scaling_kernels(model, n, np.random.default_rng(n))
+                seconds[n] = {k: min(v, seconds.get(n, {}).get(k, math.inf)) for k, v in times.items()}
     finally:
         _pin(set(allowed))
     return {kind: {"seconds_1": round(seconds[1][kind], 5), "seconds_2": round(seconds[2][kind], 5),
@@ -491,7 +532,7 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     """Measure the rates (about half a minute on 2 cores; the probe files are built once)."""
     start = time.perf_counter()
     threads = threads or default_threads()
-    load_before = _loadavg()
+    load_before, cpu_before = _loadavg(), _cpu_seconds()
     rss = _rss_bytes()
     folder = cache_dir("probe")
     digest = hashlib.sha256(json.dumps(PROBE_DIMS, sort_keys=True).encode()).hexdigest()[:10]
@@ -564,11 +605,17 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     roundtrip = _roundtrip_rates(rng)
     write = _write_rate(folder)
     header = _header_cost(folder, deq, write)
-    load_after = _loadavg()
+    load_after, cpu_after = _loadavg(), _cpu_seconds()
     nproc = os.cpu_count() or 1
+    others = None
+    if cpu_before is not None and cpu_after is not None:
+        others = round(other_cpus(cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1],
+                                  time.perf_counter() - start), 2)
+    busy = (others > BUSY_CPU_SHARE * nproc if others is not None
+            else is_busy(load_before[0], load_after[0], nproc, threads, retry))
     load = {"before": load_before, "after": load_after, "nproc": nproc, "threads": threads,
             "other": round(other_load(load_before[0], load_after[0], threads, retry), 2),
-            "busy": is_busy(load_before[0], load_after[0], nproc, threads, retry), "tries": 1}
+            "other_cpus": others, "busy": busy, "tries": 1}
     return Rates(
         key=rates_key(threads), pp_flops_f16=pp_f16, pp_flops_quant=pp_q, output_flops=output_rate,
         tg_bytes_per_s=tg_rate,

@@ -19,7 +19,7 @@ from pipeline.choose.weight_errors import row_limit, sampled_rows
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Pricer, Shape, StepCost
 from pipeline.cost.gpu_rates import GPU
-from pipeline.cost.rates import Rates
+from pipeline.cost.rates import Rates, load_text
 from pipeline.engine.backend import supports_gpu_offload
 from pipeline.errors import SqueezeError
 from pipeline.formats.ggml_types import fits
@@ -534,8 +534,7 @@ def estimate_run(ctx: RunContext, steps: list[Step], rates: Rates, gpu: GPU | No
                      f"{rates.threads} threads scaled by Amdahl's law with the parallel fractions measured here "
                      f"at 1 and 2 threads ({_fractions(rates)})")
     if rates.load.get("busy"):
-        notes.append(f"the rates were measured on a busy machine ({rates.load.get('other')} other load on "
-                     f"{rates.load.get('nproc')} CPUs): times may come out slow")
+        notes.append(f"the rates were measured on a busy machine ({load_text(rates.load)}): times may come out slow")
     if shape.n_active_params != shape.n_params:
         notes.append(f"mixture of experts: model evaluation priced by {shape.n_active_params / 1e9:.2f}B active "
                      f"parameters per token, sizes and quantizing by all {shape.n_params / 1e9:.2f}B")
