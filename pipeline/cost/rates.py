@@ -61,7 +61,7 @@ from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 6  # of the cached record; bump when the probe measures differently (5: pp as block work)
+RATES_FORMAT = 6  # of the cached record; bump when the probe measures differently (6: load as CPU time, scaling in rounds)
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
