@@ -243,7 +243,7 @@ class _Estimator:
         tokens = cal.chunks * cal.ctx
         n_seq = max(1, 2048 // cal.ctx)
         flops, size, _, _ = self.model_for(None)
-        # priced as the blocks' work and the hook: measured at 126M-1B (results/bench/scale.json), the
+        # priced as the blocks' work and the hook: measured on the three sizes of results/bench/scale.json, the
         # pass costs that, though it asks for every token's logits (the probe's hook rate, taken as
         # what is left of its own pass after the blocks, holds the rest)
         seconds = self.p.load() + self.p.forward(tokens, flops, False) + self.p.hook(
