@@ -28,9 +28,9 @@ busy. (The load average alone misjudged: it lags by a minute, so a job that kept
 busy throughout read as the probe's own earlier try.) Without /proc/stat, other work is the larger
 of the load before and the load after less the probe's own threads, busy above BUSY_SHARE x CPUs.
 A busy probe says so in one line and measures again (MAX_TRIES in all); rates still measured
-busy serve that process's estimates, with a note, and are not cached. A rate that comes out zero or not finite (a busy machine makes
-the subtractions below go negative) is never cached: the estimate refuses in one line, and a
-cached record holding one is measured again.
+busy serve that process's estimates, with a note, and are not cached. A rate that comes out zero
+or not finite (a busy machine makes the subtractions below go negative) is never cached: the
+estimate refuses in one line, and a cached record holding one is measured again.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
-RATES_FORMAT = 6  # of the cached record; bump when the probe measures differently (6: load as CPU time, scaling in rounds)
+# Of the cached record; bump when the probe measures differently (6: load as CPU time, scaling in rounds).
+RATES_FORMAT = 6
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -69,7 +70,7 @@ PROBE_DIMS = {"n_embd": 768, "n_ff": 2048, "n_layers": 4, "n_head": 12, "n_head_
 PROBE_QUANT = "Q4_K_M"
 PROBE_PP = 256  # tokens per prompt-processing batch
 PROBE_TG = 16  # single-token decodes
-PROBE_REPS = 3  # timed runs of each (after a warm-up): their mean, as llama-bench reports
+PROBE_REPS = 3  # timed runs of each (after a warm-up)
 PROBE_CTX = 512  # context of the calibration and scoring probes (as the recipes use it) ...
 PROBE_CHUNKS = 4  # ... and chunks: one decode of 2048 tokens, llama-perplexity's batch
 # Types whose dequantization speed (gguf-py, numpy) is measured: what sources usually hold.
@@ -103,7 +104,7 @@ class Rates:
     # FLOP/s of the output layer for the tokens whose logits are read (writing the logits out
     # included): a decode asking for every token's logits against one asking for the last only
     output_flops: float = 0.0
-    # {"before": [1, 5, 15 min], "after": [...], "nproc", "threads", "other", "busy", "tries"}
+    # {"before": [1, 5, 15 min], "after": [...], "nproc", "threads", "other", "other_cpus", "busy", "tries"}
     load: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -283,7 +284,7 @@ def load_text(load: dict) -> str:
 def probe_flops_per_token(dims: dict) -> float:
     """2 FLOP per block weight a token passes through: prompt processing, as timed, runs the
     output layer for the last token alone, so the rate is a rate of block work (the output layer
-    is priced at the same rate per token that asks for logits: estimate.Shape)."""
+    is priced apart, at output_flops, for the tokens whose logits a step reads)."""
     return 2.0 * (probe_params(dims) - probe_output_params(dims))
 
 
