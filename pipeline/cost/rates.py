@@ -244,7 +244,7 @@ def cached_rates(threads: int | None) -> Rates | None:
 def machine_rates(threads: int | None = None, echo=print) -> Rates:
     """This machine's rates: from the cache when measured before with the same key, else probed
     (again when the machine was busy, MAX_TRIES in all); a zero or non-finite rate is refused."""
-    found = cached_rates(threads) or _busy_rates.get(json.dumps(rates_key(threads), sort_keys=True))
+    found = cached_rates(threads) or _busy_rates.get(rates_path(rates_key(threads)))
     if found is not None:
         return found
     echo("measuring this machine's rates (once per engine version, CPU and thread count) ...")
@@ -264,14 +264,15 @@ def machine_rates(threads: int | None = None, echo=print) -> Rates:
         # Used for this process's estimates only: cached, they would make every later one slow.
         echo(f"warning: the machine was still busy ({load_text(rates.load)}); these rates are used for this "
              "estimate only, not cached, and times may come out slow")
-        _busy_rates[json.dumps(rates.key, sort_keys=True)] = rates
+        _busy_rates[rates_path(rates.key)] = rates
         return rates
     write_json_atomic(rates_path(rates.key), rates.to_json())
     return rates
 
 
-# Rates a busy probe measured, kept for the rest of this process instead of the cache.
-_busy_rates: dict[str, Rates] = {}
+# Rates a busy probe measured, kept for the rest of this process instead of the cache (by the
+# cache file they would have had).
+_busy_rates: dict[Path, Rates] = {}
 
 
 def load_text(load: dict) -> str:

@@ -269,9 +269,7 @@ class _Estimator:
         quantizes is priced apart (_probe_quantize)."""
         cal = self.recipe.calibration
         ctx_len = cal.ctx if cal else self.recipe.score.ctx
-        tokens = chunks * ctx_len
-        scored = chunks * (ctx_len - 1 - ctx_len // 2)
-        outputs = chunks * (ctx_len - ctx_len // 2)  # logits from the chunk's middle on
+        tokens, scored, outputs = _chunk_counts(chunks, ctx_len)
         flops = self.shape.flops_per_token()
         one = self.p.forward(tokens, flops, quantized, outputs, self.out_flops) + self.p.kld(scored, self.shape.n_vocab)
         base = (self.p.load() + self.p.forward(tokens, flops, False, outputs, self.out_flops)
@@ -413,10 +411,8 @@ class _Estimator:
 
     def _score_score(self, step: Step, name: str | None) -> StepCost:
         s = self.recipe.score
-        tokens = s.chunks * s.ctx
-        scored = s.chunks * (s.ctx - 1 - s.ctx // 2)
+        tokens, scored, outputs = _chunk_counts(s.chunks, s.ctx)
         n_seq = seqs_per_batch(s.ctx)
-        outputs = s.chunks * (s.ctx - s.ctx // 2)  # logits from the chunk's middle on
         flops, size, quantized, layers = self.model_for(name)
         seconds = self.p.load() + self.p.forward(tokens, flops, quantized, outputs, self.out_flops)
         dist_bytes = scored * (TOP_K * 8 + TAIL_SAMPLES * 6 + 12) + tokens * 4
@@ -471,6 +467,14 @@ class _Estimator:
     # report --------------------------------------------------------------------------------
     def _report(self, step: Step) -> StepCost:
         return StepCost(step.key, step.stage, REPORT_S, {}, self.rss + (64 << 20))
+
+
+def _chunk_counts(chunks: int, ctx: int) -> tuple[int, int, int]:
+    """(tokens evaluated, tokens scored, tokens whose logits are read) for `chunks` chunks of
+    `ctx`, scored as llama-perplexity does: logits from the chunk's middle on, each predicting
+    the next token (pipeline.measure.perplexity.Chunks)."""
+    first = ctx // 2
+    return chunks * ctx, chunks * (ctx - 1 - first), chunks * (ctx - first)
 
 
 def _budget_size(shape: Shape, budget, drop) -> int | None:

@@ -30,6 +30,7 @@ class ModelInfo:
     n_layers: int
     tensors: tuple[TensorInfo, ...]
     n_vocab: int | None = None
+    file_type: int | None = None  # general.file_type (a llama_ftype), where the GGUF states one
 
     def quantizable(self) -> list[TensorInfo]:
         """Tensors llama-quantize may change the type of: the 2-D (or 3-D expert) weights, less
@@ -39,8 +40,8 @@ class ModelInfo:
 
 
 def read_model_info(path: Path) -> ModelInfo:
-    """Header facts of a GGUF, cached by (path, size, mtime): gguf-py parses every vocabulary
-    string of the header, seconds for a 262k vocabulary, and plans/status need this often."""
+    """Header facts of a GGUF, cached by (path, size, mtime): plans, status and the base step ask
+    for them often (a record without a key of today's is parsed again)."""
     path = Path(path)
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
@@ -49,11 +50,12 @@ def read_model_info(path: Path) -> ModelInfo:
         data = json.loads(cached.read_text())
         return ModelInfo(data["arch"], data["n_layers"],
                          tuple(TensorInfo(n, tuple(s) if s is not None else None, t) for n, s, t in data["tensors"]),
-                         data["n_vocab"])
+                         data["n_vocab"], data["file_type"])
     except (OSError, ValueError, KeyError):
         pass
     info = _parse_model_info(path)
     write_json_atomic(cached, {"arch": info.arch, "n_layers": info.n_layers, "n_vocab": info.n_vocab,
+                               "file_type": info.file_type,
                                "tensors": [[t.name, t.shape, t.type] for t in info.tensors]})
     return info
 
@@ -73,7 +75,9 @@ def _parse_model_info(path: Path) -> ModelInfo:
     n_layers = blocks.value if blocks is not None and isinstance(blocks.value, int) else 0
     tensors = tuple(TensorInfo(e.name, e.shape, e.type.name) for e in read_index(path).values())
     tokens = fields.get(gguf.Keys.Tokenizer.LIST)
-    return ModelInfo(arch, n_layers, tensors, tokens.count if tokens is not None else None)
+    ftype = fields.get(gguf.Keys.General.FILE_TYPE)
+    return ModelInfo(arch, n_layers, tensors, tokens.count if tokens is not None else None,
+                     ftype.value if ftype is not None and isinstance(ftype.value, int) else None)
 
 
 def synthetic_model_info(arch: str, n_layers: int) -> ModelInfo:

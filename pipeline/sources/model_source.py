@@ -25,7 +25,6 @@ from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.dequantize import dequantize_gguf
 from pipeline.formats.dither import dither_gguf
-from pipeline.formats.gguf_index import read_metadata
 from pipeline.formats.gguf_io import gguf_problem
 from pipeline.formats.model_info import ModelInfo, read_model_info, synthetic_model_info
 from pipeline.formats.tensor_names import layer_of
@@ -224,8 +223,9 @@ def _dithered_base(recipe, src: Path, info: BaseInfo, out: Path, base_type: str)
 
 
 def gguf_origin(src: Path, source: Source) -> BaseInfo:
-    ftype = _file_type(src)
-    grids = [ggml_types.bits_per_weight(gguf.GGMLQuantizationType[t.type]) for t in read_model_info(src).tensors
+    info = read_model_info(src)
+    ftype = info.file_type
+    grids = [ggml_types.bits_per_weight(gguf.GGMLQuantizationType[t.type]) for t in info.tensors
              if layer_of(t.name) is not None and len(t.shape) >= 2 and t.type not in ggml_types.BASE_TYPES]
     if not grids:
         return BaseInfo(source.describe())
@@ -233,15 +233,8 @@ def gguf_origin(src: Path, source: Source) -> BaseInfo:
     return BaseInfo(source.describe(), name, min(grids))
 
 
-def _file_type(src: Path) -> int | None:
-    """general.file_type, read by squeeze's header parser (gguf-py's reader decodes every
-    vocabulary string first: seconds for a 262k vocabulary)."""
-    kv = next((kv for kv in read_metadata(src)[0] if kv.key == gguf.Keys.General.FILE_TYPE), None)
-    return int(kv.value) if kv is not None and isinstance(kv.value, int) else None
-
-
 def _gguf_to_base(src: Path, dst: Path, base_type: str) -> None:
-    ftype = _file_type(src)
+    ftype = read_model_info(src).file_type
     if ftype == ggml_types.FILE_TYPES[base_type]:
         try:
             os.link(src, dst)  # same bytes, no copy
