@@ -10,8 +10,9 @@ over 1 MiB one by one, and predicted peak memory against the run's peak RSS.
 
 Writes results/bench/estimate.json and estimate.md (`--out DIR`, `--name NAME` elsewhere). The
 temporary results folder is removed afterwards unless `--keep`. Run it on a quiet machine: the
-estimate assumes one.
-Usage: python scripts/bench_estimate.py [--recipe PATH] [--out DIR] [--name estimate] [--keep]
+estimate assumes one. `--runs N` runs the recipe N times, each into a fresh folder, and reports
+each stage's median with its min and max (the per-step table is the first run's).
+Usage: python scripts/bench_estimate.py [--recipe PATH] [--out DIR] [--name estimate] [--runs N] [--keep]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,19 @@ def cell(value) -> str:
     return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def spread(s: dict) -> str:
+    return f"{s['min_s']}-{s['max_s']}" if "min_s" in s else "-"
+
+
+def medians(runs: list[dict]) -> tuple[dict, dict]:
+    """(per stage, total): the median measured seconds over the runs, with min and max."""
+    def summary(values: list[float]) -> dict:
+        return {"median_s": round(statistics.median(values), 1), "min_s": round(min(values), 1),
+                "max_s": round(max(values), 1)}
+    stages = {name: summary([r["stages"][name] for r in runs]) for name in runs[0]["stages"]}
+    return stages, summary([r["steps_s"] for r in runs])
+
+
 def markdown(r: dict) -> str:
     t, la = r["total"], r["load_average"]
     md = [f"# {r['title']}", "",
@@ -94,12 +109,15 @@ def markdown(r: dict) -> str:
           f"rates {r['rates_source']}",
           f"- measured: `{r['commands']['measured']}`, {t['measured_wall_s']:.0f} s wall, "
           f"{t['measured_steps_s']:.0f} s in the steps", "",
-          "| stage | steps | predicted s | measured s | time error % | predicted bytes | written bytes | bytes error % |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+          *([f"Measured seconds are medians of {len(r['runs'])} runs, each into a fresh results folder, "
+             "with the min-max range."] if len(r["runs"]) > 1 else []),
+          "| stage | steps | predicted s | measured s | min-max s | time error % | predicted bytes | written bytes | "
+          "bytes error % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in r["stages"].items():
-        md.append(f"| {name} | {s['steps']} | {s['predicted_s']} | {s['measured_s']} | {cell(s['time_error_pct'])} | "
-                  f"{cell(s['predicted_bytes'])} | {cell(s['written_bytes'])} | {cell(s['bytes_error_pct'])} |")
-    md.append(f"| **total** | {len(r['steps'])} | {t['predicted_s']} | {t['measured_steps_s']} | "
+        md.append(f"| {name} | {s['steps']} | {s['predicted_s']} | {s['measured_s']} | {spread(s)} | "
+                  f"{cell(s['time_error_pct'])} | {cell(s['predicted_bytes'])} | {cell(s['written_bytes'])} | "
+                  f"{cell(s['bytes_error_pct'])} |")
+    md.append(f"| **total** | {len(r['steps'])} | {t['predicted_s']} | {t['measured_steps_s']} | {spread(t)} | "
               f"{cell(t['time_error_pct'])} | {cell(t['predicted_folder_bytes'])} | {cell(t['written_bytes'])} | "
               f"{cell(t['bytes_error_pct'])} |")
     md += ["", f"Peak memory: predicted {t['predicted_peak_memory_bytes'] / 2**20:.0f} MiB, the run's peak RSS "
@@ -123,6 +141,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder for NAME.json and NAME.md (default results/bench)")
     ap.add_argument("--name", default="estimate")
     ap.add_argument("--keep", action="store_true", help="keep the temporary results folder")
+    ap.add_argument("--runs", type=int, default=1, help="runs of the recipe, each into a fresh folder (medians)")
     args = ap.parse_args()
     given = Path(args.recipe).resolve()
     if given.exists():  # named from elsewhere: as the repository root sees it
@@ -144,12 +163,23 @@ def main() -> None:
 
         argv = [sys.executable, "-m", "pipeline", "run", args.recipe, "--results", str(results)]
         load_before_run = load_average()
-        log(f"running: {subprocess.list2cmdline(argv)}")
-        wall, rss, output = run_child(argv, tmp / "run.log")
-        load_after = load_average()
-        log(f"ran in {wall:.0f} s, peak RSS {rss / 2**20:.0f} MiB, load {load_before_run[0]} -> {load_after[0]}")
-        manifest = json.loads((results / "manifest.json").read_text())
-        stages, steps, large = compare(estimate.costs, manifest, results)
+        runs = []
+        for i in range(args.runs):
+            if i:
+                shutil.rmtree(results)  # each run starts from nothing, as the estimate assumes
+            log(f"running ({i + 1}/{args.runs}): {subprocess.list2cmdline(argv)}")
+            wall, rss, output = run_child(argv, tmp / "run.log")
+            load_after = load_average()
+            log(f"ran in {wall:.0f} s, peak RSS {rss / 2**20:.0f} MiB, load {load_before_run[0]} -> {load_after[0]}")
+            manifest = json.loads((results / "manifest.json").read_text())
+            got = compare(estimate.costs, manifest, results)
+            if i == 0:
+                stages, steps, large = got
+                first = (wall, rss, output, manifest)
+            runs.append({"wall_s": round(wall, 1), "peak_rss_bytes": rss, "load_after": load_after,
+                         "steps_s": round(sum(s["measured_s"] or 0 for s in got[1]), 1),
+                         "stages": {name: s["measured_s"] for name, s in got[0].items()}})
+        wall, rss, output, manifest = first
     finally:
         if args.keep:
             log(f"kept {tmp}")
@@ -157,12 +187,21 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     steps_s = sum(s["measured_s"] or 0 for s in steps)
+    if len(runs) > 1:  # the stages' and the total's measured seconds become medians over the runs
+        by_stage, total = medians(runs)
+        for name, s in stages.items():
+            s.update({"measured_s": by_stage[name]["median_s"], "min_s": by_stage[name]["min_s"],
+                      "max_s": by_stage[name]["max_s"]})
+            s["time_error_pct"] = pct(s["predicted_s"], s["measured_s"])
+        steps_s = total["median_s"]
     written = sum(o["size"] for rec in manifest["steps"].values() for o in rec["outputs"].values())
     threads = rates.key.get("threads")
     result = {
         "benchmark": args.name,
         "title": f"squeeze plan --estimate against a measured run of {Path(args.recipe).name}",
-        "what": "the estimate for a fresh results folder, then one `squeeze run` of the same recipe into it",
+        "what": "the estimate for a fresh results folder, then "
+                + ("one `squeeze run` of the same recipe into it" if args.runs == 1 else
+                   f"{args.runs} runs of the same recipe, each into a fresh folder (medians, min, max)"),
         "recipe": args.recipe,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, {threads} threads, "
@@ -176,7 +215,10 @@ def main() -> None:
         "rates": {k: v for k, v in rates.to_json().items() if k != "key"},
         "load_average": {"before": load_before, "before_run": load_before_run, "after": load_after,
                          "note": "os.getloadavg() (1, 5, 15 min); the run's own threads count in it"},
+        "runs": runs,
         "total": {"predicted_s": round(estimate.seconds, 1), "measured_steps_s": round(steps_s, 1),
+                  **({"min_s": min(r["steps_s"] for r in runs), "max_s": max(r["steps_s"] for r in runs)}
+                     if len(runs) > 1 else {}),
                   "measured_wall_s": round(wall, 1), "time_error_pct": pct(estimate.seconds, steps_s),
                   "predicted_folder_bytes": estimate.folder_bytes, "written_bytes": written,
                   "bytes_error_pct": pct(estimate.folder_bytes, written),

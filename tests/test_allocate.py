@@ -703,3 +703,24 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
     assert ctx.variant_path("second").stat().st_size == ctx.variant_path("first").stat().st_size
     md = ctx.allocation_md_path("first").read_text()
     assert "Target KLD 0.3: **met** on the calibration text" in md and "The next cheaper mix" in md
+
+    # scored: the transfer step measures the per-class factors, the report carries the
+    # calibration KLD to a predicted scoring KLD beside the measured one
+    import pandas as pd
+
+    from pipeline.choose.text_transfer import TextTransfer
+    from pipeline.report.targets import target_rows, targets_section
+    from pipeline.stages import score
+
+    wanted = ("score base", "transfer base", "score first")
+    Runner(ctx.folder, echo=lambda m: None).run([s for s in score.steps(ctx) if s.key in wanted])
+    transfer = TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
+    assert set(transfer.factors) == {"embedding", "blocks"} and all(f > 0 for f in transfer.factors.values())
+    assert sum(first["class_shares"].values()) == pytest.approx(1.0)
+    scored = pd.DataFrame([json.loads(ctx.score_path("first").read_text())])
+    row = next(r for r in target_rows(ctx, scored) if r["variant"] == "first")
+    assert row["predicted_scored_kld"] == pytest.approx(first["calibration_kld"]
+                                                        * transfer.factor_for(first["class_shares"]))
+    assert row["scored_kld"] == scored["mean_kld"][0]
+    table = "\n".join(targets_section(ctx, scored, "##"))
+    assert f"| {row['predicted_scored_kld']:.4f} | {row['scored_kld']:.4f} |" in table

@@ -229,7 +229,7 @@ class _Estimator:
             seconds = 0.1 if already else (self.p.dequantize(tensors) + self.p.write(self.base_bytes)
                                             + self.rates.header_s_per_token * self.shape.n_vocab)
             mem = self.rss + 3 * self.largest_f32
-            note = "linked, same type" if already else "dequantized with gguf-py"
+            note = "linked, same type" if already else "dequantized"
         else:
             seconds = (est.CONVERT_STARTUP_S + est.CONVERT_S_PER_VOCAB_ENTRY * self.shape.n_vocab
                        + self.base_bytes / est.CONVERT_BYTES_PER_S)
@@ -424,6 +424,20 @@ class _Estimator:
             writes = {}
         host, dev = self.mem(size, n_seq * s.ctx, n_seq * s.ctx, dist_bytes, layers)
         return StepCost(step.key, step.stage, seconds, writes, host, dev, note=f"{s.chunks} x {s.ctx} tokens")
+
+    def _score_transfer(self, step: Step, name: str | None) -> StepCost:
+        """Two reference changes (pipeline.choose.text_transfer), each quantized once in memory and
+        measured on the probes' calibration chunks and on the scoring chunks (whose base
+        distribution the `score base` step wrote)."""
+        s = self.recipe.score
+        tokens, scored, outputs = _chunk_counts(s.chunks, s.ctx)
+        flops = self.shape.flops_per_token()
+        on_scoring = self.p.forward(tokens, flops, True, outputs, self.out_flops) + self.p.kld(scored, self.shape.n_vocab)
+        seconds = (self._probe_kld(2, PROBE_CHUNKS, quantized=True) + 2 * on_scoring
+                   + self._probe_quantize({t.name: "Q4_K" for t in self._quantizable()}))
+        host, dev = self.mem(self.base_bytes, seqs_per_batch(s.ctx) * s.ctx, seqs_per_batch(s.ctx) * s.ctx)
+        return StepCost(step.key, step.stage, seconds, {self.ctx.text_transfer_path: 600}, host, dev,
+                        note=f"4 probes: 2 on {PROBE_CHUNKS} calibration chunks, 2 on {s.chunks} x {s.ctx}")
 
     def _score_tasks(self, step: Step, name: str | None) -> StepCost:
         t = self.recipe.score.tasks

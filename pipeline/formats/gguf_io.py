@@ -50,14 +50,20 @@ def gguf_problem(path: Path, kind: str = "GGUF") -> str | None:
     return None
 
 
-def open_gguf(path: Path, kind: str = "GGUF", remedy: str = "delete it and rerun") -> gguf.GGUFReader:
-    """gguf-py's reader, or one line naming the file and what is wrong with it."""
+def check_gguf(path: Path, kind: str = "GGUF", remedy: str = "delete it and rerun") -> None:
+    """Nothing when `path` is a whole GGUF file, else one line naming it and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise SqueezeError(f"{path}: {kind} file not found")
     problem = gguf_problem(path, kind)
     if problem is not None:
         raise DamagedFile(path, problem, remedy)
+
+
+def open_gguf(path: Path, kind: str = "GGUF", remedy: str = "delete it and rerun") -> gguf.GGUFReader:
+    """gguf-py's reader, or one line naming the file and what is wrong with it."""
+    path = Path(path)
+    check_gguf(path, kind, remedy)
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError, IndexError, KeyError ... on bad bytes

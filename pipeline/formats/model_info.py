@@ -10,9 +10,9 @@ from pathlib import Path
 
 import gguf
 
-from pipeline.errors import DamagedFile, SqueezeError
+from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_index, read_metadata
-from pipeline.formats.gguf_io import gguf_problem
+from pipeline.formats.gguf_io import check_gguf
 from pipeline.formats.tensor_names import NEVER_QUANTIZED_KINDS, kind_of
 from pipeline.fsutil import cache_dir, write_json_atomic
 
@@ -63,9 +63,7 @@ def read_model_info(path: Path) -> ModelInfo:
 def _parse_model_info(path: Path) -> ModelInfo:
     # squeeze's own header parser, not gguf-py's reader: that one decodes every vocabulary string
     # (about 11 s for Gemma 3's 262k tokens, paid by whichever stage first asks).
-    problem = gguf_problem(path)
-    if problem is not None:
-        raise DamagedFile(path, problem, "delete it and rerun")
+    check_gguf(path)
     fields = {kv.key: kv for kv in read_metadata(path)[0]}
     arch_kv = fields.get(gguf.Keys.General.ARCHITECTURE)
     if arch_kv is None or not isinstance(arch_kv.value, str):

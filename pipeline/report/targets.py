@@ -1,6 +1,8 @@
 """The report's account of quality targets: for each variant chosen for `target_kld`, whether the
 target held on the calibration text (where it was measured while choosing) and on the scoring
-text (a different text: the claim a reader cares about), with both KLDs."""
+text (a different text: the claim a reader cares about), with both KLDs, and between them the
+scoring KLD predicted from the calibration one (pipeline.choose.text_transfer), so every run
+shows how far that prediction carries."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import json
 
 import pandas as pd
 
+from pipeline.choose.text_transfer import TextTransfer
 from pipeline.run.layout import RunContext
 
 
 def target_rows(ctx: RunContext, scores: pd.DataFrame) -> list[dict]:
     """One row per KLD-targeted variant that has a target record."""
     scored = {} if scores.empty else dict(zip(scores["variant"], scores["mean_kld"]))
+    transfer = (TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
+                if ctx.text_transfer_path.exists() else None)
     rows = []
     for v in ctx.recipe.variants:
         path = ctx.target_path(v.name)
@@ -21,9 +26,17 @@ def target_rows(ctx: RunContext, scores: pd.DataFrame) -> list[dict]:
             continue
         t = json.loads(path.read_text())
         cal, score = t.get("calibration_kld"), scored.get(v.name)
-        rows.append({"variant": v.name, "target_kld": t["target_kld"], "calibration_kld": cal, "scored_kld": score,
+        predicted = None
+        if transfer is not None and cal is not None and t.get("class_shares"):
+            predicted = cal * transfer.factor_for(t["class_shares"])
+        rows.append({"variant": v.name, "target_kld": t["target_kld"], "calibration_kld": cal,
+                     "predicted_scored_kld": predicted, "scored_kld": score,
                      "calibration": _verdict(cal, t["target_kld"]), "scoring": _verdict(score, t["target_kld"])})
     return rows
+
+
+def _kld(value) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 def _verdict(kld, target) -> str:
@@ -38,12 +51,16 @@ def targets_section(ctx: RunContext, scores: pd.DataFrame, h2: str) -> list[str]
         return []
     lines = [f"{h2} Quality targets", "",
              "Variants whose types were chosen as the smallest mix meeting a mean KLD (`target_kld`): measured "
-             "in memory on calibration text while choosing, then scored on the scoring text above.", "",
-             "| Variant | Target KLD | KLD, calibration | Target on calibration | KLD, scoring | Target on scoring |",
-             "|---|---:|---:|---|---:|---|"]
+             "in memory on calibration text while choosing, then scored on the scoring text above. The predicted "
+             "scoring KLD carries the calibration one by the factors in scores/text-transfer.json (the blocks' and "
+             "the embedding's errors move differently between texts), before the variant was scored.", "",
+             "| Variant | Target KLD | KLD, calibration | Target on calibration | KLD, scoring (predicted) | "
+             "KLD, scoring | Prediction error | Target on scoring |",
+             "|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        cal = "-" if r["calibration_kld"] is None else f"{r['calibration_kld']:.4f}"
-        score = "-" if r["scored_kld"] is None else f"{r['scored_kld']:.4f}"
-        lines.append(f"| {r['variant']} | {r['target_kld']:g} | {cal} | {r['calibration']} | {score} | "
-                     f"{r['scoring']} |")
+        cal, predicted, score = (_kld(r[k]) for k in ("calibration_kld", "predicted_scored_kld", "scored_kld"))
+        error = ("-" if r["predicted_scored_kld"] is None or not r["scored_kld"]
+                 else f"{r['predicted_scored_kld'] / r['scored_kld'] - 1:+.0%}")
+        lines.append(f"| {r['variant']} | {r['target_kld']:g} | {cal} | {r['calibration']} | {predicted} | {score} | "
+                     f"{error} | {r['scoring']} |")
     return lines + [""]

@@ -150,6 +150,12 @@ class RunContext:
     def base_distribution_path(self) -> Path:
         return self.folder / "scores" / "base-topk.npz"
 
+    @property
+    def text_transfer_path(self) -> Path:
+        """The per-class factors from calibration-text KLD to scoring-text KLD
+        (pipeline.choose.text_transfer), measured when a variant has a KLD target."""
+        return self.folder / "scores" / "text-transfer.json"
+
     # Task accuracies, tokens/s and greedy continuations; `name` is a variant or "base".
     def tasks_path(self, name: str) -> Path:
         return self.folder / "scores" / f"{name}.tasks.json"

@@ -15,6 +15,7 @@ from pipeline.choose.measured_allocation import TargetChoice, choose_types, choo
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
+from pipeline.choose.text_transfer import class_shares
 from pipeline.engine.assemble import PrunedFrom, assemble_file
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.runtime_memory import runtime_memory
@@ -222,7 +223,10 @@ def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes:
             io.out(ctx.target_path(v.name)).write_text(json.dumps(
                 {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
                  "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
-                 "next_cheaper": chosen.next_cheaper}, indent=1) + "\n")
+                 "next_cheaper": chosen.next_cheaper,
+                 # how the mix's KLD splits between embedding and blocks: what carries it to the
+                 # scoring text (pipeline.choose.text_transfer)
+                 "class_shares": class_shares(alloc.group_kld())}, indent=1) + "\n")
         weighed = _prune_or_bits_note(ctx, v)
         if weighed:
             note += "\n\n" + weighed

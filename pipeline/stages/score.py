@@ -7,6 +7,10 @@
 - `tasks base`, `tasks V`: HellaSwag, WinoGrande, ARC, MMLU, TruthfulQA accuracies
   (scores/V.tasks.json), the same task selection as the CLI's `--*-tasks N`.
 - `speed V`: llama-bench style tokens/s (scores/V.speed.json).
+- `transfer base`, when a variant has a KLD target: how a KLD measured on the calibration text
+  (where the target is met while choosing) carries to the scoring text, per class of tensor
+  (pipeline.choose.text_transfer; scores/text-transfer.json). The report turns each target's
+  calibration KLD into a predicted scoring KLD with it, beside the measured one.
 - `drift base`, `drift V`: greedy continuations of a prompt suite (`score.drift.prompts`, else
   pipeline.measure.drift.PROMPTS) and, for a variant, the first token where its own greedy
   continuation parts from the base's, and the KLD and top-1 agreement per position of the base's
@@ -22,6 +26,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe
+from pipeline.choose.text_transfer import REFERENCE_FALLBACK, REFERENCE_TYPE, measure_transfer
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
@@ -32,6 +38,8 @@ from pipeline.measure import drift, perplexity, speed, tasks
 from pipeline.run.layout import BASE, RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
+from pipeline.stages.imatrix import imatrix_input
+from pipeline.stages.probes import probe_for, probe_params
 
 
 def score_params(ctx: RunContext) -> dict:
@@ -70,6 +78,8 @@ def steps(ctx: RunContext) -> list[Step]:
                         [ctx.variant_path(v.name), ctx.base_distribution_path], [ctx.score_path(v.name)],
                         _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=versions, gpu=gpu,
                         produces=f"scores/{v.name}.json (size, bpw, PPL, KLD, Δp, same top p, each ± error)"))
+    if any((recipe.budget_for(v) or ("",))[0] == "target_kld" for v in recipe.variants):
+        out.append(_transfer_step(ctx, data, threads, versions, gpu))
     names = [(BASE, ctx.base_path, None)] + [(v.name, ctx.variant_path(v.name), v.name) for v in recipe.variants]
     if s.tasks.benchmarks and s.tasks.count > 0:
         task_files = [resolve_dataset(BENCHMARKS[b], ctx.recipe_dir, recipe.where("score", "tasks", "benchmarks"))
@@ -105,6 +115,29 @@ def steps(ctx: RunContext) -> list[Step]:
                             produces=f"scores/{name}.drift.json (greedy {s.drift.tokens} tokens, "
                                      f"{len(prompts)} prompts{'' if variant is None else forced})"))
     return out
+
+
+def _transfer_step(ctx: RunContext, data: Path, threads, versions, gpu) -> Step:
+    """Four in-memory probes: the blocks at 4 bits, then the embedding alone, each on the probes'
+    calibration chunks (found in the run's probe memo when measured before) and on the scoring
+    chunks (the base distribution the `score base` step wrote)."""
+    imatrix = imatrix_input(ctx)
+
+    def run(io):
+        s = ctx.recipe.score
+        with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix) as calibration, \
+                MemoryProbe(ctx.base_path, "", s.ctx, s.chunks, threads, ctx.base_distribution_path,
+                            ctx.recipe.model.n_gpu_layers, imatrix, memo=ctx.probe_memo_path) as scoring:
+            transfer = measure_transfer(ctx.model_info, calibration, scoring,
+                                        f"{s.dataset}, {len(scoring.base['tokens'])} chunks of {s.ctx}")
+        _write_json(io, ctx.text_transfer_path, transfer.as_dict())
+        return {"factors": {k: round(v, 4) for k, v in transfer.factors.items()}}
+
+    params = {**probe_params(ctx), **score_params(ctx), "probe_chunks": PROBE_CHUNKS,
+              "transfer.reference": f"{REFERENCE_TYPE}, else {REFERENCE_FALLBACK}"}
+    inputs = [ctx.base_path, ctx.base_distribution_path, data] + ([imatrix] if imatrix else [])
+    return Step("transfer base", "score", params, inputs, [ctx.text_transfer_path], run, versions=versions, gpu=gpu,
+                produces="scores/text-transfer.json (calibration-to-scoring KLD factors: blocks, embedding)")
 
 
 def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
