@@ -208,9 +208,9 @@ def main() -> None:
         log(f"stock {name}: KLD {score['mean_kld']:.4f} held out, {stocks[name]['calibration_kld']:.4f} on calibration")
         path.unlink()
     # The predictions are made on calibration text (groups_merged) and the scores on wikitext-2,
-    # where every mix's KLD is lower: the stock files, measured on both, give the ratio between the
-    # two texts, and a prediction for the scoring text is the calibration prediction times it. (No
-    # auto file is ever scored to make a prediction.)
+    # where every mix's KLD is lower: the stock files, measured on both, give one ratio between the
+    # two texts, kept for comparison; the predictions use the per-class factors below. (No auto
+    # file is ever scored to make a prediction.)
     ctx["stock_ratio"] = statistics.median(s["kld"] / s["calibration_kld"] for s in stocks.values())
     log(f"scoring text / calibration text KLD, stock files: {ctx['stock_ratio']:.3f}")
     # the per-class factors the predictions use, from reference changes in memory (not the files)

@@ -110,7 +110,7 @@ def markdown(r: dict) -> str:
           f"- measured: `{r['commands']['measured']}`, {t['measured_wall_s']:.0f} s wall, "
           f"{t['measured_steps_s']:.0f} s in the steps", "",
           *([f"Measured seconds are medians of {len(r['runs'])} runs, each into a fresh results folder, "
-             "with the min-max range."] if len(r["runs"]) > 1 else []),
+             "with the min-max range.", ""] if len(r["runs"]) > 1 else []),
           "| stage | steps | predicted s | measured s | min-max s | time error % | predicted bytes | written bytes | "
           "bytes error % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in r["stages"].items():

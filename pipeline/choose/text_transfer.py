@@ -52,7 +52,8 @@ def class_shares(group_kld: dict[str, float]) -> dict[str, float]:
     """Each class's share of a mix's predicted KLD (groups predicting nothing weigh nothing)."""
     totals: dict[str, float] = {}
     for group, kld in group_kld.items():
-        totals[class_of_group(group)] = totals.get(class_of_group(group), 0.0) + max(float(kld), 0.0)
+        cls = class_of_group(group)
+        totals[cls] = totals.get(cls, 0.0) + max(float(kld), 0.0)
     whole = sum(totals.values())
     if whole <= 0:
         return {BLOCKS: 1.0}

@@ -409,9 +409,10 @@ HEADER_VOCAB = 262144  # the header probe's vocabulary: the largest common one (
 
 def _header_cost(folder: Path, deq: dict, write: float) -> float:
     """What a GGUF-to-base conversion costs beyond dequantizing and writing: reading the header,
-    vocabulary included, and writing it again (the origin check's parse is cached model info). Measured on the real dequantize_gguf of a header-only GGUF with HEADER_VOCAB entries;
-    per vocabulary entry. (With gguf-py's reader this was about 10 s at 262k entries; squeeze's
-    own parser copies the entries as raw bytes.)"""
+    vocabulary included, and writing it again (the origin check's parse is cached model info).
+    Measured on the real dequantize_gguf of a header-only GGUF with HEADER_VOCAB entries; per
+    vocabulary entry. (With gguf-py's reader this was about 10 s at 262k entries; squeeze's own
+    parser copies the entries as raw bytes.)"""
     src = folder / f"header-{HEADER_VOCAB}.gguf"
     if not src.exists():
         with atomic_path(src) as tmp:

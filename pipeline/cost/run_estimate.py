@@ -15,6 +15,7 @@ from pipeline.choose.groups import CANDIDATE_TYPES, group_of, kind_units, low_ty
 from pipeline.choose.measured_allocation import GROUP_SHARE
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.prune_auto import search_probes
+from pipeline.choose.text_transfer import REFERENCE_FALLBACK, REFERENCE_TYPE
 from pipeline.choose.weight_errors import row_limit, sampled_rows
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Pricer, Shape, StepCost
@@ -434,7 +435,8 @@ class _Estimator:
         flops = self.shape.flops_per_token()
         on_scoring = self.p.forward(tokens, flops, True, outputs, self.out_flops) + self.p.kld(scored, self.shape.n_vocab)
         seconds = (self._probe_kld(2, PROBE_CHUNKS, quantized=True) + 2 * on_scoring
-                   + self._probe_quantize({t.name: "Q4_K" for t in self._quantizable()}))
+                   + self._probe_quantize({t.name: low_type_for(t.shape, REFERENCE_TYPE, REFERENCE_FALLBACK)
+                                         for t in self._quantizable()}))
         host, dev = self.mem(self.base_bytes, seqs_per_batch(s.ctx) * s.ctx, seqs_per_batch(s.ctx) * s.ctx)
         return StepCost(step.key, step.stage, seconds, {self.ctx.text_transfer_path: 600}, host, dev,
                         note=f"4 probes: 2 on {PROBE_CHUNKS} calibration chunks, 2 on {s.chunks} x {s.ctx}")
