@@ -20,14 +20,14 @@ BUILD := $(or $(GPU),cpu)$(if $(filter cuda,$(GPU)),-$(or $(CUDA_ARCHS),default)
 SQUEEZE_DATA ?= $(abspath ../shared/datasets)
 export SQUEEZE_DATA
 
-.PHONY: run setup status plan test reference clean-results
+.PHONY: run setup status plan test reference bench clean-results
 
 run: setup
 	$(SQUEEZE) run recipes/$(recipe).yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/engine/build_flags.py $(VENV)/.gpu-$(BUILD)
+$(VENV)/.installed: pyproject.toml scripts/install_engine.sh pipeline/build/build_flags.py $(VENV)/.gpu-$(BUILD)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install_engine.sh $(PY)
@@ -51,6 +51,11 @@ reference: setup
 
 test: setup reference
 	$(PY) -m pytest -q --durations=15 tests
+
+# Every benchmark record in results/bench/, regenerated one benchmark at a time (hours: see
+# `python scripts/bench_all.py --list`); `make bench only=targets,allocate` for some of them.
+bench: setup reference
+	$(PY) scripts/bench_all.py $(if $(only),--only $(only))
 
 clean-results:
 	rm -rf results/$(recipe)

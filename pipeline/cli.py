@@ -13,7 +13,7 @@ import click
 from pipeline.cost.gpu_rates import gpu as gpu_spec
 from pipeline.cost.rates import machine_rates
 from pipeline.cost.run_estimate import estimate_run, format_estimate, parse_count
-from pipeline.engine import toolchain as tc
+from pipeline.build import toolchain as tc
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import combine_imatrices, read_imatrix, write_imatrix
 from pipeline.fsutil import atomic_path

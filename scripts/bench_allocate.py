@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (OUT, ROOT, WORK, dataset, dithered_base, log, probe, read_text, write_json,  # noqa: E402
-                          write_text)
+from bench_common import (OUT, ROOT, WORK, dataset, dithered_base, log, probe, provenance, read_text,  # noqa: E402
+                          verdict, write_json, write_text)
 
 sys.path.insert(0, str(ROOT))
 
@@ -51,8 +51,8 @@ from pipeline.choose.measured_allocation import choose_types  # noqa: E402
 from pipeline.choose.memory_probe import PROBE_CHUNKS  # noqa: E402
 from pipeline.choose.memory_probe import MemoryProbe  # noqa: E402
 from pipeline.choose.sensitivity import Sensitivity, load_sensitivity, run_sensitivity  # noqa: E402
-from pipeline.choose.text_transfer import EMBEDDING, class_shares, measure_transfer  # noqa: E402
-from pipeline.engine.backend import engine_versions  # noqa: E402
+from pipeline.choose.text_transfer import EMBEDDING, FACTOR_CHUNKS, class_shares, measure_transfer  # noqa: E402
+from pipeline.engine.backend import default_threads, engine_versions  # noqa: E402
 from pipeline.engine.quantize import quantize_file  # noqa: E402
 from pipeline.formats.gguf_index import read_index  # noqa: E402
 from pipeline.formats.model_info import read_model_info  # noqa: E402
@@ -176,6 +176,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     md += ["", f"Targets: blocks regime, Q2_K and Q3_K_M: auto KLD ≤ {TARGET_RATIO} × stock at no more bytes; "
                f"predicted within {PREDICTION_TOLERANCE:.0%} of measured on every row.", ""]
     md += [f"- {line}" for line in meta["verdicts"]]
+    e = meta["prediction_errors"]
+    md += ["", f"The factors were measured on {meta['factor_text']}; the predictions are judged on "
+               f"{meta['scored_text']}. Prediction errors range {e['min']:+.1%} to {e['max']:+.1%} ({e['lean']}).",
+           "", f"Verdict: **{meta['verdict']}**."]
     return "\n".join(md) + "\n"
 
 
@@ -214,8 +218,13 @@ def main() -> None:
     ctx["stock_ratio"] = statistics.median(s["kld"] / s["calibration_kld"] for s in stocks.values())
     log(f"scoring text / calibration text KLD, stock files: {ctx['stock_ratio']:.3f}")
     # the per-class factors the predictions use, from reference changes in memory (not the files)
-    with MemoryProbe(base, read_text(dataset("wikitext-2")), 512, args.chunks, imatrix_path=imatrix) as wiki_memory:
-        ctx["transfer"] = measure_transfer(info, cal, wiki_memory, f"wikitext-2 test, {args.chunks} x 512 tokens")
+    # measured on wikitext-2 chunks after the scored ones: the predictions are judged on chunks the
+    # factors never saw (as the score stage's transfer step does)
+    with MemoryProbe(base, read_text(dataset("wikitext-2")), 512, FACTOR_CHUNKS, imatrix_path=imatrix,
+                     skip_chunks=args.chunks) as wiki_memory:
+        ctx["transfer"] = measure_transfer(info, cal, wiki_memory,
+                                           f"wikitext-2 test, chunks {args.chunks + 1}-{args.chunks + FACTOR_CHUNKS} "
+                                           f"of 512 tokens (held out: not scored)", held_out=True)
     log(f"scoring text / calibration text KLD by class: {ctx['transfer'].factors}")
     rows = []
     regimes = [x.strip() for x in args.regimes.split(",") if x.strip()]
@@ -235,11 +244,23 @@ def main() -> None:
            if abs(r["prediction_error"]) > PREDICTION_TOLERANCE]
     verdicts.append(f"predicted within {PREDICTION_TOLERANCE:.0%} on every row" if not bad
                     else f"prediction off by more than {PREDICTION_TOLERANCE:.0%}: {', '.join(bad)}")
+    errors = [r["prediction_error"] for r in rows]
+    lean = ("every error below zero (predicted low)" if all(e < 0 for e in errors) else
+            "every error above zero (predicted high)" if all(e > 0 for e in errors) else "errors of both signs")
+    met_ratio = all(r["auto_vs_stock"] <= TARGET_RATIO and r["auto_bytes"] <= r["stock_bytes"] for r in rows
+                    if r["regime"] == "blocks" and r["budget"] in ("Q2_K", "Q3_K_M"))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "base": f"{base.name} (Gemma 3 270M F16 base dithered off its Q4_K_M grid, {base.stat().st_size} bytes)",
             "score": f"wikitext-2 test, {args.chunks} x 512 tokens", "verdicts": verdicts,
-            "stock_ratio": ctx["stock_ratio"], "transfer": ctx["transfer"].as_dict()}
-    write_json(OUT / "allocate.json", {"benchmark": "allocate", **meta, "imatrix": str(imatrix),
+            "stock_ratio": ctx["stock_ratio"], "transfer": ctx["transfer"].as_dict(),
+            "factor_text": ctx["transfer"].text, "scored_text": f"wikitext-2 test, chunks 1-{args.chunks} of 512 tokens",
+            "prediction_errors": {"signed": [round(e, 4) for e in errors], "min": round(min(errors), 4),
+                                  "max": round(max(errors), 4), "lean": lean},
+            "target": f"blocks regime at the Q2_K and Q3_K_M sizes: auto KLD <= {TARGET_RATIO} x stock at no more "
+                      f"bytes; the held-out prediction within {PREDICTION_TOLERANCE:.0%} of the scored KLD on every row",
+            "verdict": verdict(met_ratio and not bad)}
+    write_json(OUT / "allocate.json", {**provenance(default_threads()), "benchmark": "allocate", **meta,
+                                       "imatrix": str(imatrix),
                                               "calibration_probe": f"groups_merged, {PROBE_CHUNKS} x 512 tokens, in memory",
                                               "transfer_note": "predicted_kld = calibration_measured_kld x text_factor, "
                                                                "text_factor = the per-class factors weighted by the "

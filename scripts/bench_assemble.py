@@ -31,7 +31,7 @@ from pipeline.engine.assemble import assemble_file
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.quantize import quantize_file
 from pipeline.engine.quantized_tensors import QuantizedCache
-from pipeline.engine.toolchain import reference_bin_dir
+from pipeline.build.toolchain import reference_bin_dir
 
 REPETITIONS = 3
 

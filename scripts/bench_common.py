@@ -34,12 +34,47 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SQUEEZE_DATA", str(ROOT.parent / "shared" / "datasets"))
 
 from pipeline.cache import MadeFrom, cached  # noqa: E402
+from pipeline.cost.rates import cpu_seconds, other_cpus  # noqa: E402
 from pipeline.engine.backend import engine_versions  # noqa: E402
 from pipeline.fsutil import atomic_path, read_text, write_json_atomic, write_text_atomic  # noqa: E402
 from pipeline.sources.datasets import resolve_dataset  # noqa: E402
 
 OUT = ROOT / "results" / "bench"
 WORK = OUT / "work"
+
+
+# ---- where and when a record was made ---------------------------------------------------------
+
+_STARTED = (time.monotonic(), cpu_seconds())  # the benchmark's process starts here
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def provenance(threads: int | None) -> dict:
+    """What every record carries: the commit it was made by (and whether the tree had changes
+    beside it), when, on what machine, with how many threads, and the other work the machine did
+    meanwhile: CPUs' worth of busy time from /proc/stat less this benchmark's own (and its
+    children's) over the benchmark's whole run; near 0 means a quiet machine."""
+    wall = time.monotonic() - _STARTED[0]
+    now = cpu_seconds()
+    other = None
+    if now is not None and _STARTED[1] is not None:
+        other = round(other_cpus(now[0] - _STARTED[1][0], now[1] - _STARTED[1][1], wall), 2)
+    return {"commit": _git("rev-parse", "--short=12", "HEAD") or "unknown",
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "threads": threads,
+            "load": {"other_cpus": other, "wall_seconds": round(wall, 1),
+                     "how": "/proc/stat busy CPU time less this process's and its children's, per wall second, "
+                            "over the whole benchmark"}}
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
 
 
 # ---- paths in the records ---------------------------------------------------------------------
@@ -88,8 +123,11 @@ def portable(value):
     return value
 
 
-def write_json(path: Path, record) -> None:
-    """A benchmark record as JSON (written under a temporary name, then renamed), paths made portable."""
+def write_json(path: Path, record, threads: int | None = None) -> None:
+    """A benchmark record as JSON (written under a temporary name, then renamed), paths made
+    portable, with its provenance (commit, date, machine, threads, load) first unless it has one."""
+    if isinstance(record, dict) and "commit" not in record:
+        record = {**provenance(threads if threads is not None else record.get("threads")), **record}
     write_json_atomic(path, portable(record))
 
 

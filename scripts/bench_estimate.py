@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import OUT, ROOT, log, run_child, write_json, write_text
+from bench_common import OUT, ROOT, log, provenance, run_child, verdict, write_json, write_text
 
 from pipeline.cost.rates import cached_rates, cpu_name, machine_rates
 from pipeline.cost.run_estimate import estimate_run, format_estimate
@@ -38,6 +38,10 @@ from pipeline.stages.registry import build_steps, open_run
 
 DEFAULT_RECIPE = "recipes/gemma3-270m-pruned.yaml"
 LARGE_FILE = 1 << 20  # files above this are compared one by one
+# What the estimate promises (issue 28): a user sizes a machine by the memory, so it may be over
+# by a quarter but under by no more than a tenth.
+TIME_TARGET, MEMORY_TARGET, MEMORY_UNDER = 0.15, 0.25, 0.10
+RERUN_TARGET_S = 5
 
 
 def load_average() -> tuple[float, float, float]:
@@ -59,7 +63,9 @@ def compare(costs, manifest: dict, folder: Path) -> tuple[dict, list, dict]:
         measured_s = rec["seconds"] if rec else None
         written = sum(o["size"] for o in rec["outputs"].values()) if rec else None
         steps.append({"key": c.key, "stage": c.stage, "predicted_s": round(c.seconds, 2), "measured_s": measured_s,
-                      "predicted_bytes": c.bytes_written, "written_bytes": written})
+                      "predicted_bytes": c.bytes_written, "written_bytes": written,
+                      "predicted_memory_bytes": c.memory_bytes,
+                      "measured_peak_rss_bytes": rec.get("peak_rss_bytes") if rec else None})
         s = stages.setdefault(c.stage, {"steps": 0, "predicted_s": 0.0, "measured_s": 0.0,
                                         "predicted_bytes": 0, "written_bytes": 0})
         s["steps"] += 1
@@ -85,6 +91,10 @@ def compare(costs, manifest: dict, folder: Path) -> tuple[dict, list, dict]:
 def cell(value) -> str:
     """A table cell: '-' where nothing was measured (a step of 0.0 s has no error in percent)."""
     return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _mib(value) -> str:
+    return "-" if not value else f"{value / 2**20:,.0f}"
 
 
 def spread(s: dict) -> str:
@@ -121,16 +131,21 @@ def markdown(r: dict) -> str:
               f"{cell(t['time_error_pct'])} | {cell(t['predicted_folder_bytes'])} | {cell(t['written_bytes'])} | "
               f"{cell(t['bytes_error_pct'])} |")
     md += ["", f"Peak memory: predicted {t['predicted_peak_memory_bytes'] / 2**20:.0f} MiB, the run's peak RSS "
-               f"{t['measured_peak_rss_bytes'] / 2**20:.0f} MiB.", ""]
+               f"{t['measured_peak_rss_bytes'] / 2**20:.0f} MiB ({r['memory_error_pct']:+.1f} %). A run into the "
+               f"finished folder: {r['rerun_up_to_date_s']} s ({r['rerun_said']}).", "",
+           f"Commit {r['commit']}; other work on the machine: {r['load']['other_cpus']} CPUs.", "",
+           "| target | verdict |", "|---|---|",
+           *[f"| {r['target'][k]} | {r['verdicts'][k]} |" for k in r["target"]], ""]
     if r["large_files"]:
         md += ["## Files over 1 MiB", "", "| file | predicted bytes | written bytes | error % |", "|---|---:|---:|---:|"]
         md += [f"| {rel} | {f['predicted']:,} | {f['written']:,} | {f['error_pct']} |"
                for rel, f in r["large_files"].items()]
         md.append("")
-    md += ["## Steps", "", "| step | predicted s | measured s | predicted bytes | written bytes |",
-           "|---|---:|---:|---:|---:|"]
+    md += ["## Steps", "", "| step | predicted s | measured s | predicted bytes | written bytes | predicted memory MiB "
+           "| step's peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {s['key']} | {s['predicted_s']} | {cell(s['measured_s'])} | {cell(s['predicted_bytes'])} | "
-           f"{cell(s['written_bytes'])} |" for s in r["steps"]]
+           f"{cell(s['written_bytes'])} | {_mib(s.get('predicted_memory_bytes'))} | "
+           f"{_mib(s.get('measured_peak_rss_bytes'))} |" for s in r["steps"]]
     md += ["", "## The estimate as `squeeze plan --estimate` printed it", "", "```", *r["estimate_printout"], "```"]
     return "\n".join(md) + "\n"
 
@@ -163,7 +178,7 @@ def main() -> None:
 
         argv = [sys.executable, "-m", "pipeline", "run", args.recipe, "--results", str(results)]
         load_before_run = load_average()
-        runs = []
+        runs, peaks = [], []
         for i in range(args.runs):
             if i:
                 shutil.rmtree(results)  # each run starts from nothing, as the estimate assumes
@@ -173,6 +188,7 @@ def main() -> None:
             log(f"ran in {wall:.0f} s, peak RSS {rss / 2**20:.0f} MiB, load {load_before_run[0]} -> {load_after[0]}")
             manifest = json.loads((results / "manifest.json").read_text())
             got = compare(estimate.costs, manifest, results)
+            peaks.append(rss)
             if i == 0:
                 stages, steps, large = got
                 first = (wall, rss, output, manifest)
@@ -180,6 +196,9 @@ def main() -> None:
                          "steps_s": round(sum(s["measured_s"] or 0 for s in got[1]), 1),
                          "stages": {name: s["measured_s"] for name, s in got[0].items()}})
         wall, rss, output, manifest = first
+        # a second run into the finished folder: every step is up to date (what a rerun of `make` costs)
+        again_s, _, again_out = run_child(argv)
+        log(f"run again into the same folder: {again_s:.1f} s ({again_out.strip().splitlines()[-1]})")
     finally:
         if args.keep:
             log(f"kept {tmp}")
@@ -223,18 +242,36 @@ def main() -> None:
                   "predicted_folder_bytes": estimate.folder_bytes, "written_bytes": written,
                   "bytes_error_pct": pct(estimate.folder_bytes, written),
                   "predicted_peak_memory_bytes": estimate.peak_memory, "measured_peak_rss_bytes": rss},
+        "rerun_up_to_date_s": round(again_s, 2),
+        "rerun_said": again_out.strip().splitlines()[-1],
         "stages": stages,
         "large_files": large,
         "steps": steps,
         "estimate_printout": printout,
         "run_output_tail": output.splitlines()[-5:],
     }
+    t = result["total"]
+    peak = max(peaks)
+    t["measured_peak_rss_bytes"] = peak  # the largest over the runs
+    memory_error = estimate.peak_memory / peak - 1
+    result["target"] = {"time": f"total within ±{TIME_TARGET:.0%} of the measured steps",
+                        "memory": f"peak memory within ±{MEMORY_TARGET:.0%} of the measured peak RSS, never under by more "
+                                  f"than {MEMORY_UNDER:.0%}",
+                        "rerun": f"a run into a finished folder in under {RERUN_TARGET_S} s"}
+    met = {"time": abs(estimate.seconds / steps_s - 1) <= TIME_TARGET,
+           "memory": abs(memory_error) <= MEMORY_TARGET and memory_error >= -MEMORY_UNDER,
+           "rerun": again_s < RERUN_TARGET_S}
+    result["memory_error_pct"] = round(100 * memory_error, 1)
+    result["verdicts"] = {k: verdict(v) for k, v in met.items()}
+    result["verdict"] = verdict(all(met.values()))
+    result = {**provenance(threads), **result}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{args.name}.json", result)
+    write_json(args.out / f"{args.name}.json", result, threads=threads)
     write_text(args.out / f"{args.name}.md", markdown(result))
     t = result["total"]
     log(f"total: predicted {t['predicted_s']} s, measured {t['measured_steps_s']} s in steps "
-        f"({t['time_error_pct']} %); bytes {t['bytes_error_pct']} %; wrote {args.out / args.name}.json/.md")
+        f"({t['time_error_pct']} %); memory {result['memory_error_pct']} %; verdicts {result['verdicts']}; "
+        f"wrote {args.out / args.name}.json/.md")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def main() -> int:
     import os
 
     os.environ.setdefault("SQUEEZE_PROGRESS", "0")
-    from pipeline.engine.toolchain import reference_bin_dir
+    from pipeline.build.toolchain import reference_bin_dir
 
     tools = reference_bin_dir()
     if tools is None:

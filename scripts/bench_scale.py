@@ -8,6 +8,7 @@ Face checkpoints, each converted by squeeze's own convert stage:
   llama-thin   1.3e8 parameters, 32 thin layers, random weights (scripts/scale_models.py)
   gemma3-270m  2.7e8, Gemma 3 270M's real weights rebuilt as a HF folder (tests/real_checkpoint.py)
   gemma3-1b    1.0e9, Gemma 3 1B's shapes, random weights (scripts/scale_models.py)
+  llama-wide   1.3e9, 24 layers of 2048, random weights: a shape the estimate was not tuned on
 
 The work per size is the same: calibration 20 x 512 tokens of groups_merged, scoring 10 x 512
 tokens of wikitext-2 (the auto recipe scores 20; halved so that the 1B run fits in about an hour
@@ -21,10 +22,10 @@ RSS (the highest of its steps' high-water marks, which the runner records per st
 prediction and seconds per billion parameters; and the 1B figure per parameter against the 270M
 one (linear scaling: ratio 1.0).
 
-Writes results/bench/scale.json and scale.md after every size, so a partial run leaves what it
-measured (rows of sizes not run this time are kept from the previous file). Run it on a quiet
+Writes results/bench/scale.json and scale.md after every size (a partial run leaves the sizes it
+measured; rows are never kept from an earlier file, so every row is of one commit). Run it on a quiet
 machine, nothing else heavy beside it.
-Usage: python scripts/bench_scale.py [--sizes llama-thin,gemma3-270m,gemma3-1b] [--keep]
+Usage: python scripts/bench_scale.py [--sizes llama-thin,gemma3-270m,gemma3-1b,llama-wide] [--keep]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_common import OUT, log, portable, run_child, write_json, write_text
+from bench_common import OUT, log, portable, run_child, verdict, write_json, write_text
 from bench_estimate import compare, load_average, pct
 from scale_models import scale_model
 
@@ -54,7 +55,9 @@ from pipeline.stages.registry import build_steps, open_run
 from tests.real_checkpoint import example_hf_folder
 
 SIZES = {"llama-thin": lambda: scale_model("llama-thin"), "gemma3-270m": example_hf_folder,
-         "gemma3-1b": lambda: scale_model("gemma3-1b")}
+         "gemma3-1b": lambda: scale_model("gemma3-1b"), "llama-wide": lambda: scale_model("llama-wide")}
+# Peak memory: a user sizes a machine by it, so over by a quarter is allowed, under by a tenth not.
+MEMORY_TARGET, MEMORY_UNDER = 0.25, 0.10
 REFERENCE = "gemma3-270m"  # seconds per parameter are compared with this size's
 LINEAR_TARGET = 1.25  # issue 18: each stage's seconds per parameter at 1B <= 1.25 x the 270M figure
 CALIBRATION_CHUNKS, SCORE_CHUNKS = 20, 10
@@ -128,19 +131,21 @@ def measure(name: str, tmp: Path) -> dict:
             "predicted_when": "before the run", "stages": stages}
 
 
-def repredict(row: dict, tmp: Path) -> None:
-    """The row's predictions made again by the current estimate for a fresh folder (after a change
-    to the cost model; the measurements stay)."""
-    _, _, _, estimate, _ = predict(row["model"], tmp / row["model"])
-    by_stage = _by_stage(estimate.costs)
-    for stage, s in row["stages"].items():
-        s["predicted_s"] = round(by_stage.get(stage, 0.0), 1)
-        s["time_error_pct"] = pct(by_stage.get(stage, 0.0), s["measured_s"])
-    row["predicted_s"] = round(estimate.seconds, 1)
-    row["time_error_pct"] = pct(estimate.seconds, row["measured_s"])
-    row["predicted_peak_memory_bytes"] = estimate.peak_memory
-    row["peak_rss_bytes"] = max([row["peak_rss_bytes"]] + [s["peak_rss_bytes"] for s in row["stages"].values()])
-    row["predicted_when"] = f"after the run, by the estimate as of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+def verdicts(rows: dict) -> dict:
+    """The record's targets and whether each row meets them (peak memory; seconds per parameter)."""
+    per_row = {}
+    for name, row in rows.items():
+        error = row["predicted_peak_memory_bytes"] / row["peak_rss_bytes"] - 1
+        row["memory_error_pct"] = round(100 * error, 1)
+        per_row[name] = {"memory": verdict(abs(error) <= MEMORY_TARGET and error >= -MEMORY_UNDER)}
+    for name, ratios in scaling(rows).items():
+        worst = max((v for k, v in ratios.items() if v is not None and k != "total"), default=None)
+        per_row.setdefault(name, {})["linear"] = verdict(worst is not None and worst <= LINEAR_TARGET)
+    met = all(v == "met" for r in per_row.values() for v in r.values())
+    return {"target": f"peak memory predicted within ±{MEMORY_TARGET:.0%} of the measured peak RSS and never under "
+                      f"by more than {MEMORY_UNDER:.0%}, at every size; each stage's seconds per parameter at most "
+                      f"{LINEAR_TARGET} x the {REFERENCE} figure",
+            "verdicts": per_row, "verdict": verdict(met and bool(rows))}
 
 
 def scaling(rows: dict) -> dict:
@@ -174,6 +179,10 @@ def markdown(r: dict) -> str:
         md += ["", f"## Seconds per parameter against {REFERENCE} (1.0: linear; target at 1B <= {LINEAR_TARGET})", ""]
         for name, ratios in r["scaling"].items():
             md.append(f"- {name}: " + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in ratios.items()))
+    md += ["", "## Peak memory", "", "| model | predicted MiB | peak RSS MiB | error % | verdict |", "|---|---:|---:|---:|---|"]
+    md += [f"| {name} | {row['predicted_peak_memory_bytes'] / 2**20:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+           f"{row['memory_error_pct']:+.1f} | {r['verdicts'][name]['memory']} |" for name, row in r["rows"].items()]
+    md += ["", f"Target: {r['target']}. Verdict: **{r['verdict']}**.", ""]
     md += ["", "Predicted: " + "; ".join(f"{name} {row['predicted_when']}" for name, row in r["rows"].items()) + "."]
     md += ["", "Costs are real for every size; the random-weight models' quality numbers mean nothing and are "
                "not reported.", ""]
@@ -185,46 +194,36 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--keep", action="store_true", help="keep the temporary results folders")
-    ap.add_argument("--repredict", action="store_true",
-                    help="only make the predictions of the sizes' rows in scale.json again (the current estimate)")
     args = ap.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         sys.exit(f"--sizes: unknown {', '.join(unknown)}; one of {', '.join(SIZES)}")
     out_json = args.out / "scale.json"
-    previous_result = json.loads(out_json.read_text()) if out_json.exists() else {}
-    previous = previous_result.get("rows", {})
-    rows = {k: v for k, v in previous.items() if k not in sizes}
-    if args.repredict and not set(sizes) <= set(previous):
-        sys.exit(f"--repredict: {out_json} has no row for {', '.join(set(sizes) - set(previous))}")
+    # Every row of a record comes from one commit, each predicted before its run by that commit's
+    # code: rows are never carried over from an earlier file, nor predicted again after a run.
+    rows = {}
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-scale-"))
     try:
         for name in sizes:
-            if args.repredict:
-                rows[name] = previous[name]
-                repredict(rows[name], tmp)
-            else:
-                rows[name] = measure(name, tmp)
+            rows[name] = measure(name, tmp)
             rows = {k: rows[k] for k in SIZES if k in rows}
             result = {
                 "benchmark": "scale",
-                "title": "The auto recipe's work at three sizes: measured and predicted seconds, peak RSS, per stage",
+                "title": "The auto recipe's work at each size: measured and predicted seconds, peak RSS, per stage",
                 "what": f"convert, imatrix ({CALIBRATION_CHUNKS} x 512 tokens), sensitivity, prune or bits, three "
                         f"budgeted variants (one refinement round), scoring ({SCORE_CHUNKS} x 512 tokens of wikitext-2); "
-                        "predicted by the estimate for a fresh folder (each row says when: before its run, or made again "
-                        "after a change to the cost model, the measurement unchanged).",
-                # A re-prediction changes no measurement, so the file keeps the date they were made.
-                "date": (previous_result.get("date") if args.repredict
-                         else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+                        "every row predicted by the estimate for a fresh folder before its run, on this record's commit.",
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, Python "
                            f"{platform.python_version()}",
                 "versions": engine_versions(),
                 "rows": rows,
                 "scaling": scaling(rows),
                 "linear_target": LINEAR_TARGET,
+                **verdicts(rows),
             }
-            write_json(out_json, result)
+            write_json(out_json, result, threads=next(iter(rows.values()))["threads"])
             write_text(args.out / "scale.md", markdown(result))
             if not args.keep:
                 shutil.rmtree(tmp / name, ignore_errors=True)

@@ -91,7 +91,7 @@ def main() -> None:
         return phase(args)
 
     os.environ.setdefault("SQUEEZE_PROGRESS", "0")
-    from pipeline.engine.toolchain import reference_bin_dir
+    from pipeline.build.toolchain import reference_bin_dir
 
     tools = reference_bin_dir()
     if tools is None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python into a Python environment, built with squeeze's llama.cpp flags
-# (pipeline/engine/build_flags.py). The sdist compiles for ~4-7 minutes on 2 cores, so the wheel is
+# (pipeline/build/build_flags.py). The sdist compiles for ~4-7 minutes on 2 cores, so the wheel is
 # kept in pip's cache folder under a name that includes the flags: a later setup, or CI on
 # the same machine, installs it in seconds, and a change of flags never reuses a stale build. The
-# wheel is slimmed first (pipeline/engine/slim_wheel.py): each library once, not six times.
+# wheel is slimmed first (pipeline/build/slim_wheel.py): each library once, not six times.
 #
 # GPU=cuda (make setup GPU=cuda) builds llama.cpp's CUDA backend; it needs the CUDA toolkit (nvcc)
 # and cuBLAS, which a toolkit installed from pip lacks: then the matching `nvidia-cublas` wheel is
@@ -15,7 +15,7 @@ PY=${1:-.venv/bin/python}
 here=$(cd "$(dirname "$0")/.." && pwd)
 export SQUEEZE_GPU="${GPU:-}"
 export SQUEEZE_CUDA_ARCHS="${CUDA_ARCHS:-}"
-flags="$here/pipeline/engine/build_flags.py"
+flags="$here/pipeline/build/build_flags.py"
 cublas_args=""
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 nvcc=$(command -v nvcc || { test -x "$cuda_home/bin/nvcc" && echo "$cuda_home/bin/nvcc"; } || true)
@@ -47,7 +47,7 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="$("$PY" "$flags") $cublas_args" \
     "$PY" -m pip wheel --no-deps --no-cache-dir -w "$wheels.partial" "llama-cpp-python==$version"
   # one copy of each library the package loads (a wheel stores each symlink as a full copy)
-  "$PY" "$here/pipeline/engine/slim_wheel.py" "$wheels.partial"/llama_cpp_python-*.whl
+  "$PY" "$here/pipeline/build/slim_wheel.py" "$wheels.partial"/llama_cpp_python-*.whl
   mkdir -p "$(dirname "$wheels")" && rm -rf "$wheels" && mv "$wheels.partial" "$wheels"
 fi
 "$PY" -m pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-*.whl

@@ -8,6 +8,9 @@ seconds) are real; their quality numbers (PPL, KLD) mean nothing.
   llama-thin  another shape, many thin layers: llama, 32 layers, hidden 512, intermediate 1536,
               8 heads with 4 KV heads, GPT-2's 50,257-token BPE vocabulary, tied embedding;
               1.3e8 parameters. Widths are multiples of 256 so every K-quant applies.
+  llama-wide  a shape no constant of the estimate was fitted on: llama, 24 layers, hidden 2048,
+              intermediate 5632, 16 heads with 8 KV heads, GPT-2's vocabulary, untied output;
+              1.3e9 parameters.
 
 Weights are drawn by transformers' own initializer (normal, the config's initializer_range) with
 a fixed seed and saved in bfloat16, as the published checkpoints are. Each folder is cached in
@@ -39,7 +42,11 @@ LLAMA_THIN = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hi
                   intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                   max_position_embeddings=8192, initializer_range=0.02, rms_norm_eps=1e-5,
                   rope_theta=10000.0, tie_word_embeddings=True)
-MODELS = ("gemma3-1b", "llama-thin")
+# A shape the estimate was not tuned on (issue 28): wider and deeper than llama-thin, a vocabulary of
+# GPT-2's size; 24 layers of 2048 give about 1.3e9 parameters.
+LLAMA_WIDE = dict(LLAMA_THIN, num_hidden_layers=24, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+MODELS = ("gemma3-1b", "llama-thin", "llama-wide")
 
 
 def _gemma_config(tokenizer_from: Path) -> dict:
@@ -73,7 +80,8 @@ def build(name: str, folder: Path) -> None:
     else:
         n_vocab = write_bpe_tokenizer(folder, vocab_source())
         eos = n_vocab - 1  # GPT-2's <|endoftext|>
-        _save_random(dict(LLAMA_THIN, vocab_size=n_vocab, bos_token_id=eos, eos_token_id=eos), folder)
+        fields = LLAMA_WIDE if name == "llama-wide" else LLAMA_THIN
+        _save_random(dict(fields, vocab_size=n_vocab, bos_token_id=eos, eos_token_id=eos), folder)
 
 
 def scale_model(name: str) -> Path:

@@ -46,7 +46,7 @@ def base_dithered(source_gguf) -> Path:
 @pytest.fixture(scope="session")
 def llama_tools() -> Path:
     """Folder with llama-quantize, llama-imatrix, llama-perplexity and llama-bench."""
-    from pipeline.engine.toolchain import reference_bin_dir
+    from pipeline.build.toolchain import reference_bin_dir
 
     folder = reference_bin_dir()
     if folder is None:

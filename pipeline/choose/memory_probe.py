@@ -57,7 +57,8 @@ class MemoryProbe:
 
     def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
                  cache: Path | None = None, n_gpu_layers: int = 0, imatrix_path: Path | None = None,
-                 memo: Path | None = None):
+                 memo: Path | None = None, skip_chunks: int = 0):
+        """`skip_chunks`: the chunks start after that many of `text` (held out from what they score)."""
         self.base_path = Path(base)
         self.memo = ProbeMemo(memo) if memo is not None else None
         self._identity = None
@@ -75,7 +76,7 @@ class MemoryProbe:
             return
         model = self._loaded()["model"]
         try:
-            ch = perplexity.make_chunks(model, text, ctx, chunks, what="calibration text")
+            ch = perplexity.make_chunks(model, text, ctx, chunks, what="calibration text", skip=skip_chunks)
             self.base = perplexity.base_distribution(model, self._context(len(ch.tokens)), ch)
         except BaseException:
             self.close()  # the caller gets no probe to close

@@ -32,8 +32,6 @@ from pipeline.progress import bar
 
 # What `choose_layers` does, for the prune step's params: a change of search reruns the step.
 SEARCH = "sleb+contiguous, proxies measured; lowest KLD"
-# Calibration chunks each candidate set is measured on (few: the probes multiply).
-SEARCHES = ("sleb", "contiguous")
 PROXIES = ("block_influence", "cossim", "last")
 
 

@@ -32,6 +32,9 @@ BLOCKS = "blocks"
 # 256-wide blocks (Gemma 3 270M's 640 columns) take the 32-wide one.
 REFERENCE_TYPE = "Q4_K"
 REFERENCE_FALLBACK = "Q4_0"
+# The factors are measured on this many chunks of the text carried to, taken after the chunks that
+# text scores: a factor measured on the scored chunks themselves would predict them in-sample.
+FACTOR_CHUNKS = 4
 
 
 def class_of_group(group: str) -> str:
@@ -65,6 +68,7 @@ class TextTransfer:
     text: str  # what the other text is, for the record
     factors: dict[str, float]  # class -> KLD on the other text / KLD on the calibration text
     references: dict[str, dict]  # class -> {"types": ..., "calibration_kld": ..., "other_kld": ...}
+    held_out: bool | None = None  # whether the factors' chunks are apart from the chunks predicted
 
     def factor_for(self, shares: dict[str, float]) -> float:
         """The ratio for a mix whose KLD splits between the classes as `shares` (class_shares)."""
@@ -80,14 +84,15 @@ class TextTransfer:
         return calibration_kld * self.factor(group_kld)
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "factors": dict(self.factors), "references": self.references}
+        return {"text": self.text, "factors": dict(self.factors), "references": self.references,
+                "held_out": self.held_out}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TextTransfer":
-        return cls(data["text"], dict(data["factors"]), dict(data["references"]))
+        return cls(data["text"], dict(data["factors"]), dict(data["references"]), data.get("held_out"))
 
 
-def measure_transfer(info: ModelInfo, calibration, other, text: str) -> TextTransfer:
+def measure_transfer(info: ModelInfo, calibration, other, text: str, held_out: bool | None = None) -> TextTransfer:
     """The per-class factors between the texts of two in-memory probes on the same base
     (pipeline.choose.memory_probe.MemoryProbe: `calibration`, and `other` on the text carried to)."""
     references = {}
@@ -100,4 +105,5 @@ def measure_transfer(info: ModelInfo, calibration, other, text: str) -> TextTran
         references[cls] = {"types": "/".join(kinds), "tensors": len(types), "calibration_kld": cal, "other_kld": oth}
     if not references:
         raise SqueezeError(f"text transfer: this {info.arch} model has no tensors the allocator chooses types for")
-    return TextTransfer(text, {cls: r["other_kld"] / r["calibration_kld"] for cls, r in references.items()}, references)
+    return TextTransfer(text, {cls: r["other_kld"] / r["calibration_kld"] for cls, r in references.items()}, references,
+                        held_out)

@@ -50,7 +50,7 @@ import numpy as np
 
 from pipeline.choose.groups import CANDIDATE_TYPES
 from pipeline.engine.backend import default_threads, engine_versions
-from pipeline.engine.build_flags import flags_id
+from pipeline.build.build_flags import flags_id
 from pipeline.engine.context import Context
 from pipeline.engine.ggml_quant import quantize_rows, round_trip
 from pipeline.engine.model import Model
@@ -167,9 +167,9 @@ def other_cpus(machine_busy_s: float, own_s: float, wall_s: float) -> float:
     return max(machine_busy_s - own_s, 0.0) / max(wall_s, 1e-9)
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(the machine's busy CPU seconds since boot, this process's CPU seconds), or None where the
-    kernel gives no /proc/stat."""
+def cpu_seconds() -> tuple[float, float] | None:
+    """(the machine's busy CPU seconds since boot, this process's CPU seconds and those of the
+    children it has waited for), or None where the kernel gives no /proc/stat."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
@@ -179,7 +179,7 @@ def _cpu_seconds() -> tuple[float, float] | None:
     # (another guest on the host) slows the probe just the same
     busy = sum(fields[:8]) - fields[3] - fields[4]
     own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
 
 
 def bad_rates(data: dict) -> list[str]:
@@ -535,7 +535,7 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     """Measure the rates (about half a minute on 2 cores; the probe files are built once)."""
     start = time.perf_counter()
     threads = threads or default_threads()
-    load_before, cpu_before = _loadavg(), _cpu_seconds()
+    load_before, cpu_before = _loadavg(), cpu_seconds()
     rss = _rss_bytes()
     folder = cache_dir("probe")
     digest = hashlib.sha256(json.dumps(PROBE_DIMS, sort_keys=True).encode()).hexdigest()[:10]
@@ -608,7 +608,7 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
     roundtrip = _roundtrip_rates(rng)
     write = _write_rate(folder)
     header = _header_cost(folder, deq, write)
-    load_after, cpu_after = _loadavg(), _cpu_seconds()
+    load_after, cpu_after = _loadavg(), cpu_seconds()
     nproc = os.cpu_count() or 1
     others = None
     if cpu_before is not None and cpu_after is not None:

@@ -15,13 +15,14 @@ from pipeline.choose.groups import CANDIDATE_TYPES, group_of, kind_units, low_ty
 from pipeline.choose.measured_allocation import GROUP_SHARE
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.prune_auto import search_probes
-from pipeline.choose.text_transfer import REFERENCE_FALLBACK, REFERENCE_TYPE
+from pipeline.choose.text_transfer import FACTOR_CHUNKS, REFERENCE_FALLBACK, REFERENCE_TYPE
 from pipeline.choose.weight_errors import row_limit, sampled_rows
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Pricer, Shape, StepCost
 from pipeline.cost.gpu_rates import GPU
 from pipeline.cost.rates import Rates, load_text
 from pipeline.engine.backend import supports_gpu_offload
+from pipeline.engine.quantized_tensors import default_limit
 from pipeline.errors import SqueezeError
 from pipeline.formats.ggml_types import fits
 from pipeline.formats.gguf_index import read_index, read_metadata
@@ -52,7 +53,8 @@ CHARS_PER_TOKEN = 4.0
 DRIFT_PROMPT_TOKENS = 20
 # Refinement (pipeline.choose.refine) measures, in every round but the last, the groups whose
 # predicted KLD adds up to GROUP_SHARE (80 %) of the total. How many groups that is depends on the
-# map: on Gemma 3 270M's (results/bench/sensitivity-map.csv), 25 of its 36 layer groups carry 80 %
+# map: on Gemma 3 270M's (its sensitivity stage, 2026-11; the map was kept as
+# results/bench/sensitivity-map.csv until commit e8a66bd), 25 of its 36 layer groups carry 80 %
 # of the KLD at the probe's low types, so this share of the groups is priced per round. Later
 # rounds measure only the groups whose types changed, and refinement stops early once a round's
 # prediction is within tolerance: pricing every round in full makes this an upper bound.
@@ -170,6 +172,11 @@ class _Estimator:
         self.variant_bytes: dict[str, int] = {}
         self.variant_tensor_types: dict[str, dict[str, str]] = {}
         self.info = ctx.model_info
+        # The process's cache of quantized tensors (pipeline.engine.quantized_tensors) keeps every
+        # (tensor, type) pair a probe or an assembled file made, up to its limit, for the rest of
+        # the run: what it holds counts in every later step's resident memory.
+        self.cached: dict[tuple[str, str], int] = {}
+        self.cache_limit = default_limit()
 
     # the layers a variant drops: auto choices are not known yet, so K of the middle layers
     def drop_for(self, v: VariantSpec) -> tuple[int, ...]:
@@ -210,9 +217,22 @@ class _Estimator:
             return self.rss + logits + extra, model_bytes + kv
         return self.rss + model_bytes + kv + logits + extra, 0
 
+    def keep_quantized(self, types: dict[str, str]) -> None:
+        """The pairs a step quantizes through the shared cache, as the cache will hold them."""
+        by_name = {t.name: t for t in self.shape.tensors}
+        for n, ty in types.items():
+            if n in by_name and ty not in ("F32", "F16", "BF16"):
+                self.cached.setdefault((n, ty), est.tensor_nbytes(ty, by_name[n].shape))
+
+    @property
+    def cache_bytes(self) -> int:
+        return min(self.cache_limit, sum(self.cached.values()))
+
     def cost(self, step: Step) -> StepCost:
         fn = getattr(self, "_" + step.stage)
         c = fn(step)
+        if c.memory_bytes > self.rss:  # a step that loads a model, with the cache beside it
+            c.memory_bytes += self.cache_bytes
         writes = dict(c.writes)
         for out in step.outputs:  # what a step-specific rule did not size: typical small files
             if out not in writes:
@@ -281,6 +301,7 @@ class _Estimator:
         """A probe's tensors quantized in memory (ggml_quantize_chunk) before it measures:
         `share` of these tensors at these types."""
         by_name = {t.name: t for t in self.shape.tensors}
+        self.keep_quantized(types)
         return share * sum(self.p.roundtrip(est.n_values(by_name[n].shape), ty) for n, ty in types.items()
                            if n in by_name and ty not in ("F32", "F16", "BF16"))
 
@@ -387,9 +408,12 @@ class _Estimator:
         if refined:  # the file is assembled from the mix its refinement just quantized: priced as a
             types = {n: "Q8_0" for n in types}  # write at the fastest quantize rate (an upper bound)
         seconds = self.p.quantize(self.shape, types)
+        self.keep_quantized(self.variant_tensor_types[v.name])  # assembled from cached pairs (engine/assemble.py)
         writes = {self.ctx.variant_path(v.name): size,
                   self.ctx.tensor_types_path(v.name): 60 + 30 * sum(1 for _ in self._explicit(v))}
-        mem, dev = self.rss + 3 * self.largest_f32, 0
+        # the source is mapped and every tensor read once: its pages stay resident while it is open
+        source_bytes = est.base_file_bytes(self.shape, self.base_type, self.drop_for(v))
+        mem, dev = self.rss + 3 * self.largest_f32 + source_bytes, 0
         note = f"{v.ftype.upper()}"
         if self.recipe.budget_for(v) is not None:
             refine_s, probes = self._refinement(v)
@@ -428,18 +452,19 @@ class _Estimator:
 
     def _score_transfer(self, step: Step, name: str | None) -> StepCost:
         """Two reference changes (pipeline.choose.text_transfer), each quantized once in memory and
-        measured on the probes' calibration chunks and on the scoring chunks (whose base
-        distribution the `score base` step wrote)."""
+        measured on the probes' calibration chunks and on FACTOR_CHUNKS chunks of the scoring text
+        held out from scoring, after one pass for the base's distribution on those."""
         s = self.recipe.score
-        tokens, scored, outputs = _chunk_counts(s.chunks, s.ctx)
+        tokens, scored, outputs = _chunk_counts(FACTOR_CHUNKS, s.ctx)
         flops = self.shape.flops_per_token()
         on_scoring = self.p.forward(tokens, flops, True, outputs, self.out_flops) + self.p.kld(scored, self.shape.n_vocab)
-        seconds = (self._probe_kld(2, PROBE_CHUNKS, quantized=True) + 2 * on_scoring
+        seconds = (self._probe_kld(2, PROBE_CHUNKS, quantized=True) + 3 * on_scoring
                    + self._probe_quantize({t.name: low_type_for(t.shape, REFERENCE_TYPE, REFERENCE_FALLBACK)
                                          for t in self._quantizable()}))
         host, dev = self.mem(self.base_bytes, seqs_per_batch(s.ctx) * s.ctx, seqs_per_batch(s.ctx) * s.ctx)
         return StepCost(step.key, step.stage, seconds, {self.ctx.text_transfer_path: 600}, host, dev,
-                        note=f"4 probes: 2 on {PROBE_CHUNKS} calibration chunks, 2 on {s.chunks} x {s.ctx}")
+                        note=f"4 probes: 2 on {PROBE_CHUNKS} calibration chunks, 2 on {FACTOR_CHUNKS} x {s.ctx} "
+                             "held-out scoring chunks")
 
     def _score_tasks(self, step: Step, name: str | None) -> StepCost:
         t = self.recipe.score.tasks

@@ -66,13 +66,18 @@ class Chunks:
         return self.tokens.shape[1] - 1 - self.first
 
 
-def make_chunks(model: Model, text: str, ctx: int, n_chunks: int, what: str = "text") -> Chunks:
+def make_chunks(model: Model, text: str, ctx: int, n_chunks: int, what: str = "text", skip: int = 0) -> Chunks:
+    """The first `n_chunks` chunks of `ctx` tokens, as llama-perplexity cuts them; `skip`: start
+    after that many chunks (text held out from what the first chunks score)."""
     tokens = model.tokenize(text, add_special=True)
     if len(tokens) < 2 * ctx:
         raise SqueezeError(f"{what}: {len(tokens)} tokens is fewer than the {2 * ctx} needed "
                            f"(2 x ctx {ctx}, as llama-perplexity requires)")
-    n = min(n_chunks, len(tokens) // ctx)
-    chunks = tokens[: n * ctx].reshape(n, ctx).copy()
+    if skip and len(tokens) // ctx - skip < 1:
+        raise SqueezeError(f"{what}: {len(tokens)} tokens hold {len(tokens) // ctx} chunks of {ctx}; none is left "
+                           f"after the first {skip}")
+    n = min(n_chunks, len(tokens) // ctx - skip)
+    chunks = tokens[skip * ctx: (skip + n) * ctx].reshape(n, ctx).copy()
     if model.add_bos:
         chunks[:, 0] = model.bos
     return Chunks(chunks, ctx // 2)
@@ -415,10 +420,6 @@ def summarize(base: dict[str, np.ndarray], var: dict[str, np.ndarray]) -> dict[s
     out["same_top_pct"] = 100.0 * same
     out["same_top_pct_err"] = 100.0 * math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0
     return out
-
-
-def base_bytes_per_token(dist_path: Path, n_tokens: int) -> float:
-    return Path(dist_path).stat().st_size / max(n_tokens, 1)
 
 
 def llama_cpp_base_bytes(n_vocab: int, n_chunks: int, ctx: int) -> int:

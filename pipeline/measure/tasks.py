@@ -101,12 +101,6 @@ def choice_scores(scorer: SharedPrefixContext, task: ChoiceTask) -> list[float]:
     return scores
 
 
-def winogrande_choice(scorer: SharedPrefixContext, task: WinograndeTask) -> int:
-    """1 or 2: the choice whose continuation scores higher, with the CLI's exact token ranges."""
-    scores = winogrande_scores(scorer, task)
-    return 1 if scores[0] > scores[1] else 2
-
-
 def winogrande_scores(scorer: SharedPrefixContext, task: WinograndeTask) -> list[np.float32]:
     """The two scores llama-perplexity --winogrande prints: the mean log-prob (float32, as the
     CLI keeps it) of the words after the blank, for each choice."""

@@ -26,9 +26,30 @@ def _front_matter(ctx: RunContext) -> str:
         meta["license"] = r.report.license
     meta["library_name"] = "gguf"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["gguf", "llama.cpp", "quantized", "imatrix", "squeeze"] + \
-        (["pruned"] if any(ctx.recipe.prune_for(v) for v in r.variants) else [])
+    meta["tags"] = ["gguf", "llama.cpp", "quantized", "imatrix", "squeeze"] + (["pruned"] if _pruned(ctx) else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _pruned(ctx: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
+    """variant -> (the original numbers of the layers it drops, how they were chosen), for every
+    variant that drops any: listed in the recipe, picked automatically (`prune: {auto: K}`), or
+    weighed against bits (`prune: {up_to: K}`, which may keep every layer)."""
+    out = {}
+    for v in ctx.recipe.variants:
+        tag = ctx.prune_choice_tag(v)
+        if tag is not None and not ctx.prune_choice_path(tag).exists():
+            continue  # the prune stage has not chosen yet
+        layers = ctx.variant_layers(v)
+        if not layers:
+            continue
+        if tag is None:
+            how = "listed in the recipe"
+        elif ctx.recipe.prune_auto_for(v) is not None:
+            how = "picked by measured KLD"
+        else:
+            how = "picked by measured KLD, weighed against spending the bytes on bits"
+        out[v.name] = (layers, how)
+    return out
 
 
 def _versions(ctx: RunContext) -> dict:
@@ -53,10 +74,13 @@ def _method(ctx: RunContext) -> list[str]:
     if r.select.rules:
         rules = "; ".join(f"`{t.pattern}` → {t.type}" for t in r.select.rules)
         lines.append(f"- **Tensor types** (first matching rule wins, like `llama-quantize --tensor-type`): {rules}.")
-    pruned = {v.name: ctx.recipe.prune_for(v) for v in r.variants if ctx.recipe.prune_for(v)}
+    pruned = _pruned(ctx)
     if pruned:
-        lines.append("- **Layer pruning** (`llama-quantize --prune-layers`): " +
-                     "; ".join(f"{n}: layers {', '.join(map(str, p))}" for n, p in pruned.items()) + ".")
+        lines.append("- **Layer pruning** (by squeeze, before quantizing: the blocks are dropped from the base, the "
+                     "rest renumbered with their per-layer metadata and importance matrix kept; llama.cpp loads the "
+                     "result as a model with fewer layers): " +
+                     "; ".join(f"{n}: layers {', '.join(map(str, layers))} ({how})"
+                               for n, (layers, how) in pruned.items()) + ".")
     s = r.score
     lines.append(f"- **Scoring**: {s.dataset}, {s.chunks} chunks of {s.ctx} tokens, the second half of each "
                  "chunk scored, as `llama-perplexity --kl-divergence` does; uncertainties are its formulas.")

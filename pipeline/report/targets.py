@@ -49,11 +49,20 @@ def targets_section(ctx: RunContext, scores: pd.DataFrame, h2: str) -> list[str]
     rows = target_rows(ctx, scores)
     if not rows:
         return []
+    transfer = (TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
+                if ctx.text_transfer_path.exists() else None)
+    factor_text = ""
+    if transfer is not None:
+        factor_text = (f" The factors were measured on {transfer.text}"
+                       + ("; the prediction is judged on chunks they never saw." if transfer.held_out else
+                          "; the prediction is **in-sample**: judged on the chunks the factors were measured on."
+                          if transfer.held_out is False else "."))
     lines = [f"{h2} Quality targets", "",
              "Variants whose types were chosen as the smallest mix meeting a mean KLD (`target_kld`): measured "
              "in memory on calibration text while choosing, then scored on the scoring text above. The predicted "
              "scoring KLD carries the calibration one by the factors in scores/text-transfer.json (the blocks' and "
-             "the embedding's errors move differently between texts), before the variant was scored.", "",
+             "the embedding's errors move differently between texts), before the variant was scored." + factor_text,
+             "",
              "| Variant | Target KLD | KLD, calibration | Target on calibration | KLD, scoring (predicted) | "
              "KLD, scoring | Prediction error | Target on scoring |",
              "|---|---:|---:|---|---:|---:|---:|---|"]

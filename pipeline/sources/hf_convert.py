@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gguf
 
-from pipeline.engine.toolchain import convert_script, converter_root, user_source
+from pipeline.build.toolchain import convert_script, converter_root, user_source
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats.model_info import ModelInfo, TensorInfo, synthetic_model_info
 from pipeline.progress import bar

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline.engine.backend import engine_versions
-from pipeline.engine.toolchain import converter_label
+from pipeline.build.toolchain import converter_label
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.hf_convert import folder_inputs

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.choose.budget import layout
+from pipeline.choose.budget import kept_types, layout
 from pipeline.choose.measured_allocation import choose_types
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.prune_auto import SEARCH, PruneChoice, choose_layers
@@ -162,7 +162,8 @@ def _prune_or_bits(ctx: RunContext, v, choice: PruneChoice, probe) -> dict:
     info, base = ctx.model_info, ctx.base_path
     sens = load_sensitivity(ctx.sensitivity_json_path)
     budget = ctx.recipe.budget_for(v)
-    want = budget_bytes(ctx, v, budget, layout(info, (), base))
+    kept = kept_types(base, v.ftype)
+    want = budget_bytes(ctx, v, budget, layout(info, (), base, kept))
     sleb = choice.methods.get("sleb")
     picked = [s["picked"] for s in sleb.steps] if sleb is not None else []
     sets = [()] + [tuple(sorted(picked[:i])) for i in range(1, choice.k)] + [tuple(choice.layers)]
@@ -171,7 +172,7 @@ def _prune_or_bits(ctx: RunContext, v, choice: PruneChoice, probe) -> dict:
         label = "keep every layer" if not removed else f"remove {len(removed)} layer{'s' * (len(removed) > 1)}"
         prune_kld = probe.kld(removed=list(removed)) if removed else 0.0
         try:
-            chosen = choose_types(sens, want, layout(info, removed, base).fixed, drop=removed,
+            chosen = choose_types(sens, want, layout(info, removed, base, kept).fixed, drop=removed,
                                   where=_auto_where(ctx, v), budget_label=f"{budget[1]}")
         except SqueezeError:
             candidates.append(PruneCandidate(label, removed, prune_kld, None))

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from pipeline.choose.allocate import check_budget_fits, explain_markdown
-from pipeline.choose.budget import Layout, layout, tensor_bytes
+from pipeline.choose.budget import Layout, kept_types, layout, tensor_bytes
 from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
@@ -117,10 +117,17 @@ def target_note(chosen: TargetChoice) -> str:
                 f"{mib:.2f} MiB (predicted {chosen.predicted_kld:.4f}; not measured: select.refine_rounds is 0).")
     lines = [f"Target KLD {chosen.target_kld:g}: **{'met' if chosen.met else 'missed'}** on the calibration text, "
              f"{chosen.measured_kld:.4f} measured in memory at {mib:.2f} MiB (predicted {chosen.predicted_kld:.4f})."]
+    lines.append(f"{chosen.measurements} distinct mixes measured; the chosen one sits {chosen.slack:.4f} below the "
+                 "target.")
     c = chosen.next_cheaper
     if c is not None:
+        lowered = c.get("changes") or {}
+        steps = ", ".join(f"`{t}` {ty}" for t, ty in list(lowered.items())[:6]) + (" ..." if len(lowered) > 6 else "")
         lines.append(f"The next cheaper mix measured on the allocator's path, {c['bytes'] / MiB:.2f} MiB, measures "
-                     f"{c['measured']:.4f}: above the target, so this is the smallest mix found that meets it.")
+                     f"{c['measured']:.4f}: above the target, so this is the smallest mix found that meets it. "
+                     f"It cannot land nearer the target because the next cheaper mix differs in {len(lowered)} "
+                     f"tensor type{'s' if len(lowered) != 1 else ''} (cheaper -> chosen: {steps}), the finest step "
+                     "the types those tensors can take allow on this path.")
     else:
         lines.append("Every cheaper mix measured also met it, down to the smallest the candidate types allow.")
     return " ".join(lines)
@@ -138,7 +145,7 @@ def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout, runtime_b
 
 def check_budget_reachable(ctx: RunContext, v: VariantSpec, budget) -> None:
     """A budget below the smallest file the candidate types allow is refused before any work."""
-    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path)
+    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path, kept_types(ctx.base_path, v.ftype))
     if budget[0] == "target_memory":
         _check_memory_reachable(ctx, v, budget, lay)
         return
@@ -223,6 +230,7 @@ def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes:
             io.out(ctx.target_path(v.name)).write_text(json.dumps(
                 {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
                  "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
+                 "slack": chosen.slack, "measurements": chosen.measurements,
                  "next_cheaper": chosen.next_cheaper,
                  # how the mix's KLD splits between embedding and blocks: what carries it to the
                  # scoring text (pipeline.choose.text_transfer)
@@ -265,9 +273,10 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix, r
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
     sens = load_sensitivity(ctx.sensitivity_json_path)
     info = ctx.model_info
-    lay = layout(info, layers, ctx.base_path)
+    kept = kept_types(ctx.base_path, v.ftype)
+    lay = layout(info, layers, ctx.base_path, kept)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
-    sized = layout(info, (), ctx.base_path) if ctx.recipe.prune_up_to_for(v) is not None else lay
+    sized = layout(info, (), ctx.base_path, kept) if ctx.recipe.prune_up_to_for(v) is not None else lay
     want = budget_bytes(ctx, v, budget, sized, runtime_bytes) if budget[0] != "target_kld" else None
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe
-from pipeline.choose.text_transfer import REFERENCE_FALLBACK, REFERENCE_TYPE, measure_transfer
+from pipeline.choose.text_transfer import FACTOR_CHUNKS, REFERENCE_FALLBACK, REFERENCE_TYPE, measure_transfer
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
@@ -119,22 +119,34 @@ def steps(ctx: RunContext) -> list[Step]:
 
 def _transfer_step(ctx: RunContext, data: Path, threads, versions, gpu) -> Step:
     """Four in-memory probes: the blocks at 4 bits, then the embedding alone, each on the probes'
-    calibration chunks (found in the run's probe memo when measured before) and on the scoring
-    chunks (the base distribution the `score base` step wrote)."""
+    calibration chunks (found in the run's probe memo when measured before) and on chunks of the
+    scoring text held out from scoring (the FACTOR_CHUNKS after the scored ones), so the targets'
+    predictions are judged on chunks the factors never saw. A text too short for that falls back
+    to the scored chunks, and the record says the prediction is then in-sample."""
     imatrix = imatrix_input(ctx)
 
     def run(io):
-        s = ctx.recipe.score
-        with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix) as calibration, \
-                MemoryProbe(ctx.base_path, "", s.ctx, s.chunks, threads, ctx.base_distribution_path,
-                            ctx.recipe.model.n_gpu_layers, imatrix, memo=ctx.probe_memo_path) as scoring:
-            transfer = measure_transfer(ctx.model_info, calibration, scoring,
-                                        f"{s.dataset}, {len(scoring.base['tokens'])} chunks of {s.ctx}")
+        s, gpu_layers = ctx.recipe.score, ctx.recipe.model.n_gpu_layers
+        with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix) as calibration:
+            try:
+                other = MemoryProbe(ctx.base_path, read_text(data), s.ctx, FACTOR_CHUNKS, threads, None, gpu_layers,
+                                    imatrix, memo=ctx.probe_memo_path, skip_chunks=s.chunks)
+                n = len(other.base["tokens"])
+                text, held_out = (f"{s.dataset}, chunks {s.chunks + 1}-{s.chunks + n} of {s.ctx} tokens (held out: "
+                                  f"after the {s.chunks} scored)"), True
+            except SqueezeError:
+                other = MemoryProbe(ctx.base_path, "", s.ctx, s.chunks, threads, ctx.base_distribution_path,
+                                    gpu_layers, imatrix, memo=ctx.probe_memo_path)
+                text, held_out = (f"{s.dataset}, the {len(other.base['tokens'])} scored chunks of {s.ctx} tokens "
+                                  "(in-sample: the text has no chunk beyond them)"), False
+            with other:
+                transfer = measure_transfer(ctx.model_info, calibration, other, text, held_out)
         _write_json(io, ctx.text_transfer_path, transfer.as_dict())
-        return {"factors": {k: round(v, 4) for k, v in transfer.factors.items()}}
+        return {"factors": {k: round(v, 4) for k, v in transfer.factors.items()}, "held_out": held_out}
 
     params = {**probe_params(ctx), **score_params(ctx), "probe_chunks": PROBE_CHUNKS,
-              "transfer.reference": f"{REFERENCE_TYPE}, else {REFERENCE_FALLBACK}"}
+              "transfer.reference": f"{REFERENCE_TYPE}, else {REFERENCE_FALLBACK}", "transfer.chunks": FACTOR_CHUNKS,
+              "transfer.held_out": True}
     inputs = [ctx.base_path, ctx.base_distribution_path, data] + ([imatrix] if imatrix else [])
     return Step("transfer base", "score", params, inputs, [ctx.text_transfer_path], run, versions=versions, gpu=gpu,
                 produces="scores/text-transfer.json (calibration-to-scoring KLD factors: blocks, embedding)")

@@ -4,7 +4,7 @@ tools alike (same flags, so both run the same kernels and numbers can be compare
 Why not GGML_NATIVE: -march=native turns on AMX when the CPU advertises it, and under some
 hypervisors (this project's CI among them) the AMX tile state is not enabled, so Q4_K/Q8_0
 matmuls die with SIGILL. An explicit x86-64-v3 set (AVX2, FMA, F16C, BMI2) runs everywhere
-such a machine does. Runnable without dependencies: `python3 pipeline/engine/build_flags.py`.
+such a machine does. Runnable without dependencies: `python3 pipeline/build/build_flags.py`.
 
 GPU builds: `make setup GPU=cuda` adds llama.cpp's CUDA backend (GGML_CUDA). The choice is read
 from $SQUEEZE_GPU, else from the file `squeeze-gpu` that setup leaves in the environment

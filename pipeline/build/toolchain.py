@@ -4,7 +4,7 @@ squeeze runs the llama.cpp vendored in the installed llama-cpp-python. Its sourc
 convert_hf_to_gguf.py and tools/quantize, imatrix, perplexity, llama-bench) is the sdist of the
 same llama-cpp-python version, fetched from the package registry into squeeze's cache. The
 reference tools are built from it with the same CMake flags as the wheel
-(pipeline/engine/build_flags.py). A user with their own llama.cpp build (CUDA, Metal) points
+(pipeline/build/build_flags.py). A user with their own llama.cpp build (CUDA, Metal) points
 $SQUEEZE_LLAMA_CPP_BIN at its bin folder (`squeeze toolchain --bin DIR`) and, to convert with
 that checkout's converter too, $SQUEEZE_LLAMA_CPP_SRC at its source folder.
 """
@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.engine.backend import engine_version, engine_versions
-from pipeline.engine.build_flags import LLAMA_CPP_PYTHON_VERSION, cmake_args, cuda_paths, flags_id, gpu, nvcc
+from pipeline.build.build_flags import LLAMA_CPP_PYTHON_VERSION, cmake_args, cuda_paths, flags_id, gpu, nvcc
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import cache_dir
 

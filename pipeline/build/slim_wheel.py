@@ -12,7 +12,7 @@ passes to load_shared_library: llama, ggml, mtmd, llava) and every library those
 RUNPATH $ORIGIN); every file outside lib folders (the Python code, the dist-info). RECORD is
 written anew for what stays.
 
-Usage: python -m pipeline.engine.slim_wheel WHEEL [OUT]   (OUT defaults to WHEEL, replaced atomically)
+Usage: python -m pipeline.build.slim_wheel WHEEL [OUT]   (OUT defaults to WHEEL, replaced atomically)
 """
 
 from __future__ import annotations
