@@ -33,16 +33,17 @@ def tensor_bytes(qtype: str, shape) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _planned(path: str, mtime_ns: int, ftype: str) -> dict[str, str]:
-    return planned_types(Path(path), quantize_params(ftype)).types
+def _planned(path: str, mtime_ns: int, ftype: str, output_type: str | None) -> dict[str, str]:
+    return planned_types(Path(path), quantize_params(ftype, output_type=output_type)).types
 
 
-def kept_types(base_path: Path | None, ftype: str) -> dict[str, str]:
-    """The types llama.cpp gives, in a file of `ftype`, the tensors no choice changes (an untied
-    output layer, a router): its own dry run, fallbacks included. Empty before the base exists."""
+def kept_types(base_path: Path | None, ftype: str, output_type: str | None = None) -> dict[str, str]:
+    """The types llama.cpp gives, in a file of `ftype` (with `output_type` for the output layer,
+    as a recipe sets it), the tensors no choice changes (an untied output layer, a router): its
+    own dry run, fallbacks included. Empty before the base exists."""
     if base_path is None or not Path(base_path).exists():
         return {}
-    return _planned(str(base_path), Path(base_path).stat().st_mtime_ns, ftype.upper())
+    return _planned(str(base_path), Path(base_path).stat().st_mtime_ns, ftype.upper(), output_type)
 
 
 def _smallest_fitting(shape, default: int | None = None) -> int:

@@ -437,3 +437,17 @@ def kv_cache_bytes(shape: Shape, n_tokens: int, n_layers: int | None = None) -> 
 
 def logits_bytes(n_outputs: int, n_vocab: int) -> int:
     return 4 * n_outputs * n_vocab
+
+
+# llama.cpp's contexts evaluate in micro-batches of this many tokens (pipeline.engine.context)
+N_UBATCH = 512
+
+
+def compute_buffer_bytes(shape: Shape, n_tokens: int) -> int:
+    """The compute buffer llama.cpp reserves for a context: the worst-case graph of one
+    micro-batch, whose largest tensor is the output layer's logits (n_ubatch x n_vocab in F32;
+    512 MiB at Gemma 3's 262,144 tokens, as its load report says), beside the activations of the
+    widest layer. Reserved when the context is made, whatever the outputs asked for later."""
+    n = min(N_UBATCH, max(n_tokens, 1))
+    activations = 4 * n * 16 * shape.n_embd  # a few residual-width and FFN-width tensors live at once
+    return logits_bytes(n, shape.n_vocab) + activations

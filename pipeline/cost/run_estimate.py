@@ -210,12 +210,14 @@ class _Estimator:
 
     def mem(self, model_bytes: int, n_ctx_tokens: int = 0, n_logits: int = 0, extra: int = 0,
             layers: int | None = None) -> tuple[int, int]:
-        """(host, device) peak bytes: the mapped weights (on the device with --gpu), KV cache, logits."""
+        """(host, device) peak bytes: the mapped weights (on the device with --gpu), KV cache, the
+        context's compute buffer, logits."""
         kv = est.kv_cache_bytes(self.shape, n_ctx_tokens, layers) if n_ctx_tokens else 0
+        compute = est.compute_buffer_bytes(self.shape, n_ctx_tokens) if n_ctx_tokens else 0
         logits = est.logits_bytes(n_logits, self.shape.n_vocab)
         if self.gpu is not None:
-            return self.rss + logits + extra, model_bytes + kv
-        return self.rss + model_bytes + kv + logits + extra, 0
+            return self.rss + logits + extra, model_bytes + kv + compute
+        return self.rss + model_bytes + kv + compute + logits + extra, 0
 
     def keep_quantized(self, types: dict[str, str]) -> None:
         """The pairs a step quantizes through the shared cache, as the cache will hold them."""
@@ -228,11 +230,18 @@ class _Estimator:
     def cache_bytes(self) -> int:
         return min(self.cache_limit, sum(self.cached.values()))
 
+    def probe_mem(self) -> tuple[int, int]:
+        """(host, device) bytes of in-memory probes (pipeline.choose.memory_probe): the base loaded
+        writable, a context over the probe chunks, and numpy's copy of the logits it reads (the
+        rows from each chunk's middle on) while their KLD is taken."""
+        _, scored, _ = _chunk_counts(PROBE_CHUNKS, 512)
+        return self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512,
+                        est.logits_bytes(scored, self.shape.n_vocab))
+
     def cost(self, step: Step) -> StepCost:
         fn = getattr(self, "_" + step.stage)
         c = fn(step)
-        if c.memory_bytes > self.rss:  # a step that loads a model, with the cache beside it
-            c.memory_bytes += self.cache_bytes
+        c.memory_bytes += self.cache_bytes  # what the process's cache holds from this and earlier steps
         writes = dict(c.writes)
         for out in step.outputs:  # what a step-specific rule did not size: typical small files
             if out not in writes:
@@ -333,7 +342,7 @@ class _Estimator:
             {nm: ty for nm, ty in low.items() if nm not in in_blocks})
         errors, sampled = self._weight_errors()
         seconds = self._probe_kld(n_probes, PROBE_CHUNKS, True) + quantize + errors
-        host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)
+        host, dev = self.probe_mem()
         return StepCost(step.key, step.stage, seconds, {}, host, dev,
                         note=f"{n_probes} in-memory KLD probes; weight errors for {len(CANDIDATE_TYPES)} types "
                              f"on {sampled / 1e6:.0f}M sampled weights")
@@ -369,7 +378,7 @@ class _Estimator:
                 tries += mixes
                 note = f"{k} layers picked from up to {tries - mixes} KLD probes; {mixes} whole mixes measured"
             writes[self.ctx.prune_choice_path(tag)] = 1500 + 40 * tries
-            host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)  # base, writable
+            host, dev = self.probe_mem()  # base, writable
             host = max(host, self.rss + 2 * self.largest_f32)
         return StepCost(step.key, step.stage, seconds, writes, host, dev, note=note)
 
@@ -420,7 +429,7 @@ class _Estimator:
             seconds += refine_s
             if probes:
                 note += f"; refinement: {probes} in-memory KLD probes"
-                host, dev = self.mem(self.base_bytes, PROBE_CHUNKS * 512, PROBE_CHUNKS * 512)
+                host, dev = self.probe_mem()
                 mem = max(mem, host)
         return StepCost(step.key, step.stage, seconds, writes, mem, dev, note=note)
 

@@ -162,7 +162,7 @@ def _prune_or_bits(ctx: RunContext, v, choice: PruneChoice, probe) -> dict:
     info, base = ctx.model_info, ctx.base_path
     sens = load_sensitivity(ctx.sensitivity_json_path)
     budget = ctx.recipe.budget_for(v)
-    kept = kept_types(base, v.ftype)
+    kept = kept_types(base, v.ftype, ctx.recipe.output_type_for(v))
     want = budget_bytes(ctx, v, budget, layout(info, (), base, kept))
     sleb = choice.methods.get("sleb")
     picked = [s["picked"] for s in sleb.steps] if sleb is not None else []

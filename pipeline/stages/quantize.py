@@ -145,7 +145,8 @@ def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout, runtime_b
 
 def check_budget_reachable(ctx: RunContext, v: VariantSpec, budget) -> None:
     """A budget below the smallest file the candidate types allow is refused before any work."""
-    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path, kept_types(ctx.base_path, v.ftype))
+    kept = kept_types(ctx.base_path, v.ftype, ctx.recipe.output_type_for(v))
+    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path, kept)
     if budget[0] == "target_memory":
         _check_memory_reachable(ctx, v, budget, lay)
         return
@@ -273,7 +274,7 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix, r
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
     sens = load_sensitivity(ctx.sensitivity_json_path)
     info = ctx.model_info
-    kept = kept_types(ctx.base_path, v.ftype)
+    kept = kept_types(ctx.base_path, v.ftype, ctx.recipe.output_type_for(v))
     lay = layout(info, layers, ctx.base_path, kept)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
     sized = layout(info, (), ctx.base_path, kept) if ctx.recipe.prune_up_to_for(v) is not None else lay
