@@ -65,7 +65,6 @@ AWAITING_RERUN = {
     "sensitivity.json": "records 62 probes in one field and 55 in another; made before records carried their commit",
     "sampled-errors.json": "records no machine or threads",
     "prune.json": "made with 4 probe chunks (the stage now uses 2)",
-    "allocate.json": "its text-transfer factors were measured on the scored chunks (in-sample)",
     "card-method.json": "records no machine or threads",
     "convert.json": "made before records carried their commit and load",
     "default-recipe.json": "written by hand; bench_estimate.py --name default-recipe writes it now",
