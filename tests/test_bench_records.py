@@ -52,7 +52,7 @@ def test_the_awaiting_list_names_only_records_that_are_there_and_still_lack_some
         assert why
         if name.endswith(".json"):
             record = json.loads((BENCH / name).read_text())
-            assert any(k not in record for k in PROVENANCE) or name == "estimate.json", \
+            assert any(k not in record for k in PROVENANCE), \
                 f"{name} now carries its provenance: take it off bench_all.AWAITING_RERUN"
 
 
