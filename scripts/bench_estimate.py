@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import OUT, ROOT, log, provenance, run_child, verdict, write_json, write_text
+from bench_common import (MEMORY_TARGET_TEXT, OUT, ROOT, log, memory_error, provenance, run_child, verdict,
+                          write_json, write_text)
 
 from pipeline.cost.rates import cached_rates, cpu_name, machine_rates
 from pipeline.cost.run_estimate import estimate_run, format_estimate
@@ -38,9 +39,7 @@ from pipeline.stages.registry import build_steps, open_run
 
 DEFAULT_RECIPE = "recipes/gemma3-270m-pruned.yaml"
 LARGE_FILE = 1 << 20  # files above this are compared one by one
-# What the estimate promises (issue 28): a user sizes a machine by the memory, so it may be over
-# by a quarter but under by no more than a tenth.
-TIME_TARGET, MEMORY_TARGET, MEMORY_UNDER = 0.15, 0.25, 0.10
+TIME_TARGET = 0.15  # the estimate's total time against the measured steps' (memory: bench_common)
 RERUN_TARGET_S = 5
 
 
@@ -253,15 +252,14 @@ def main() -> None:
     t = result["total"]
     peak = max(peaks)
     t["measured_peak_rss_bytes"] = peak  # the largest over the runs
-    memory_error = estimate.peak_memory / peak - 1
+    memory_off, memory_met = memory_error(estimate.peak_memory, peak)
     result["target"] = {"time": f"total within ±{TIME_TARGET:.0%} of the measured steps",
-                        "memory": f"peak memory within ±{MEMORY_TARGET:.0%} of the measured peak RSS, never under by more "
-                                  f"than {MEMORY_UNDER:.0%}",
+                        "memory": MEMORY_TARGET_TEXT,
                         "rerun": f"a run into a finished folder in under {RERUN_TARGET_S} s"}
     met = {"time": abs(estimate.seconds / steps_s - 1) <= TIME_TARGET,
-           "memory": abs(memory_error) <= MEMORY_TARGET and memory_error >= -MEMORY_UNDER,
+           "memory": memory_met,
            "rerun": again_s < RERUN_TARGET_S}
-    result["memory_error_pct"] = round(100 * memory_error, 1)
+    result["memory_error_pct"] = round(100 * memory_off, 1)
     result["verdicts"] = {k: verdict(v) for k, v in met.items()}
     result["verdict"] = verdict(all(met.values()))
     result = {**provenance(threads), **result}

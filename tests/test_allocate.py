@@ -748,8 +748,7 @@ def test_a_kld_target_the_corrections_miss_is_met_by_walking_up_to_a_larger_mix(
     errors, alphas = _layers()
     sens = Sensitivity([], {}, alphas, errors, {})
     largest = allocate(errors, alphas, 1 << 40, 500)
-    best_pred = sum(alphas[e.group] * e.error for e in errors if largest.types.get(e.tensor) == e.type)
-    k = 1.0 / best_pred ** 0.5  # the largest mix measures 1.0
+    k = 1.0 / _Measured(errors, alphas, interaction=1.0).kld(largest.types) ** 0.5  # the largest mix measures 1.0
     target = 1.5  # reachable: the largest mix meets it, a stock mix between would too
     model = _Concave(errors, alphas, k)
     chosen = choose_types_for_kld(sens, target, 500, probe=model, rounds=1)

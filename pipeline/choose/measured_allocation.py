@@ -183,10 +183,10 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
 
     resolution = max(1, int((hi - floor) * MEASURED_RESOLUTION))
 
-    def bisect(lo_budget: int, up: Allocation, steps: int, label: str) -> tuple[Allocation, int]:
+    def bisect(lo_budget: int, up: Allocation, steps: int, label: str) -> Allocation:
         """Between a budget whose mix missed and a mix `up` that met the target: the smallest mix
-        measured to meet it, and the largest budget known to miss, in at most `steps` new
-        measurements (a budget that reaches a mix measured before narrows the range for free)."""
+        measured to meet it, in at most `steps` new measurements (a budget that reaches a mix
+        measured before narrows the range for free)."""
         new = 0
         while up.total_bytes - lo_budget > resolution and new < steps:
             mid_budget = (lo_budget + up.total_bytes) // 2
@@ -200,7 +200,7 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
                 up = mid
             else:
                 lo_budget = mid_budget  # the allocator's mixes grow with the budget: all below miss too
-        return up, lo_budget
+        return up
 
     first = chosen = smallest_meeting(target_kld)
     measured = None
@@ -220,21 +220,21 @@ def choose_types_for_kld(sens: Sensitivity, target_kld: float, fixed_bytes: int,
         top = measure(largest, "largest")
         if top > target_kld:
             raise cannot_meet(top, "measure")
-        chosen, _ = bisect(chosen.total_bytes, largest, 1 << 30, "walk up")
+        chosen = bisect(chosen.total_bytes, largest, 1 << 30, "walk up")
         measured = measure(chosen, "walk up")
 
     next_cheaper = None
     if measured is not None:
         missed = [h for h in history if h["measured"] > target_kld and h["bytes"] < chosen.total_bytes]
         below = max((h["bytes"] for h in missed), default=floor - 1)  # the largest mix known to miss
-        chosen, _ = bisect(below, chosen, MEASURED_STEPS, "bisect")
+        chosen = bisect(below, chosen, MEASURED_STEPS, "bisect")
         measured = measure(chosen, "bisect")
         missed = [h for h in history if h["measured"] > target_kld and h["bytes"] < chosen.total_bytes]
         if missed:
             worst = max(missed, key=lambda h: h["bytes"])
             cheaper = next((a.types for a in cache.values() if a.total_bytes == worst["bytes"]), {})
-            # why the search cannot land nearer the target: the next cheaper mix on the path lowers
-            # these tensors by one of the types they can take, and that step alone crosses it
+            # why the search cannot land nearer the target: the next cheaper mix the allocator offers
+            # (one price step down) changes these tensors at once, and it measured above the target
             next_cheaper = {"bytes": worst["bytes"], "predicted": worst["predicted"], "measured": worst["measured"],
                             "changes": _type_changes(cheaper, chosen.types)}
     predicted = scale * chosen.predicted_kld

@@ -177,6 +177,7 @@ class _Estimator:
         # the run: what it holds counts in every later step's resident memory.
         self.cached: dict[tuple[str, str], int] = {}
         self.cache_limit = default_limit()
+        self.tensors_by_name = {t.name: t for t in shape.tensors}
 
     # the layers a variant drops: auto choices are not known yet, so K of the middle layers
     def drop_for(self, v: VariantSpec) -> tuple[int, ...]:
@@ -221,7 +222,7 @@ class _Estimator:
 
     def keep_quantized(self, types: dict[str, str]) -> None:
         """The pairs a step quantizes through the shared cache, as the cache will hold them."""
-        by_name = {t.name: t for t in self.shape.tensors}
+        by_name = self.tensors_by_name
         for n, ty in types.items():
             if n in by_name and ty not in ("F32", "F16", "BF16"):
                 self.cached.setdefault((n, ty), est.tensor_nbytes(ty, by_name[n].shape))
@@ -309,7 +310,7 @@ class _Estimator:
     def _probe_quantize(self, types: dict[str, str], share: float = 1.0) -> float:
         """A probe's tensors quantized in memory (ggml_quantize_chunk) before it measures:
         `share` of these tensors at these types."""
-        by_name = {t.name: t for t in self.shape.tensors}
+        by_name = self.tensors_by_name
         self.keep_quantized(types)
         return share * sum(self.p.roundtrip(est.n_values(by_name[n].shape), ty) for n, ty in types.items()
                            if n in by_name and ty not in ("F32", "F16", "BF16"))
