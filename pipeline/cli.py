@@ -139,7 +139,7 @@ def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, activ
     if estimate or gpu or cpu_threads or active_params:
         # a recipe that offloads is priced even where this build cannot offload: `run` refuses it
         ctx = open_run(recipe, results, check_gpu=False)
-        steps = build_steps(ctx)  # a recipe mistake is reported before the rate probe runs
+        steps = build_steps(ctx)  # a recipe mistake is reported before the rate benchmark runs
         rates = machine_rates(ctx.threads, echo=click.echo)
         result = estimate_run(ctx, steps, rates, gpu_spec(gpu) if gpu else None,
                               parse_count(params) if params else None, vocab, cpu_threads,
@@ -153,7 +153,7 @@ def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, activ
     info = ctx.model_info
     steps = build_steps(ctx)  # may still find a mistake (a dataset not found): before any output
     click.echo(f"recipe {r.name} ({r.path}): {info.arch}, {info.n_layers} layers, "
-               f"{len(r.variants)} variants -> {ctx.folder}")
+               f"{len(r.plans)} variants -> {ctx.folder}")
     for step in steps:
         click.echo(f"  {step.stage:<10} {step.key:<28} -> {step.produces}")
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.choose import knapsack
-from pipeline.choose.allocate import _hull, allocate, explain_markdown, mix_bytes, tensor_options
+from pipeline.choose.allocate import allocate, explain_markdown
 from pipeline.choose.prune_or_bits import PruneCandidate, choose_prune_or_bits
 from pipeline.choose.refine import refine
 from pipeline.choose.sensitivity import Sensitivity, TensorError
@@ -49,6 +49,17 @@ def test_the_budget_goes_where_it_saves_most_kld():
     assert a.predicted_kld == pytest.approx(0.001 * 8.0 + 0.01 * 2.0)
 
 
+def _hull(frontier_options):
+    """The lower convex hull of a frontier: the only types a Lagrangian price ever picks."""
+    return [frontier_options[i] for i in knapsack.hull_indices(frontier_options)]
+
+
+def mix_bytes(errors, types: dict[str, str]) -> int:
+    """Bytes of the tensors in `types` at those types, as the errors measured them."""
+    size = {(r.tensor, r.type): int(r.bytes) for r in errors}
+    return sum(size[t, ty] for t, ty in types.items())
+
+
 def test_dominated_types_are_skipped_and_the_file_fits():
     # Q6_K saves less per byte than going straight to Q8_0: it is off the convex hull (no price
     # picks it), but on the frontier (nothing smaller is as good), where it may fill a gap
@@ -60,7 +71,7 @@ def test_dominated_types_are_skipped_and_the_file_fits():
         assert allocate(_errors(), ALPHAS, budget, 1000).total_bytes <= budget
     # a type both larger and worse than another is off the frontier too
     worse = _errors() + [TensorError("blk.0.ffn_down.weight", "0.mlp", "Q5_0", 250, 2.5)]
-    assert "Q5_0" not in [o.type for o in tensor_options(worse, ALPHAS)[0]["blk.0.ffn_down.weight"]]
+    assert "Q5_0" not in [o.type for o in allocate(worse, ALPHAS, 1800, 1000).options["blk.0.ffn_down.weight"]]
 
 
 def test_a_budget_below_the_smallest_file_is_one_line():
@@ -130,7 +141,7 @@ def _exact(errors, alphas, capacity):
 def _old_greedy(errors, alphas, capacity):
     """The allocator this replaced: every tensor at its smallest hull type, then hull upgrades by
     KLD saved per byte, each taken if it still fits."""
-    options, _ = tensor_options(errors, alphas)
+    options = allocate(errors, alphas, 1 << 60, 0).options  # every tensor's frontier (any budget)
     hulls = {t: _hull(o) for t, o in options.items()}
     pos = {t: 0 for t in hulls}
     left = capacity - sum(h[0].bytes for h in hulls.values())
@@ -510,20 +521,21 @@ def _plan(write_recipe, tmp_path, select, variant=""):
 
 def test_recipe_keys_load_and_round_trip(write_recipe):
     from pipeline.recipe.load import dump_recipe, load_recipe
+    from pipeline.recipe.plan import AutoPrune, BitsBudget, UpToPrune
 
     path = write_recipe(RECIPE.format(select="  prune: {auto: 2}\n  target_size: 150 MiB",
                                       variant=", target_bpw: 4.5"))
     r = load_recipe(path)
     assert r.select.prune_auto == 2 and r.select.target_size == "150 MiB"
-    v = r.variants[0]
-    assert r.prune_auto_for(v) == 2 and r.prune_for(v) == ()
-    assert r.budget_for(v) == ("target_bpw", 4.5)
+    v = r.plans[0]
+    assert v.prune == AutoPrune(k=2) and v.prune.listed == ()
+    assert v.budget == BitsBudget(bpw=4.5)
     again = write_recipe(dump_recipe(r), "again.yaml")
     assert load_recipe(again) == r
     # `prune: auto` under a budget: up to 2 layers, weighed against bits
     r = load_recipe(write_recipe(RECIPE.format(select="  target_bpw: 5", variant=", prune: auto"), "auto.yaml"))
-    v = r.variants[0]
-    assert r.prune_up_to_for(v) == 2 and r.prune_auto_for(v) is None and r.prune_for(v) == ()
+    v = r.plans[0]
+    assert v.prune == UpToPrune(k=2) and v.prune.listed == ()
     assert load_recipe(write_recipe(dump_recipe(r), "again2.yaml")) == r
 
 

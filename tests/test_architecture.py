@@ -25,12 +25,15 @@ MAY_IMPORT = {
     "recipe": {"formats"},
     "sources": {"build", "engine", "formats"},
     "run": {"recipe", "sources", "formats", "engine"},
+    "publish": {"sources"},  # uploads through the hub session sources/ opens
     "measure": {"engine", "formats"},
     "choose": {"measure", "engine", "formats"},
     "cost": {"choose", "measure", "run", "recipe", "sources", "build", "formats", "engine"},
     "report": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
-    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "build", "formats", "engine"},
-    "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "build", "formats", "engine"},
+    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "publish", "build", "formats",
+               "engine"},
+    "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "publish", "build", "formats",
+            "engine"},
     "__main__": {"cli"},
 }
 

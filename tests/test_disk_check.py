@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.cost.rates import write_probe_model
+from pipeline.cost.rates import write_bench_model
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import PARTIAL_MARK, ensure_free_space
 
@@ -47,7 +47,7 @@ def test_ensure_free_space_compares_with_the_real_free_bytes(small_disk):
 
 def test_a_full_disk_stops_convert_before_it_writes(small_disk, tmp_path):
     source = tmp_path / "small.gguf"
-    write_probe_model(source, SMALL)  # F16 already: the base would be a copy of ~8.6 MB
+    write_bench_model(source, SMALL)  # F16 already: the base would be a copy of ~8.6 MB
     recipe = tmp_path / "small.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         model: {{source: {source}, base_type: F16}}

@@ -17,7 +17,7 @@ from pipeline.cost import rates as rates_module
 from pipeline.cost.estimate import Pricer, Shape, shape_from_size
 from pipeline.cost.gpu_rates import GPUS, gpu
 from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates, other_cpus,
-                                 other_load, parallel_fraction, rates_key, rates_path, write_probe_model)
+                                 other_load, parallel_fraction, rates_key, rates_path, write_bench_model)
 from pipeline.cost.run_estimate import REFINE_GROUP_FRACTION, estimate_run, parse_count
 from pipeline.engine.backend import supports_gpu_offload
 from pipeline.engine.quantize import quantize_file
@@ -36,7 +36,7 @@ def tiny_recipe(tmp_path_factory):
     recipe using every stage but sensitivity: convert dequantizes it, one layer is pruned."""
     folder = tmp_path_factory.mktemp("estimate")
     f16 = folder / "tiny-f16.gguf"
-    write_probe_model(f16, TINY)
+    write_bench_model(f16, TINY)
     source = folder / "tiny-q8_0.gguf"
     quantize_file(f16, source, "Q8_0")
     # the vocabulary is bytes: short texts (llama.cpp tokenizes a long text of bytes slowly)
@@ -280,7 +280,7 @@ def test_rates_a_busy_probe_measured_serve_this_process_but_are_never_cached(tmp
         probes.append(retry)
         return _rates(key=rates_key(threads), load=dict(busy))
 
-    monkeypatch.setattr(rates_module, "probe", probe)
+    monkeypatch.setattr(rates_module, "benchmark", probe)
     said = []
     first = machine_rates(2, echo=said.append)
     assert probes == [False, True]  # measured again once

@@ -140,7 +140,7 @@ def test_plan_takes_expert_rules_and_statistics_take_the_expert_imatrix(family, 
           rules: [{{pattern: ffn_down_exps, type: Q4_K}}, {{pattern: 'blk\\.1\\.ffn_up_exps', type: Q5_K}}]
         variants: {{Q3_K_M: Q3_K_M}}
         """), tmp_path / "results")  # checks every rule against the folder's tensors
-    chosen = resolve_types(ctx.recipe, ctx.recipe.variant("Q3_K_M"), ctx.model_info)
+    chosen = resolve_types(ctx.recipe.variant("Q3_K_M"), ctx.model_info)
     assert {n: c.type for n, c in chosen.items()} == {
         **{f"blk.{i}.ffn_down_exps.weight": "Q4_K" for i in range(N_LAYERS)}, "blk.1.ffn_up_exps.weight": "Q5_K"}
     imatrix = tiny(family).squeeze_imatrix()
@@ -284,7 +284,7 @@ def test_expert_rules_quantize_like_llama_quantize(family, tiny, llama_tools, wr
           rules: [{", ".join(f"{{pattern: '{p}', type: {t}}}" for p, t in rules)}]
         variants: {{Q3_K_M: Q3_K_M}}
         """), tmp_path / "results")
-    choices = resolve_types(ctx.recipe, ctx.recipe.variant("Q3_K_M"), ctx.model_info)
+    choices = resolve_types(ctx.recipe.variant("Q3_K_M"), ctx.model_info)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     quantize_file(run.path, ours, "Q3_K_M", imatrix_path=imatrix, overrides=overrides_for_llama(choices, ()))
     _cli_quantize(llama_tools, run.path, theirs, "Q3_K_M", imatrix, [f"{p}={t.lower()}" for p, t in rules])

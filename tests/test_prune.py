@@ -373,4 +373,4 @@ def test_prune_stage_writes_every_method_and_prunes_the_chosen_set(base_f16, cal
     fields = gguf_fields(ctx.pruned_base_path("auto2"))
     assert fields["gemma3.block_count"] == 16
     assert fields["squeeze.pruned_layers"] == choice["layers"]
-    assert ctx.variant_layers(ctx.recipe.variants[0]) == tuple(choice["layers"])
+    assert ctx.variant_layers(ctx.recipe.plans[0]) == tuple(choice["layers"])

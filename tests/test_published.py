@@ -124,7 +124,7 @@ def test_the_report_puts_the_published_figures_beside_the_runs(write_recipe, tmp
     table = published_table(ctx, tables)
     rows = {r["Variant"]: r for _, r in table.iterrows()}
     assert rows["Q4_K_M"]["PPL"] == "20.0960" and rows["Q4_K_M"]["Published PPL"] == "21.5000"
-    assert rows["Q4_K_M"]["KLD"] == "0.00480" and rows["Q4_K_M"]["Published KLD"] == "0.00610"
+    assert rows["Q4_K_M"]["Mean KLD"] == "0.00480" and rows["Q4_K_M"]["Published Mean KLD"] == "0.00610"
     assert rows["Q3_K_M-pruned"]["Published PPL"] == "-"  # not in the card
     assert rows["Base (F16)"]["PPL"] == "20.0000" and rows["Base (F16)"]["Published PPL"] == "20.0000"
     # the card gives Same top p, the run measures it: shown; the card has no tasks or speed: not shown
@@ -161,7 +161,7 @@ def test_the_report_shows_every_figure_the_card_and_the_run_both_have(write_reci
     table = published_table(ctx, tables)
     assert list(table.columns) == [
         "Variant", "Size (GB)", "Published size (GB)", "PPL", "Published PPL", "Cor(ln PPL) %",
-        "Published Cor(ln PPL) %", "KLD", "Published KLD", "RMS Δp %", "Published RMS Δp %", "HellaSwag %",
+        "Published Cor(ln PPL) %", "Mean KLD", "Published Mean KLD", "RMS Δp %", "Published RMS Δp %", "HellaSwag %",
         "Published HellaSwag %", "WinoGrande %", "Published WinoGrande %", "pp t/s", "Published pp t/s",
         "tg t/s", "Published tg t/s"]
     rows = {r["Variant"]: r for _, r in table.iterrows()}
@@ -191,7 +191,7 @@ def compare_with_card(tmp_path, card_text: str) -> list[dict[str, str]]:
 
 def test_compare_shows_the_cards_task_and_speed_columns(tmp_path):
     rows = compare_with_card(tmp_path, FULL_CARD)
-    assert rows[1]["RMS Δp %"] == "3.10 (+1.02 ▲ worse)"
+    assert rows[1]["RMS Δp %"] == "3.100 (+1.022 ▲ worse)"
     assert rows[1]["HellaSwag %"] == "48.00 (+3.00 ▲ better)"
     assert rows[1]["Cor(ln PPL) %"] == "99.10 (=)"
     assert rows[1]["pp t/s"] == "480.5 (-19.5 ▼ worse)" and rows[1]["tg t/s"] == "44.1 (+4.1 ▲ better)"

@@ -34,8 +34,8 @@ def error_of(path, check_model=True) -> str:
 def test_good_recipe_loads_with_defaults(write_recipe):
     r = load_recipe(write_recipe(GOOD))
     assert [v.name for v in r.variants] == ["Q4_K_M", "Q2_K-pruned"]
-    assert r.prune_for(r.variant("Q2_K-pruned")) == (13, 15)
-    assert r.prune_for(r.variant("Q4_K_M")) == ()
+    assert r.variant("Q2_K-pruned").prune.listed == (13, 15)
+    assert r.variant("Q4_K_M").prune.listed == ()
     assert r.score.ctx == 512 and r.score.chunks == 2
     assert r.calibration is None
 
@@ -73,7 +73,7 @@ def test_extends_merges_mappings_and_replaces_lists(write_recipe):
     assert r.name == "child"
     assert [v.name for v in r.variants] == ["Q4_K_M", "Q2_K-pruned", "Q3_K_M"]
     assert r.select.rules[0].type == "Q8_0"  # inherited
-    assert r.prune_for(r.variant("Q3_K_M")) == (3,)
+    assert r.variant("Q3_K_M").prune.listed == (3,)
 
 
 def test_error_in_inherited_value_names_the_base_file(write_recipe):

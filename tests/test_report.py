@@ -169,7 +169,7 @@ variants:
 def test_card_tags_and_describes_an_automatically_pruned_variant(tmp_path, write_recipe):
     numbers = {"Q3_K_M": NUMBERS["Q3_K_M"], "Q3_K_M-auto": (190.0, 4.3, 0.9, 61.0, "13 15")}
     ctx = RunContext(load_recipe(write_recipe(AUTO_PRUNED)), write_run(tmp_path / "results", numbers))
-    assert ctx.recipe.prune_for(ctx.recipe.variant("Q3_K_M-auto")) == ()  # nothing listed: the stage picks
+    assert ctx.recipe.variant("Q3_K_M-auto").prune.listed == ()  # nothing listed: the stage picks
     choice = ctx.prune_choice_path("auto2")
     choice.parent.mkdir(parents=True)
     choice.write_text(json.dumps({"layers": [13, 15], "method": "sleb", "kld": 0.8}))  # as the prune stage writes it
@@ -228,3 +228,25 @@ def test_compare_errors_are_one_line(tmp_path, run_ctx):
     r = runner.invoke(main, ["compare", str(tmp_path / "nothing")])
     assert r.output == (f"Error: {tmp_path / 'nothing'}: no scores found (expected a results folder with "
                         f"scores/, a recipe whose run has been scored, or a published table, .md or .csv)\n")
+
+
+def test_compare_the_report_and_the_card_read_one_metric_table(run_ctx):
+    """Every figure has one label and one precision (pipeline.report.metrics): the quality table
+    the report writes and the card shows, and `squeeze compare`, head and print it alike."""
+    from pipeline.report.metrics import COMPARED, QUALITY, metric
+
+    write_report(run_ctx, load_run(run_ctx.folder, [v.name for v in run_ctx.recipe.plans]))
+    quality = pd.read_csv(run_ctx.folder / "ppl-kld.csv", dtype=str)
+    assert list(quality.columns)[1:len(QUALITY) + 1] == [m.heading for m in QUALITY]
+    card = write_card(run_ctx).read_text()
+    assert all(m.heading in card for m in QUALITY)
+    result = CliRunner().invoke(main, ["compare", str(run_ctx.folder), "--allow-stale"])
+    assert result.exit_code == 0, result.output
+    header = [c.strip() for c in result.output.splitlines()[0].split("|")[1:-1]]
+    labels = {m.label for m in COMPARED}
+    assert set(header[1:]) <= labels and {"Mean KLD", "PPL", "RMS Δp %", "Same top p %"} <= set(header)
+    q3 = dict(zip(header, [c.strip() for c in result.output.splitlines()[3].split("|")[1:-1]]))
+    # the same value at the same digits in both: the compare cell starts with the quality cell's value
+    for key in ("ppl", "mean_kld", "same_top_pct", "rms_dp_pct"):
+        m = metric(key)
+        assert q3[m.label].split(" ")[0] == quality[m.heading].iloc[1].split(" ± ")[0], key

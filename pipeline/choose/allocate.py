@@ -121,19 +121,6 @@ def frontier(opts) -> list[Option]:
     return out
 
 
-def _hull(opts) -> list[Option]:
-    """The lower convex hull of (bytes, KLD): the only types a Lagrangian price ever picks."""
-    f = frontier(opts)
-    return [f[i] for i in knapsack.hull_indices(f)]
-
-
-def tensor_options(errors: list[TensorError], alphas: dict[str, float],
-                   corrections: dict[str, float] | None = None) -> tuple[dict[str, list[Option]], dict[str, str]]:
-    """Per tensor: its Pareto frontier of (bytes, predicted KLD), smallest first; and its group."""
-    rows, groups = _rows(errors, alphas, corrections or {})
-    return {t: frontier(r.values()) for t, r in rows.items()}, groups
-
-
 def check_budget_fits(budget_bytes: int, floor: int, where: str, label: str) -> None:
     if budget_bytes < floor:
         raise SqueezeError(f"{where}the budget of {label} is smaller than the smallest possible file, "
@@ -224,16 +211,6 @@ def _start_choice(items, free, rows, start, where) -> list[int] | None:
         o = _measured(rows, t, start[t], "start", where)
         choice.append(max(i for i, f in enumerate(opts) if f.bytes <= o.bytes))
     return choice
-
-
-def mix_bytes(errors: list[TensorError], types: dict[str, str]) -> int:
-    """Bytes of the tensors in `types` at those types, as measured (e.g. a stock mix's budget)."""
-    size = {(r.tensor, r.type): int(r.bytes) for r in errors}
-    missing = [f"{t} at {ty}" for t, ty in types.items() if (t, ty) not in size]
-    if missing:
-        raise SqueezeError(f"no measured size for {', '.join(sorted(missing)[:3])}"
-                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    return sum(size[t, ty] for t, ty in types.items())
 
 
 def explain_markdown(alloc: Allocation, title: str, measured_note: str = "", history: list[dict] | None = None) -> str:

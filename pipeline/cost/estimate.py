@@ -390,10 +390,10 @@ class Pricer:
     def quantize(self, shape: Shape, types: dict[str, str]) -> float:
         """llama_model_quantize writing these types (measured with an importance matrix)."""
         by_name = {t.name: t for t in shape.tensors}
-        return sum(n_values(by_name[n].shape) / self.rates.quantize_weights_per_s[quantize_kind(ty)]
-                   for n, ty in types.items()) / self._x("quantize")
+        return sum(self.quantize_weights(n_values(by_name[n].shape), quantize_kind(ty)) for n, ty in types.items())
 
     def quantize_weights(self, weights: float, kind: str = "K") -> float:
+        """Seconds to quantize `weights` values of one kind of type (pipeline.cost.estimate.quantize_kind)."""
         return weights / self.rates.quantize_weights_per_s[kind] / self._x("quantize")
 
     def roundtrip(self, weights: float, type_name: str) -> float:

@@ -66,13 +66,13 @@ RATES_FORMAT = 7
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
-PROBE_DIMS = {"n_embd": 768, "n_ff": 2048, "n_layers": 4, "n_head": 12, "n_head_kv": 4, "n_vocab": 32000}
-PROBE_QUANT = "Q4_K_M"
-PROBE_PP = 256  # tokens per prompt-processing batch
-PROBE_TG = 16  # single-token decodes
-PROBE_REPS = 3  # timed runs of each (after a warm-up)
-PROBE_CTX = 512  # context of the calibration and scoring probes (as the recipes use it) ...
-PROBE_CHUNKS = 4  # ... and chunks: one decode of 2048 tokens, llama-perplexity's batch
+BENCH_DIMS = {"n_embd": 768, "n_ff": 2048, "n_layers": 4, "n_head": 12, "n_head_kv": 4, "n_vocab": 32000}
+BENCH_QUANT = "Q4_K_M"
+BENCH_PP = 256  # tokens per prompt-processing batch
+BENCH_TG = 16  # single-token decodes
+BENCH_REPS = 3  # timed runs of each (after a warm-up)
+BENCH_CTX = 512  # context of the calibration and scoring probes (as the recipes use it) ...
+BENCH_CHUNKS = 4  # ... and chunks: one decode of 2048 tokens, llama-perplexity's batch
 # Types whose dequantization speed (gguf-py, numpy) is measured: what sources usually hold.
 DEQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -81,7 +81,7 @@ DEQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "
 class Rates:
     key: dict
     pp_flops_f16: float  # FLOP/s of prompt processing, F16 weights
-    pp_flops_quant: float  # FLOP/s of prompt processing, quantized weights (PROBE_QUANT)
+    pp_flops_quant: float  # FLOP/s of prompt processing, quantized weights (BENCH_QUANT)
     tg_bytes_per_s: float  # weight bytes read per second in token generation (quantized)
     quantize_weights_per_s: dict  # weights/s through llama_model_quantize: "Q8_0", "legacy", "K" types
     dequantize_values_per_s: dict  # ggml type -> values/s through gguf-py's dequantize
@@ -249,16 +249,16 @@ def machine_rates(threads: int | None = None, echo=print) -> Rates:
         return found
     echo("measuring this machine's rates (once per engine version, CPU and thread count) ...")
     for attempt in range(1, MAX_TRIES + 1):
-        rates = probe(threads, retry=attempt > 1)
+        rates = benchmark(threads, retry=attempt > 1)
         rates.load["tries"] = attempt
         bad = bad_rates(rates.to_json())
         if not bad and not rates.load["busy"]:
             break
         if attempt < MAX_TRIES:
             why = f"measured {', '.join(bad)} as zero or not finite" if bad else "ran on a busy machine"
-            echo(f"warning: the rate probe {why} ({load_text(rates.load)}); measuring again")
+            echo(f"warning: the rate benchmark {why} ({load_text(rates.load)}); measuring again")
     if bad:
-        raise SqueezeError(f"the rate probe measured {', '.join(bad)} as zero or not finite "
+        raise SqueezeError(f"the rate benchmark measured {', '.join(bad)} as zero or not finite "
                            f"({load_text(rates.load)}); not cached: rerun on a quieter machine")
     if rates.load["busy"]:
         # Used for this process's estimates only: cached, they would make every later one slow.
@@ -282,25 +282,25 @@ def load_text(load: dict) -> str:
 
 
 # ---- the synthetic model ---------------------------------------------------------------------
-def probe_flops_per_token(dims: dict) -> float:
+def bench_flops_per_token(dims: dict) -> float:
     """2 FLOP per block weight a token passes through: prompt processing, as timed, runs the
     output layer for the last token alone, so the rate is a rate of block work (the output layer
     is priced apart, at output_flops, for the tokens whose logits a step reads)."""
-    return 2.0 * (probe_params(dims) - probe_output_params(dims))
+    return 2.0 * (bench_params(dims) - bench_output_params(dims))
 
 
-def probe_output_params(dims: dict) -> int:
+def bench_output_params(dims: dict) -> int:
     """The output layer's weights: the embedding, tied."""
     return dims["n_vocab"] * dims["n_embd"]
 
 
-def probe_params(dims: dict) -> int:
+def bench_params(dims: dict) -> int:
     e, ff, nl, hd = dims["n_embd"], dims["n_ff"], dims["n_layers"], dims["n_embd"] // dims["n_head"]
     kv = dims["n_head_kv"] * hd
     return dims["n_vocab"] * e + nl * (2 * e * e + 2 * e * kv + 3 * e * ff)
 
 
-def write_probe_model(path: Path, dims: dict = PROBE_DIMS, seed: int = 0) -> None:
+def write_bench_model(path: Path, dims: dict = BENCH_DIMS, seed: int = 0) -> None:
     """A llama-architecture F16 GGUF of random weights (output tied to the embedding) and a
     byte-level sentencepiece vocabulary: any text tokenizes (one token per byte)."""
     rng = np.random.default_rng(seed)
@@ -352,7 +352,7 @@ def write_probe_model(path: Path, dims: dict = PROBE_DIMS, seed: int = 0) -> Non
         w.close()
 
 
-def probe_text(n_bytes: int, seed: int = 0) -> str:
+def bench_text(n_bytes: int, seed: int = 0) -> str:
     """Words of random letters: with the byte-level vocabulary, about one token per character."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -440,7 +440,7 @@ def _quantize_rates(f16: Path, out_dir: Path, imatrix: Path, threads: int) -> di
     """Weights/s through llama_model_quantize with an importance matrix, by kind of type: Q8_0
     (rounding only), the legacy block types (Q4_0 ... Q5_1, IQ4_NL: a weighted scale search) and
     the K/IQ types (a search per sub-block), on the probe model (embedding included)."""
-    n = probe_params(PROBE_DIMS)
+    n = bench_params(BENCH_DIMS)
     rates = {}
     for kind, ftype in (("Q8_0", "Q8_0"), ("legacy", "Q5_0"), ("K", "Q4_K_M")):
         dst = out_dir / f".quantize-probe-{os.getpid()}.gguf"
@@ -486,7 +486,7 @@ def _best_of(n: int, fn) -> float:
 
 def _scaling_kernels(model: Model, threads: int, rng: np.random.Generator) -> dict[str, float]:
     """Seconds of each kind of multi-threaded work, with `threads` llama.cpp threads."""
-    tests = speed.measure(model, PROBE_PP, PROBE_TG, PROBE_REPS, threads)["tests"]
+    tests = speed.measure(model, BENCH_PP, BENCH_TG, BENCH_REPS, threads)["tests"]
     mat = rng.standard_normal((SCALING_QUANT_ROWS, SCALING_QUANT_COLS), dtype=np.float32)
     weights = rng.random(SCALING_QUANT_COLS, dtype=np.float32) + 0.5
     logits = rng.standard_normal((SCALING_VOCAB_ROWS, HEADER_VOCAB), dtype=np.float32) * 3
@@ -495,7 +495,7 @@ def _scaling_kernels(model: Model, threads: int, rng: np.random.Generator) -> di
         perplexity.log_sum_exp_rows(logits)
         logits.argmax(axis=1)
 
-    return {"pp": 1.0 / max(tests[f"pp{PROBE_PP}"]["samples"]), "tg": 1.0 / max(tests[f"tg{PROBE_TG}"]["samples"]),
+    return {"pp": 1.0 / max(tests[f"pp{BENCH_PP}"]["samples"]), "tg": 1.0 / max(tests[f"tg{BENCH_TG}"]["samples"]),
             "quantize": _timed(lambda: quantize_rows(mat, "Q4_K", weights))[0], "vocab": _best_of(2, vocab)}
 
 
@@ -531,33 +531,33 @@ def _roundtrip_rates(rng: np.random.Generator) -> dict[str, float]:
     return {t: mat.size / max(_best_of(2, lambda: round_trip(mat, t, weights)), 1e-9) for t in CANDIDATE_TYPES}
 
 
-def probe(threads: int | None = None, retry: bool = False) -> Rates:
+def benchmark(threads: int | None = None, retry: bool = False) -> Rates:
     """Measure the rates (about half a minute on 2 cores; the probe files are built once)."""
     start = time.perf_counter()
     threads = threads or default_threads()
     load_before, cpu_before = _loadavg(), cpu_seconds()
     rss = _rss_bytes()
     folder = cache_dir("probe")
-    digest = hashlib.sha256(json.dumps(PROBE_DIMS, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(BENCH_DIMS, sort_keys=True).encode()).hexdigest()[:10]
     f16 = folder / f"probe-{digest}-f16.gguf"
     if not f16.exists():
-        write_probe_model(f16)
-    quant = folder / f"probe-{digest}-{PROBE_QUANT.lower()}.gguf"
+        write_bench_model(f16)
+    quant = folder / f"probe-{digest}-{BENCH_QUANT.lower()}.gguf"
     if not quant.exists():
-        quantize_file(f16, quant, PROBE_QUANT, threads=threads)
-    n_params = probe_params(PROBE_DIMS)
-    flops = probe_flops_per_token(PROBE_DIMS)
-    nv = PROBE_DIMS["n_vocab"]
-    # the calibration and scoring probes run the real workload's shape: PROBE_CHUNKS chunks of
-    # PROBE_CTX tokens in one decode
-    n_tok = PROBE_CHUNKS * PROBE_CTX
+        quantize_file(f16, quant, BENCH_QUANT, threads=threads)
+    n_params = bench_params(BENCH_DIMS)
+    flops = bench_flops_per_token(BENCH_DIMS)
+    nv = BENCH_DIMS["n_vocab"]
+    # the calibration and scoring probes run the real workload's shape: BENCH_CHUNKS chunks of
+    # BENCH_CTX tokens in one decode
+    n_tok = BENCH_CHUNKS * BENCH_CTX
 
     with Model(f16) as model:
-        text = probe_text(2 * n_tok)
+        text = bench_text(2 * n_tok)
         tokens = model.tokenize(text)
-        chunks = perplexity.make_chunks(model, text, PROBE_CTX, PROBE_CHUNKS)
-        n_seq = min(perplexity.seqs_per_batch(PROBE_CTX), PROBE_CHUNKS)
-        with Context(model, PROBE_CTX, n_seq, threads) as c:
+        chunks = perplexity.make_chunks(model, text, BENCH_CTX, BENCH_CHUNKS)
+        n_seq = min(perplexity.seqs_per_batch(BENCH_CTX), BENCH_CHUNKS)
+        with Context(model, BENCH_CTX, n_seq, threads) as c:
             # the numpy work alone is timed (a difference of two timed decodes is noise on a busy machine)
             sketch_spent: dict = {}
             dist = perplexity.base_distribution(model, c, chunks, spent=sketch_spent)
@@ -565,39 +565,39 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
             # prompt: ~10x the work, so a timer's and a scheduler's jitter weigh less), first with
             # the last token's logits alone (the blocks' work), then with every token's
             seqs = list(chunks.tokens[:n_seq])
-            last = _best_of(PROBE_REPS, lambda: c.eval(seqs, output_last_only=True))
-            every = _best_of(PROBE_REPS, lambda: c.eval(seqs))
-            pp_f16 = n_seq * PROBE_CTX * flops / last
-            n_out = n_seq * (PROBE_CTX - 1)
-            output_rate = n_out * 2.0 * probe_output_params(PROBE_DIMS) / max(every - last, 1e-3 * every)
+            last = _best_of(BENCH_REPS, lambda: c.eval(seqs, output_last_only=True))
+            every = _best_of(BENCH_REPS, lambda: c.eval(seqs))
+            pp_f16 = n_seq * BENCH_CTX * flops / last
+            n_out = n_seq * (BENCH_CTX - 1)
+            output_rate = n_out * 2.0 * bench_output_params(BENCH_DIMS) / max(every - last, 1e-3 * every)
     # calibration: the forward pass plus the eval hook that copies and sums every matmul input
-    cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, PROBE_CTX, PROBE_CHUNKS, threads=threads,
+    cal_s, (totals, _) = _timed(lambda: calibration.collect(f16, tokens, BENCH_CTX, BENCH_CHUNKS, threads=threads,
                                                             progress_desc="probe"))
-    hook_values = n_tok * hooked_values_per_token(PROBE_DIMS)
+    hook_values = n_tok * hooked_values_per_token(BENCH_DIMS)
     hook_rate = hook_values / max(cal_s - n_tok * flops / pp_f16, 0.05 * cal_s)
     scored = chunks.tokens.shape[0] * chunks.n_scored
     sketch = sketch_spent["numpy_s"] / (scored * nv)
     imatrix = folder / f".probe-imatrix-{os.getpid()}.gguf"
-    write_imatrix(imatrix, calibration.to_imatrix(totals, PROBE_CTX, ["probe"]))
+    write_imatrix(imatrix, calibration.to_imatrix(totals, BENCH_CTX, ["probe"]))
     try:
         quantize = _quantize_rates(f16, folder, imatrix, threads)
     finally:
         imatrix.unlink(missing_ok=True)
 
     def load():
-        with Model(quant) as m, Context(m, PROBE_CTX, 1, threads):
+        with Model(quant) as m, Context(m, BENCH_CTX, 1, threads):
             pass
     load()  # the first open pays for reading the file; a step's model is usually in the page cache
     load_s, _ = _timed(load)
 
     with Model(quant) as model:
-        sp = speed.measure(model, PROBE_PP, PROBE_TG, PROBE_REPS, threads)["tests"]
-        tg_s_per_token = 1.0 / sp[f"tg{PROBE_TG}"]["mean"]
+        sp = speed.measure(model, BENCH_PP, BENCH_TG, BENCH_REPS, threads)["tests"]
+        tg_s_per_token = 1.0 / sp[f"tg{BENCH_TG}"]["mean"]
         qbytes = model.size_bytes
-        with Context(model, PROBE_CTX, n_seq, threads) as c:
+        with Context(model, BENCH_CTX, n_seq, threads) as c:
             kld_spent: dict = {}
             perplexity.score_against_base(model, c, dist, spent=kld_spent)
-            pp_q = n_seq * PROBE_CTX * flops / _best_of(PROBE_REPS, lambda: c.eval(seqs, output_last_only=True))
+            pp_q = n_seq * BENCH_CTX * flops / _best_of(BENCH_REPS, lambda: c.eval(seqs, output_last_only=True))
         scaling = measure_scaling(model)
     kld = kld_spent["numpy_s"] / (scored * nv)
     # a single-token decode reads every weight once: bandwidth-bound (its fixed cost folded in)
@@ -627,8 +627,8 @@ def probe(threads: int | None = None, retry: bool = False) -> Rates:
         process_rss_bytes=rss, load_s=load_s, header_s_per_token=header,
         probe_seconds=round(time.perf_counter() - start, 1), measured=time.strftime("%Y-%m-%d %H:%M:%S"),
         roundtrip_weights_per_s=roundtrip, scaling=scaling, load=load,
-        notes={"probe_model": {**PROBE_DIMS, "params": n_params, "quant": PROBE_QUANT, "quant_bytes": qbytes},
-               "pp_tokens": PROBE_PP, "tg_tokens": PROBE_TG, "ctx": PROBE_CTX, "chunks": PROBE_CHUNKS,
+        notes={"probe_model": {**BENCH_DIMS, "params": n_params, "quant": BENCH_QUANT, "quant_bytes": qbytes},
+               "pp_tokens": BENCH_PP, "tg_tokens": BENCH_TG, "ctx": BENCH_CTX, "chunks": BENCH_CHUNKS,
                "header_vocab": HEADER_VOCAB})
 
 

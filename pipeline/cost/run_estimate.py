@@ -33,12 +33,12 @@ from pipeline.measure import drift as drift_measure
 from pipeline.measure.perplexity import TAIL_SAMPLES, TOP_K, seqs_per_batch
 from pipeline.measure.tasks import load_selected
 from pipeline.recipe.rules import resolve_types
-from pipeline.recipe.schema import VariantSpec
+from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, SearchedPrune, SizeBudget, UpToPrune,
+                                  VariantPlan)
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
 from pipeline.sources.model_source import parse_source, source_gguf
-from pipeline.units import parse_size
 
 # Small outputs: typical sizes measured on the default recipe (results/bench/estimate.json).
 SMALL_FILE_BYTES = {".json": 1800, ".csv": 700, ".md": 6000, ".png": 45000, ".txt": 550, ".npz": 0}
@@ -180,20 +180,20 @@ class _Estimator:
         self.tensors_by_name = {t.name: t for t in shape.tensors}
 
     # the layers a variant drops: auto choices are not known yet, so K of the middle layers
-    def drop_for(self, v: VariantSpec) -> tuple[int, ...]:
-        k = self.recipe.prune_auto_for(v) or self.recipe.prune_up_to_for(v)
-        if k is None:
-            return self.recipe.prune_for(v)
+    def drop_for(self, v: VariantPlan) -> tuple[int, ...]:
+        if not isinstance(v.prune, SearchedPrune):
+            return v.prune.listed
+        k = v.prune.k
         mid = self.shape.n_layers // 2
         return tuple(range(mid - k // 2, mid - k // 2 + k))
 
-    def variant_size(self, v: VariantSpec) -> int:
+    def variant_size(self, v: VariantPlan) -> int:
         if v.name not in self.variant_bytes:
             drop = self.drop_for(v)
-            budget = self.recipe.budget_for(v)
-            explicit = {n: c.type for n, c in resolve_types(self.recipe, v, self.info).items()} if self.shape.exact else {}
-            types = est.variant_types(self.shape, v.ftype, explicit, drop, self.recipe.output_type_for(v),
-                                      self.recipe.token_embedding_type_for(v))
+            budget = v.budget
+            explicit = {n: c.type for n, c in resolve_types(v, self.info).items()} if self.shape.exact else {}
+            types = est.variant_types(self.shape, v.ftype, explicit, drop, v.type_of("output_type"),
+                                      v.type_of("token_embedding_type"))
             size = est.variant_file_bytes(self.shape, types)
             self.variant_tensor_types[v.name] = types
             if budget is not None:
@@ -351,7 +351,7 @@ class _Estimator:
     # prune ---------------------------------------------------------------------------------
     def _prune(self, step: Step) -> StepCost:
         tag = step.key.split(" ", 1)[1]
-        v = next(v for v in self.recipe.variants if self.ctx.prune_tag(v) == tag)
+        v = next(v for v in self.recipe.plans if self.ctx.prune_tag(v) == tag)
         drop = self.drop_for(v)
         size = est.base_file_bytes(self.shape, self.base_type, drop)
         writes = {self.ctx.pruned_base_path(tag): size}
@@ -360,16 +360,16 @@ class _Estimator:
         seconds = self.p.write(size)
         note = f"layers {list(drop)} dropped"
         host, dev = self.rss + 2 * self.largest_f32, 0
-        k = self.recipe.prune_auto_for(v) or self.recipe.prune_up_to_for(v)
-        if k is not None:
+        if isinstance(v.prune, SearchedPrune):
+            k = v.prune.k
             # in memory, no file per probe: removals only, nothing quantized (search_probes counts
             # the search's most, repeats aside)
             tries = search_probes(k, self.shape.n_layers)
-            if any(self.recipe.budget_for(x) for x in self.recipe.variants):
+            if any(x.budget for x in self.recipe.plans):
                 tries -= self.shape.n_layers  # the sensitivity map measured the single layers
             seconds += self._probe_kld(tries, PROBE_CHUNKS)
             note = f"{k} layers picked from up to {tries} KLD probes"
-            if self.recipe.prune_up_to_for(v) is not None:
+            if isinstance(v.prune, UpToPrune):
                 # prune or bits: keep every layer, or remove 1 ... K (the search's sets, whose
                 # removals it measured already), each whole mix quantized and measured in memory
                 mixes = k + 1
@@ -383,11 +383,11 @@ class _Estimator:
             host = max(host, self.rss + 2 * self.largest_f32)
         return StepCost(step.key, step.stage, seconds, writes, host, dev, note=note)
 
-    def _mix_types(self, v: VariantSpec) -> dict[str, str]:
+    def _mix_types(self, v: VariantPlan) -> dict[str, str]:
         self.variant_size(v)
         return self.variant_tensor_types[v.name]
 
-    def _refinement(self, v: VariantSpec) -> tuple[float, int]:
+    def _refinement(self, v: VariantPlan) -> tuple[float, int]:
         """(seconds, probes) of a budgeted variant's refinement (pipeline.choose.refine): the base
         loaded and its distribution taken; every round the whole chosen mix measured, and, but in
         the last round, the groups carrying GROUP_SHARE of the predicted KLD each measured alone at
@@ -414,7 +414,7 @@ class _Estimator:
         size = self.variant_size(v)
         # (the probe's quantize rates include reading the source and writing the output)
         types = self.variant_tensor_types[v.name]
-        refined = self.recipe.budget_for(v) is not None and self.recipe.select.refine_rounds > 0
+        refined = v.budget is not None and v.refine_rounds > 0
         if refined:  # the file is assembled from the mix its refinement just quantized: priced as a
             types = {n: "Q8_0" for n in types}  # write at the fastest quantize rate (an upper bound)
         seconds = self.p.quantize(self.shape, types)
@@ -424,8 +424,8 @@ class _Estimator:
         # the source is mapped and every tensor read once: its pages stay resident while it is open
         source_bytes = est.base_file_bytes(self.shape, self.base_type, self.drop_for(v))
         mem, dev = self.rss + 3 * self.largest_f32 + source_bytes, 0
-        note = f"{v.ftype.upper()}"
-        if self.recipe.budget_for(v) is not None:
+        note = f"{v.ftype}"
+        if v.budget is not None:
             refine_s, probes = self._refinement(v)
             seconds += refine_s
             if probes:
@@ -434,10 +434,10 @@ class _Estimator:
                 mem = max(mem, host)
         return StepCost(step.key, step.stage, seconds, writes, mem, dev, note=note)
 
-    def _explicit(self, v: VariantSpec):
+    def _explicit(self, v: VariantPlan):
         if not self.shape.exact:
             return []
-        return resolve_types(self.recipe, v, self.info)
+        return resolve_types(v, self.info)
 
     # score ---------------------------------------------------------------------------------
     def _score(self, step: Step) -> StepCost:
@@ -528,14 +528,13 @@ def _chunk_counts(chunks: int, ctx: int) -> tuple[int, int, int]:
     return chunks * ctx, chunks * (ctx - 1 - first), chunks * (ctx - first)
 
 
-def _budget_size(shape: Shape, budget, drop) -> int | None:
-    key, value = budget
-    if key in ("target_kld", "target_memory"):
+def _budget_size(shape: Shape, budget: Budget, drop) -> int | None:
+    if isinstance(budget, SizeBudget):
+        return budget.bytes
+    if not isinstance(budget, BitsBudget):
         return None  # the size a quality or memory target lands on is known once run: the ftype's stands in
-    if key == "target_size":
-        return parse_size(value)
     n = shape.n_params - sum(shape.layer_params(i) for i in set(drop))
-    return int(float(value) * n / 8) + shape.metadata_bytes
+    return int(budget.bpw * n / 8) + shape.metadata_bytes
 
 
 def _small_file(path: Path) -> int:
@@ -612,7 +611,7 @@ def estimate_run(ctx: RunContext, steps: list[Step], rates: Rates, gpu: GPU | No
     if ctx.recipe.model.n_gpu_layers != 0 and not supports_gpu_offload():
         notes.append(f"the recipe offloads (model.n_gpu_layers: {ctx.recipe.model.n_gpu_layers}) and this llama.cpp "
                      f"build has no GPU backend: `squeeze run` here would refuse it (make setup GPU=cuda)")
-    if any(ctx.recipe.prune_auto_for(v) is not None for v in ctx.recipe.variants):
+    if any(isinstance(v.prune, AutoPrune) for v in ctx.recipe.plans):
         notes.append("automatic pruning: sizes assume K middle layers are dropped")
     if gpu is not None:
         device = f"{gpu.name} with a {threads}-thread host" if threads else gpu.name

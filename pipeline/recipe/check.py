@@ -38,5 +38,5 @@ def check_recipe_against_model(recipe: Recipe, info: ModelInfo) -> None:
         (("variants", v.name, "prune"), v.prune) for v in recipe.variants if v.prune is not None]
     for path, layers in prune_sets:
         check_prune_set(layers, info.n_layers, w(*path), lambda i, path=path: w(*path, i))
-    for v in recipe.variants:
-        resolve_types(recipe, v, info)  # raises on a type that cannot hold a tensor's rows
+    for v in recipe.plans:
+        resolve_types(v, info)  # raises on a type that cannot hold a tensor's rows

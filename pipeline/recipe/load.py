@@ -22,7 +22,9 @@ from pipeline.formats import ggml_types
 from pipeline.formats.ggml_types import KV_CACHE_TYPES
 from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import check_benchmark
-from pipeline.recipe.schema import BUDGET_KEYS, SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec, plain
+from pipeline.recipe.plan import FILE_BUDGETS, KldBudget, MemoryBudget, UpToPrune, plan_variants
+from pipeline.recipe.schema import (BUDGET_KEYS, NOT_KEYS, SCHEMA_VERSION, Recipe, SelectSpec, TypeRule, VariantSpec,
+                                    plain)
 from pipeline.recipe.yaml_source import Located, dotted, load_yaml, merge
 from pipeline.units import parse_size
 
@@ -42,6 +44,7 @@ def load_recipe(path: str | Path) -> Recipe:
     value.setdefault("name", path.stem)
     recipe = _build(Recipe, value, (), doc, path)
     recipe = dataclasses.replace(recipe, path=str(path), locations=doc.where)
+    recipe = dataclasses.replace(recipe, plans=plan_variants(recipe))
     validate(recipe)
     return recipe
 
@@ -127,7 +130,7 @@ def _build_dataclass(tp, value, path, doc, fpath):
     if tp in (SelectSpec, VariantSpec) and (isinstance(value.get("prune"), dict) or value.get("prune") == "auto"):
         value = _prune_auto_form(value, path, doc, fpath)
     hints = typing.get_type_hints(tp)
-    fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in ("path", "locations")}
+    fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in NOT_KEYS}
     if tp is VariantSpec:
         fields.pop("name")
     for key in value:
@@ -228,23 +231,27 @@ def validate(recipe: Recipe) -> None:
         if v.prune is not None:
             _check_prune(v.prune, base + ("prune",), w)
         _check_budget(v, base, w)
-        kind = (recipe.budget_for(v) or ("",))[0]
-        if recipe.prune_up_to_for(v) is not None and kind in ("target_kld", "target_memory"):
-            key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
-            raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against bits "
-                               f"at the same bytes, which {kind} does not fix: give variant {v.name} a size "
-                               "budget (target_bpw or target_size), or a prune list / prune: {auto: K}")
-        if recipe.prune_up_to_for(v) is not None and recipe.budget_for(v) is None:
-            key = base + ("prune",) if v.prune_up_to is not None else ("select", "prune")
-            raise SqueezeError(f"{w(*key)}removing up to {recipe.prune_up_to_for(v)} layers is weighed against "
-                               f"spending the same bytes on bits, so variant {v.name} needs a size budget "
-                               "(target_bpw or target_size)")
+        _check_prune_budget(recipe.variant(v.name))
         names.add(v.name)
     _check_score(recipe.score, w)
     ref = recipe.report.reference
     if ref is not None and ref not in names:
         raise SqueezeError(f"{w('report', 'reference')}unknown variant '{ref}'{did_you_mean(ref, names)}")
     _check_published(recipe, w)
+
+
+def _check_prune_budget(plan) -> None:
+    """`prune: {up_to: K}` trades removed layers against bits at the same bytes: it needs a file budget."""
+    prune, budget = plan.prune, plan.budget
+    if not isinstance(prune, UpToPrune) or isinstance(budget, FILE_BUDGETS):
+        return
+    if isinstance(budget, (KldBudget, MemoryBudget)):
+        raise SqueezeError(f"{prune.where}removing up to {prune.k} layers is weighed against bits "
+                           f"at the same bytes, which {budget.key} does not fix: give variant {plan.name} a size "
+                           "budget (target_bpw or target_size), or a prune list / prune: {auto: K}")
+    raise SqueezeError(f"{prune.where}removing up to {prune.k} layers is weighed against "
+                       f"spending the same bytes on bits, so variant {plan.name} needs a size budget "
+                       "(target_bpw or target_size)")
 
 
 def _check_published(recipe: Recipe, w) -> None:

@@ -15,7 +15,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats import ggml_types
 from pipeline.formats.model_info import ModelInfo
 from pipeline.formats.tensor_names import OUTPUT, TOKEN_EMBD, exact_pattern, renumber
-from pipeline.recipe.schema import Recipe, VariantSpec
+from pipeline.recipe.plan import VariantPlan
 from pipeline.recipe.yaml_source import dotted
 
 
@@ -26,12 +26,10 @@ class Choice:
     why: str  # the rule or option that chose it
 
 
-def resolve_types(recipe: Recipe, variant: VariantSpec, info: ModelInfo) -> dict[str, Choice]:
+def resolve_types(variant: VariantPlan, info: ModelInfo) -> dict[str, Choice]:
     """Explicit types for the tensors the recipe names (others follow the variant's ftype)."""
-    w = recipe.where
-    rules = [(("variants", variant.name, "rules", i), r) for i, r in enumerate(variant.rules)] + [
-        (("select", "rules", i), r) for i, r in enumerate(recipe.select.rules)]
-    compiled = [(path, r, r.regex) for path, r in rules]
+    w = variant.locate
+    compiled = [(r.key, r.rule, r.rule.regex) for r in variant.rules]
     chosen: dict[str, Choice] = {}
     for t in info.quantizable():
         for path, rule, rx in compiled:
@@ -40,12 +38,11 @@ def resolve_types(recipe: Recipe, variant: VariantSpec, info: ModelInfo) -> dict
                 chosen[t.name] = Choice(t.name, rule.type.upper(), f"rule '{rule.pattern}' ({dotted(path)})")
                 break
     for name, key in ((TOKEN_EMBD, "token_embedding_type"), (OUTPUT, "output_type")):
-        qtype = getattr(variant, key) or getattr(recipe.select, key)
+        keyed = getattr(variant, key)
         tensor = next((t for t in info.tensors if t.name == name), None)
-        if qtype and tensor is not None:
-            where = ("variants", variant.name, key) if getattr(variant, key) else ("select", key)
-            _check_fits(tensor, qtype, w(*where))
-            chosen[name] = Choice(name, qtype.upper(), dotted(where))
+        if keyed and tensor is not None:
+            _check_fits(tensor, keyed.type, w(*keyed.key))
+            chosen[name] = Choice(name, keyed.type.upper(), dotted(keyed.key))
     return chosen
 
 

@@ -18,6 +18,9 @@ from pipeline.recipe.yaml_source import Located, dotted
 
 SCHEMA_VERSION = 1
 
+# Recipe fields that are not recipe keys: where it was loaded from and what the loader derives.
+NOT_KEYS = ("path", "locations", "plans")
+
 
 @dataclass(frozen=True)
 class TypeRule:
@@ -197,48 +200,16 @@ class Recipe:
     report: ReportSpec = field(default_factory=ReportSpec)
     path: str = field(default="", compare=False)  # where it was loaded from (not a recipe key)
     locations: dict = field(default_factory=dict, compare=False, repr=False)
+    # each variant resolved against select (pipeline.recipe.plan.VariantPlan), in recipe order;
+    # set by the loader
+    plans: tuple = field(default=(), compare=False, repr=False)
 
-    def variant(self, name: str) -> VariantSpec:
-        for v in self.variants:
+    def variant(self, name: str):
+        """The plan of variant `name` (pipeline.recipe.plan.VariantPlan)."""
+        for v in self.plans:
             if v.name == name:
                 return v
         raise SqueezeError(f"unknown variant '{name}'{did_you_mean(name, [v.name for v in self.variants])}")
-
-    def prune_for(self, v: VariantSpec) -> tuple[int, ...]:
-        if self.prune_auto_for(v) is not None or self.prune_up_to_for(v) is not None:
-            return ()  # chosen by the prune stage (pipeline.choose.prune_auto)
-        return tuple(sorted(set(self.select.prune if v.prune is None else v.prune)))
-
-    def prune_auto_for(self, v: VariantSpec) -> int | None:
-        """K when the variant's layers to drop are picked automatically, else None."""
-        if v.prune_auto is not None:
-            return v.prune_auto
-        if v.prune is not None or v.prune_up_to is not None:
-            return None
-        return self.select.prune_auto
-
-    def prune_up_to_for(self, v: VariantSpec) -> int | None:
-        """K when the variant removes at most K layers where that beats spending the bytes on bits."""
-        if v.prune_up_to is not None:
-            return v.prune_up_to
-        if v.prune is not None or v.prune_auto is not None:
-            return None
-        return self.select.prune_up_to
-
-    def budget_for(self, v: VariantSpec) -> tuple[str, float | str] | None:
-        """('target_bpw', X), ('target_size', "N MiB") or ('target_kld', X) when the variant's types
-        are chosen for a budget; the variant's own budget replaces select's."""
-        for spec in (v, self.select):
-            for key in BUDGET_KEYS:
-                if getattr(spec, key) is not None:
-                    return (key, getattr(spec, key))
-        return None
-
-    def output_type_for(self, v: VariantSpec) -> str | None:
-        return v.output_type or self.select.output_type
-
-    def token_embedding_type_for(self, v: VariantSpec) -> str | None:
-        return v.token_embedding_type or self.select.token_embedding_type
 
     def values(self, *keys: str) -> dict:
         """{key: value} for dotted recipe keys ('score.ctx', 'calibration.datasets'): the recipe
@@ -250,27 +221,6 @@ class Recipe:
             for part in key.split("."):
                 value = getattr(value, part)  # AttributeError: a key the schema does not have
             out[key] = plain(value)
-        return out
-
-    def variant_values(self, v: VariantSpec) -> dict:
-        """The values a variant's file is made from, each resolved (its own value, else select's)
-        and named by the key it came from, so changing select.prune reruns only the variants
-        that inherit it."""
-        name = f"variants.{v.name}"
-        out = {f"{name}.ftype": v.ftype.upper(), f"{name}.rules": plain(v.rules),
-               "select.rules": plain(self.select.rules),
-               ("select.prune" if v.prune is None else f"{name}.prune"): list(self.prune_for(v)),
-               f"{name}.output_type": self.output_type_for(v),
-               f"{name}.token_embedding_type": self.token_embedding_type_for(v), f"{name}.imatrix": v.imatrix}
-        auto_k = self.prune_auto_for(v)
-        if auto_k is not None:
-            out[f"{name}.prune_auto"] = auto_k
-        up_to = self.prune_up_to_for(v)
-        if up_to is not None:
-            out[f"{name}.prune_up_to"] = up_to
-        budget = self.budget_for(v)
-        if budget is not None:
-            out[f"{name}.{budget[0]}"] = plain(budget[1])
         return out
 
     def beside(self, name: str) -> Path:
@@ -291,7 +241,7 @@ def plain(value):
     where they were loaded from, nor a variant's name, which is its mapping key), tuples as lists."""
     if dataclasses.is_dataclass(value):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.name not in ("path", "locations") and (f.name != "name" or type(value) is Recipe)}
+                if f.name not in NOT_KEYS and (f.name != "name" or type(value) is Recipe)}
     if isinstance(value, (tuple, list)):
         return [plain(v) for v in value]
     return value

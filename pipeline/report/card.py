@@ -11,6 +11,7 @@ from pipeline.errors import SqueezeError
 from pipeline.fsutil import write_text_atomic
 from pipeline.report.tables import (GRID_MARK, PLOT_FILE, grid_flattered, load_run, mark_grid, published_section,
                                     requant_caveat, stale_banner, tables_of)
+from pipeline.recipe.plan import AutoPrune
 from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
 from pipeline.sources.model_source import BaseInfo
@@ -35,7 +36,7 @@ def _pruned(ctx: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
     variant that drops any: listed in the recipe, picked automatically (`prune: {auto: K}`), or
     weighed against bits (`prune: {up_to: K}`, which may keep every layer)."""
     out = {}
-    for v in ctx.recipe.variants:
+    for v in ctx.recipe.plans:
         tag = ctx.prune_choice_tag(v)
         if tag is not None and not ctx.prune_choice_path(tag).exists():
             continue  # the prune stage has not chosen yet
@@ -44,7 +45,7 @@ def _pruned(ctx: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
             continue
         if tag is None:
             how = "listed in the recipe"
-        elif ctx.recipe.prune_auto_for(v) is not None:
+        elif isinstance(v.prune, AutoPrune):
             how = "picked by measured KLD"
         else:
             how = "picked by measured KLD, weighed against spending the bytes on bits"
@@ -98,7 +99,7 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
     """The card's Markdown; `stale` names variants whose scores predate the recipe (made with
     --allow-stale): the card opens with a warning and their rows are marked."""
     r = ctx.recipe
-    tables = load_run(ctx.folder, [v.name for v in r.variants])
+    tables = load_run(ctx.folder, [v.name for v in r.plans])
     if tables.scores.empty:
         raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
     base = BaseInfo.load(ctx.base_info_path)

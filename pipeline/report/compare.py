@@ -9,7 +9,6 @@ task average, tokens/s: higher is better).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,37 +16,9 @@ import pandas as pd
 from pipeline.errors import SqueezeError, did_you_mean
 from pipeline.formats.score_table import read_score_table
 from pipeline.recipe.load import load_recipe
+from pipeline.report.metrics import COMPARED, Metric
 from pipeline.report.tables import STALE_MARK, load_run, variant_metrics
 from pipeline.run.layout import results_root
-
-
-@dataclass(frozen=True)
-class Metric:
-    label: str
-    key: str
-    lower_is_better: bool
-    digits: int
-
-
-METRICS = (
-    Metric("Size (MiB)", "size_mib", True, 1),
-    Metric("BPW", "bpw", True, 2),
-    Metric("PPL", "ppl", True, 4),
-    Metric("Mean KLD", "mean_kld", True, 5),
-    Metric("Cor(ln PPL) %", "cor_ln_ppl_pct", False, 2),
-    Metric("Same top p %", "same_top_pct", False, 2),
-    Metric("RMS Δp %", "rms_dp_pct", True, 2),
-    Metric("Task avg %", "task_average_pct", False, 2),
-    # a card's task columns (ARC: ARC-Easy and ARC-Challenge pooled) and their mean, its Average
-    Metric("ARC %", "arc_pct", False, 2),
-    Metric("HellaSwag %", "hellaswag_pct", False, 2),
-    Metric("MMLU %", "mmlu_pct", False, 2),
-    Metric("TruthfulQA %", "truthfulqa_pct", False, 2),
-    Metric("WinoGrande %", "winogrande_pct", False, 2),
-    Metric("Card task avg %", "card_average_pct", False, 2),
-    Metric("pp t/s", "pp_tps", False, 1),
-    Metric("tg t/s", "tg_tps", False, 1),
-)
 
 
 TABLE_SUFFIXES = (".md", ".csv")  # a published score table (pipeline.formats.score_table)
@@ -77,7 +48,7 @@ def published_metrics(path: Path) -> pd.DataFrame:
     df["size_mib"] = df.pop("size_bytes") / 2**20
     # a card's Average is the mean of its own task columns: squeeze's like figure is card_average_pct
     df["card_average_pct"] = df.pop("task_average_pct")
-    for m in METRICS:
+    for m in COMPARED:
         if m.key not in df:
             df[m.key] = math.nan
     return df
@@ -92,17 +63,15 @@ def metrics_of(folder: Path) -> pd.DataFrame:
     if t.scores.empty:
         raise SqueezeError(f"{folder}: no variant scores in {folder / 'scores'}")
     df = variant_metrics(t)
-    for m in METRICS:  # a record from before a metric existed
+    for m in COMPARED:  # a record from before a metric existed
         if m.key not in df:
             df[m.key] = math.nan
     return df
 
 
 def _cell(value: float, ref: float | None, m: Metric, is_ref: bool) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    text = f"{value:.{m.digits}f}"
-    if is_ref or ref is None or (isinstance(ref, float) and math.isnan(ref)):
+    text = m.text(value)
+    if text == "-" or is_ref or ref is None or (isinstance(ref, float) and math.isnan(ref)):
         return text
     delta = value - ref
     if round(delta, m.digits) == 0:
@@ -143,7 +112,7 @@ def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: 
         for _, r in data.iterrows():
             is_ref = r["variant"] == ref_name
             rows.append({"Variant": r["variant"] + r["mark"] + (" (reference)" if is_ref else ""),
-                         **{m.label: _cell(r[m.key], ref[m.key], m, is_ref) for m in METRICS}})
+                         **{m.label: _cell(r[m.key], ref[m.key], m, is_ref) for m in COMPARED}})
     else:
         first_run = data["run"].iloc[0]
         for v in dict.fromkeys(data["variant"]):
@@ -154,7 +123,7 @@ def compare(paths: list[str | Path], variants: tuple[str, ...] = (), reference: 
                 is_ref = ref is not None and r["run"] == first_run
                 rows.append({"Variant": v + r["mark"], "Run": r["run"] + (" (reference)" if is_ref else ""),
                              **{m.label: _cell(r[m.key], None if ref is None else ref[m.key], m, is_ref)
-                                for m in METRICS}})
+                                for m in COMPARED}})
     out = pd.DataFrame(rows)
     # Drop metrics no compared run has (e.g. speed not measured).
     keep = [c for c in out.columns if not (out[c] == "-").all()]

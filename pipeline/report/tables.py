@@ -25,6 +25,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.score_table import read_score_table
 from pipeline.formats.task_data import LABELS
 from pipeline.fsutil import atomic_path
+from pipeline.report.metrics import PUBLISHED, QUALITY, metric
 from pipeline.report.plotting import plot_kld_by_position, pyplot
 from pipeline.report.targets import targets_section
 from pipeline.run.layout import BASE, RunContext
@@ -120,20 +121,16 @@ def size_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
 
 
 def error_table(df: pd.DataFrame) -> pd.DataFrame:
-    def col(key, digits, suffix=""):
-        errs = df[f"{key}_err"] if f"{key}_err" in df else [0.0] * len(df)
-        return [_pm(v, e, digits, suffix) for v, e in zip(df[key], errs)]
+    """The quality table (pipeline.report.metrics.QUALITY): each figure with its ± error where the
+    score records one."""
+    def col(m):
+        if m.key not in df:
+            return ["-"] * len(df)
+        if f"{m.key}_err" not in df:
+            return [m.text(v) for v in df[m.key]]
+        return [_pm(v, e, m.digits) for v, e in zip(df[m.key], df[f"{m.key}_err"])]
 
-    table = pd.DataFrame({
-        "Variant": df["variant"],
-        "PPL ↓": col("ppl", 4),
-        "PPL ratio ↓": col("ppl_ratio", 4),
-        "Mean KLD ↓": col("mean_kld", 5),
-        "99% KLD ↓": df["kld_p99"].round(4) if "kld_p99" in df else "",
-        "Same top p ↑": col("same_top_pct", 2, "%"),
-        "RMS Δp ↓": col("rms_dp_pct", 2, "%"),
-        "Mean Δp": col("mean_dp_pct", 3, "%") if "mean_dp_pct_err" in df else df["mean_dp_pct"].round(3),
-    })
+    table = pd.DataFrame({"Variant": df["variant"], **{m.heading: col(m) for m in QUALITY}})
     if "drift_top1_agreement_pct" in df:  # the recipe measures drift (score.drift.tokens > 0)
         table[DRIFT_TOP1] = [_or_dash(x, lambda v: f"{v:.2f}%") for x in df["drift_top1_agreement_pct"]]
         table[DRIFT_FIRST] = [_or_dash(x, lambda v: f"{v:g}") for x in df["drift_median_first_divergence"]]
@@ -205,7 +202,8 @@ def drift_table(drift: pd.DataFrame) -> pd.DataFrame:
     })
     if "top1_agreement_pct" in drift:  # teacher forcing (drift files before it have none)
         table["Top-1 agree ↑"] = [_or_dash(x, lambda v: f"{v:.1f}%") for x in drift["top1_agreement_pct"]]
-        table["Mean KLD ↓"] = [_or_dash(x, lambda v: f"{v:.5f}") for x in drift["mean_kld"]]
+        kld = metric("mean_kld")
+        table[kld.heading] = [kld.text(x) for x in drift["mean_kld"]]
     table["Base"] = drift["base"].map(_md_cell)
     table["Variant output"] = drift["variant"].map(_md_cell)
     return table
@@ -315,26 +313,13 @@ def published_path(ctx: RunContext) -> Path | None:
     return ctx.recipe.beside(spec.table)
 
 
-# (label, squeeze's key, the card's key, digits): the figures a published table is compared on,
-# each shown only when both the card and the run have it.
-PUBLISHED_FIGURES = (
-    ("PPL", "ppl", "ppl", 4), ("Cor(ln PPL) %", "cor_ln_ppl_pct", "cor_ln_ppl_pct", 2),
-    ("KLD", "mean_kld", "mean_kld", 5), ("RMS Δp %", "rms_dp_pct", "rms_dp_pct", 3),
-    ("Same top p %", "same_top_pct", "same_top_pct", 2), ("ARC %", "arc_pct", "arc_pct", 2),
-    ("HellaSwag %", "hellaswag_pct", "hellaswag_pct", 2), ("MMLU %", "mmlu_pct", "mmlu_pct", 2),
-    ("TruthfulQA %", "truthfulqa_pct", "truthfulqa_pct", 2), ("WinoGrande %", "winogrande_pct", "winogrande_pct", 2),
-    ("Task average %", "card_average_pct", "task_average_pct", 2),
-    ("pp t/s", "pp_tps", "pp_tps", 1), ("tg t/s", "tg_tps", "tg_tps", 1),
-)
-
-
 def _num(x, digits) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def published_table(ctx: RunContext, tables: RunTables) -> pd.DataFrame:
     """squeeze's figures beside the published ones, variant by variant: size and every figure of
-    PUBLISHED_FIGURES that both the card and the run give, and the base's row (its PPL and task
+    pipeline.report.metrics.PUBLISHED that both the card and the run give, and the base's row (its PPL and task
     scores) beside the published base row; empty when the recipe names no published table."""
     path = published_path(ctx)
     df = tables.scores
@@ -344,16 +329,16 @@ def published_table(ctx: RunContext, tables: RunTables) -> pd.DataFrame:
     card = {r.variant: r for r in read_score_table(path)}
     ours = variant_metrics(tables).set_index("variant")
     base_tasks = task_metrics(tables.tasks)
-    shown = [f for f in PUBLISHED_FIGURES
-             if any(not math.isnan(getattr(c, f[2])) for c in card.values()) and f[1] in ours
-             and ours[f[1]].notna().any()]
+    shown = [m for m in PUBLISHED
+             if any(not math.isnan(getattr(c, m.published_key)) for c in card.values()) and m.key in ours
+             and ours[m.key].notna().any()]
 
     def row(name: str, mine, c, size_bytes) -> dict:
         out = {"Variant": name, "Size (GB)": _num(size_bytes / 1e9, 2),
                "Published size (GB)": _num(c.size_bytes / 1e9 if c else None, 2)}
-        for label, key, card_key, digits in shown:
-            out[label] = _num(mine.get(key, math.nan), digits)
-            out[f"Published {label}"] = _num(getattr(c, card_key) if c else None, digits)
+        for m in shown:
+            out[m.label] = m.text(mine.get(m.key, math.nan))
+            out[f"Published {m.label}"] = m.text(getattr(c, m.published_key) if c else None)
         return out
 
     rows = [row(v, ours.loc[v], card.get(v), ours.loc[v, "file_bytes"]) for v in df["variant"]]
@@ -543,7 +528,7 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
 
 def report_markdown(ctx: RunContext, stale: set[str] = frozenset()) -> str:
     """scores.md as the run's scores stand now (what `squeeze report` prints)."""
-    tables = load_run(ctx.folder, [v.name for v in ctx.recipe.variants])
+    tables = load_run(ctx.folder, [v.name for v in ctx.recipe.plans])
     if tables.scores.empty:
         raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {ctx.recipe.path or ctx.recipe.name}` first")
     return render_markdown(ctx, tables, stale=stale)
@@ -558,7 +543,7 @@ def scored_variants(folder: Path) -> set[str]:
 def _choices_section(ctx: RunContext, h2: str) -> list[str]:
     """Links to the explanation of every automatic choice (types for a budget, layers to drop)."""
     lines = []
-    for v in ctx.recipe.variants:
+    for v in ctx.recipe.plans:
         explained = ctx.allocation_md_path(v.name)
         if explained.exists():
             lines.append(f"- {v.name}: every tensor's type and why, in "

@@ -20,7 +20,7 @@ def target_rows(ctx: RunContext, scores: pd.DataFrame) -> list[dict]:
     transfer = (TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
                 if ctx.text_transfer_path.exists() else None)
     rows = []
-    for v in ctx.recipe.variants:
+    for v in ctx.recipe.plans:
         path = ctx.target_path(v.name)
         if not path.exists():
             continue

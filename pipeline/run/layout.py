@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.formats.model_info import ModelInfo
-from pipeline.recipe.schema import Recipe, VariantSpec
+from pipeline.recipe.plan import AutoPrune, UpToPrune, VariantPlan
+from pipeline.recipe.schema import Recipe
 from pipeline.sources.model_source import model_info_for
 
 # The name the base model's score files go under (scores/base.tasks.json, ...), beside the variants'.
@@ -69,29 +70,29 @@ class RunContext:
 
     # pruned bases (pipeline.stages.prune): one per distinct prune set, tagged 'p13-15'; 'auto2'
     # for the K=2 set the prune stage picks
-    def prune_choice_tag(self, v: VariantSpec) -> str | None:
+    def prune_choice_tag(self, v: VariantPlan) -> str | None:
         """The tag of a variant's automatic prune choice: 'auto2' for K=2 layers picked (shared by
         the variants asking for it), 'upto2-<variant>' for at most 2 weighed against bits under the
         variant's own budget; None when its layers are given (or none)."""
-        k = self.recipe.prune_auto_for(v)
-        if k is not None:
-            return f"auto{k}"
-        up_to = self.recipe.prune_up_to_for(v)
-        return f"upto{up_to}-{v.name}" if up_to is not None else None
+        if isinstance(v.prune, AutoPrune):
+            return f"auto{v.prune.k}"
+        if isinstance(v.prune, UpToPrune):
+            return f"upto{v.prune.k}-{v.name}"
+        return None
 
-    def prune_tag(self, v: VariantSpec) -> str | None:
+    def prune_tag(self, v: VariantPlan) -> str | None:
         """The tag of the pruned base a variant is quantized from; None when it drops no layer."""
         tag = self.prune_choice_tag(v)
         if tag is not None:
             return tag
-        layers = self.recipe.prune_for(v)
+        layers = v.prune.listed
         return "p" + "-".join(str(x) for x in layers) if layers else None
 
-    def variant_layers(self, v: VariantSpec) -> tuple[int, ...]:
+    def variant_layers(self, v: VariantPlan) -> tuple[int, ...]:
         """The original numbers of the layers a variant drops (automatic: read from the choice)."""
         tag = self.prune_choice_tag(v)
         if tag is None:
-            return self.recipe.prune_for(v)
+            return v.prune.listed
         return tuple(json.loads(self.prune_choice_path(tag).read_text())["layers"])
 
     def pruned_base_path(self, tag: str) -> Path:

@@ -6,7 +6,7 @@ times. A run that fails for good loses only the file in flight: huggingface_hub 
 partial files, but every finished file stays in the cache and a later run fetches only the rest.
 The endpoint ($HF_ENDPOINT) and token ($HF_TOKEN) are read at call time, so a test can point
 squeeze at a local server without re-importing anything. Uploads (`squeeze publish`) are in
-pipeline.sources.hub_upload and use the same endpoint and token.
+pipeline.publish.hub_upload and use the same endpoint and token.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pipeline.cost.estimate import Shape
 from pipeline.cost.run_estimate import model_shape
 from pipeline.errors import SqueezeError
 from pipeline.fsutil import ensure_free_space
-from pipeline.recipe.schema import VariantSpec
+from pipeline.recipe.plan import VariantPlan
 from pipeline.run.layout import RunContext
 
 
@@ -29,12 +29,12 @@ def predicted_base_bytes(ctx: RunContext, drop=()) -> int | None:
     return None if shape is None else est.base_file_bytes(shape, ctx.recipe.model.base_type.upper(), drop)
 
 
-def predicted_variant_bytes(ctx: RunContext, v: VariantSpec, explicit: dict[str, str], drop) -> int | None:
+def predicted_variant_bytes(ctx: RunContext, v: VariantPlan, explicit: dict[str, str], drop) -> int | None:
     shape = _known_shape(ctx)
     if shape is None:
         return None
-    types = est.variant_types(shape, v.ftype, explicit, drop, ctx.recipe.output_type_for(v),
-                              ctx.recipe.token_embedding_type_for(v))
+    types = est.variant_types(shape, v.ftype, explicit, drop, v.type_of("output_type"),
+                              v.type_of("token_embedding_type"))
     return est.variant_file_bytes(shape, types)
 
 

@@ -45,7 +45,7 @@ def freshness(ctx: RunContext) -> Freshness:
     """The state of every step of the run, as `squeeze status` reports it."""
     verdicts = Runner(ctx.folder, echo=lambda _: None, read_only=True).status(build_steps(ctx))
     unfinished = tuple(v for v in verdicts if v.state != "done")
-    names = [v.name for v in ctx.recipe.variants]
+    names = [v.name for v in ctx.recipe.plans]
     stale: set[str] = set()
     for v in unfinished:
         if v.step.variant is not None:

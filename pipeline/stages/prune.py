@@ -14,7 +14,6 @@ and the choice JSON keeps every candidate and the reasoning allocation.md quotes
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.choose.budget import kept_types, layout
@@ -29,6 +28,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.prune import check_prune_set, prune_gguf, remap_imatrix
+from pipeline.recipe.plan import Prune, SearchedPrune, UpToPrune, VariantPlan
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.estimate import check_room, predicted_base_bytes
@@ -37,57 +37,35 @@ from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.stages.quantize import budget_bytes
 
 
-@dataclass(frozen=True)
-class UpTo:
-    """`prune: {up_to: K}` for one variant: 0 to K layers, weighed against bits under its budget."""
-
-    k: int
-    variant: str
-
-
-def prune_sets(ctx: RunContext) -> dict[str, tuple[int, ...] | int | UpTo]:
-    """tag -> explicit layer set, tag -> K for `prune: {auto: K}`, or tag -> UpTo, over all variants."""
-    recipe = ctx.recipe
-    out: dict[str, tuple[int, ...] | int | UpTo] = {}
-    for v in recipe.variants:
-        k = recipe.prune_auto_for(v)
-        up_to = recipe.prune_up_to_for(v)
-        if k is not None:
-            out[f"auto{k}"] = k
-        elif up_to is not None:
-            out[ctx.prune_tag(v)] = UpTo(up_to, v.name)
-        elif recipe.prune_for(v):
-            out[ctx.prune_tag(v)] = recipe.prune_for(v)
+def prune_sets(ctx: RunContext) -> dict[str, tuple[Prune, VariantPlan]]:
+    """tag -> (what is pruned, the first variant asking for it), over all variants that drop layers
+    or may: a listed set, `prune: {auto: K}` (shared by the variants asking for the same K) or
+    `prune: {up_to: K}` (one per variant: it is weighed under that variant's budget)."""
+    out: dict[str, tuple[Prune, VariantPlan]] = {}
+    for v in ctx.recipe.plans:
+        tag = ctx.prune_tag(v)
+        if tag is not None:
+            out.setdefault(tag, (v.prune, v))
     return out
 
 
 def _sensitivity_known(ctx: RunContext) -> bool:
     """Whether this run measures the sensitivity map, whose single-layer removals (the same
     probe) the search need not measure again."""
-    return any(ctx.recipe.budget_for(v) for v in ctx.recipe.variants)
-
-
-def _auto_where(ctx, v=None) -> str:
-    w = ctx.recipe.where
-    for v in ([v] if v else []) + list(ctx.recipe.variants):
-        if v.prune_auto is not None:
-            return w("variants", v.name, "prune", "auto")
-        if v.prune_up_to is not None:
-            return w("variants", v.name, "prune")
-    return w("select", "prune", "auto") if ctx.recipe.select.prune_auto is not None else w("select", "prune")
+    return any(v.budget for v in ctx.recipe.plans)
 
 
 def steps(ctx: RunContext) -> list[Step]:
     imatrix = imatrix_input(ctx)
     n_layers = ctx.model_info.n_layers
     out = []
-    for tag, what in prune_sets(ctx).items():
+    for tag, (what, v) in prune_sets(ctx).items():
         outputs = [ctx.pruned_base_path(tag)] + ([ctx.pruned_imatrix_path(tag)] if imatrix else [])
         inputs = [ctx.base_path] + ([imatrix] if imatrix else [])
-        if isinstance(what, (int, UpTo)):
-            k = what if isinstance(what, int) else what.k
+        if isinstance(what, SearchedPrune):
+            k = what.k
             if k >= n_layers:
-                raise SqueezeError(f"{_auto_where(ctx)}cannot prune {k} of the model's {n_layers} layers; "
+                raise SqueezeError(f"{what.where}cannot prune {k} of the model's {n_layers} layers; "
                                    f"K must be at most {n_layers - 1}")
             outputs.append(ctx.prune_choice_path(tag))
             if calibration_writes_layers(ctx) or ctx.layers_path.exists():
@@ -99,29 +77,28 @@ def steps(ctx: RunContext) -> list[Step]:
             produces = (f"pruned/{ctx.pruned_base_path(tag).name} ({k} layers picked by KLD measured in memory: "
                         f"SLEB-style greedy or the best {k} consecutive layers, proxies compared; "
                         f"pruned/{ctx.prune_choice_path(tag).name} says which and why)")
-            if isinstance(what, UpTo):
-                v = ctx.recipe.variant(what.variant)
-                params = {**params, "prune.up_to": k, **ctx.recipe.variant_values(v),
+            if isinstance(what, UpToPrune):
+                params = {**params, "prune.up_to": k, **v.values,
                           **ctx.recipe.values("select.refine_rounds")}
                 produces = (f"pruned/{ctx.pruned_base_path(tag).name} (0 to {k} layers removed, whichever measures "
                             f"lower than spending the same bytes on bits under {v.name}'s budget; "
                             f"pruned/{ctx.prune_choice_path(tag).name} says which and why)")
         else:
-            check_prune_set(what, n_layers, f"{ctx.recipe.where('select', 'prune')}")
-            params = {"prune.layers": list(what)}
-            produces = f"pruned/{ctx.pruned_base_path(tag).name} (layers {list(what)} dropped, " \
+            check_prune_set(what.listed, n_layers, what.where)
+            params = {"prune.layers": list(what.listed)}
+            produces = f"pruned/{ctx.pruned_base_path(tag).name} (layers {list(what.listed)} dropped, " \
                        f"sliding-window pattern kept)"
-        out.append(Step(f"prune {tag}", "prune", params, inputs, outputs, _action(ctx, tag, what, imatrix),
+        out.append(Step(f"prune {tag}", "prune", params, inputs, outputs, _action(ctx, tag, what, v, imatrix),
                         versions=engine_versions(), produces=produces))
     return out
 
 
-def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
+def _action(ctx: RunContext, tag: str, what: Prune, v: VariantPlan, imatrix: Path | None):
     def run(io):
         n_layers = ctx.model_info.n_layers
         extra = {}
-        if isinstance(what, (int, UpTo)):
-            k = what if isinstance(what, int) else what.k
+        if isinstance(what, SearchedPrune):
+            k = what.k
             cossim = {}
             if imatrix:
                 cossim = {k: v["cossim"] for k, v in imatrix_layer_stats(read_imatrix(imatrix)).items()}
@@ -131,12 +108,12 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
                 known = {(r.layer,): r.kld_removed for r in load_sensitivity(ctx.sensitivity_json_path).rows}
             probe = probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix)
             try:
-                choice = choose_layers(probe, k, n_layers, cossim, bi, where=_auto_where(ctx), known=known)
+                choice = choose_layers(probe, k, n_layers, cossim, bi, where=what.where, known=known)
                 choice.probe = {"ctx": probe.ctx, "chunks": len(probe.base["tokens"]),
                                 "text": probe_params(ctx), "removal": "residual outputs zeroed in memory"}
                 data = json.loads(choice.to_json())
-                if isinstance(what, UpTo):
-                    data.update(_prune_or_bits(ctx, ctx.recipe.variant(what.variant), choice, probe))
+                if isinstance(what, UpToPrune):
+                    data.update(_prune_or_bits(ctx, v, choice, probe))
                 say_reuse(probe, f"prune {tag}")
             finally:
                 probe.close()
@@ -145,7 +122,7 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
             extra = {"layers": list(layers), "method": choice.method, "probe_kld": choice.kld,
                      "probes": choice.probes}
         else:
-            layers = what
+            layers = what.listed
         check_room(f"prune {tag}", ctx.pruned_base_path(tag).parent, predicted_base_bytes(ctx, layers))
         info = prune_gguf(ctx.base_path, io.out(ctx.pruned_base_path(tag)), layers,
                           swa_layers=sliding_window_layers(ctx.base_path))
@@ -155,15 +132,14 @@ def _action(ctx: RunContext, tag: str, what, imatrix: Path | None):
     return run
 
 
-def _prune_or_bits(ctx: RunContext, v, choice: PruneChoice, probe) -> dict:
+def _prune_or_bits(ctx: RunContext, v: VariantPlan, choice: PruneChoice, probe) -> dict:
     """Keep every layer, or remove 1 ... K (the search's sets: SLEB's first picks, then the set
     chosen for K), each with the types for the same bytes allocated around it; every whole mix
     measured in memory. The lowest KLD decides."""
     info, base = ctx.model_info, ctx.base_path
     sens = load_sensitivity(ctx.sensitivity_json_path)
-    budget = ctx.recipe.budget_for(v)
-    kept = kept_types(base, v.ftype, ctx.recipe.output_type_for(v))
-    want = budget_bytes(ctx, v, budget, layout(info, (), base, kept))
+    kept = kept_types(base, v.ftype, v.type_of("output_type"))
+    want = budget_bytes(v.budget, layout(info, (), base, kept))
     sleb = choice.methods.get("sleb")
     picked = [s["picked"] for s in sleb.steps] if sleb is not None else []
     sets = [()] + [tuple(sorted(picked[:i])) for i in range(1, choice.k)] + [tuple(choice.layers)]
@@ -173,7 +149,7 @@ def _prune_or_bits(ctx: RunContext, v, choice: PruneChoice, probe) -> dict:
         prune_kld = probe.kld(removed=list(removed)) if removed else 0.0
         try:
             chosen = choose_types(sens, want, layout(info, removed, base, kept).fixed, drop=removed,
-                                  where=_auto_where(ctx, v), budget_label=f"{budget[1]}")
+                                  where=v.prune.where, budget_label=v.budget.text())
         except SqueezeError:
             candidates.append(PruneCandidate(label, removed, prune_kld, None))
             continue

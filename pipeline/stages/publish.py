@@ -23,7 +23,7 @@ from pipeline.report.card import write_card
 from pipeline.report.tables import report_markdown
 from pipeline.run.layout import RunContext
 from pipeline.run.manifest import Manifest
-from pipeline.sources.hub_upload import LocalFile, Published, check_repo_id, publish_files
+from pipeline.publish.hub_upload import LocalFile, Published, check_repo_id, publish_files
 from pipeline.stages import report
 from pipeline.stages.freshness import Freshness, freshness, require_fresh
 
@@ -41,7 +41,7 @@ def publish(ctx: RunContext, repo_id: str, private: bool = False, allow_stale: b
     if stale:
         echo(f"publish: stale results for {', '.join(sorted(stale))} (--allow-stale); their rows are marked")
     write_card(ctx, None, stale)
-    names = ", ".join(v.name for v in ctx.recipe.variants)
+    names = ", ".join(v.name for v in ctx.recipe.plans)
     description = f"Made with squeeze from the recipe {ctx.recipe.name}: {names}."
     if stale:
         description += f" Published with stale results for {', '.join(sorted(stale))}."
@@ -60,12 +60,12 @@ def published_files(ctx: RunContext) -> list[LocalFile]:
     for the big ones (no GGUF is hashed twice)."""
     hashes = Manifest(ctx.folder, read_only=True).hashes  # publishing never sets a manifest aside
     files = []
-    for v in ctx.recipe.variants:
+    for v in ctx.recipe.plans:
         path = ctx.variant_path(v.name)
         files.append(LocalFile(gguf_name(ctx, v.name), path, hashes.digest(path)["sha256"]))
     hashes.save()
     extras = [ctx.folder / "README.md", *report.steps(ctx)[0].outputs,
-              *(ctx.allocation_md_path(v.name) for v in ctx.recipe.variants if ctx.recipe.budget_for(v)),
+              *(ctx.allocation_md_path(v.name) for v in ctx.recipe.plans if v.budget),
               ctx.layers_plot_path, ctx.stats_heatmap_path, ctx.sensitivity_plot_path]
     for path in extras:
         if path.exists() and path.read_bytes().strip():  # a table with no rows is left out
@@ -82,7 +82,7 @@ def _refuse_unfinished(ctx: RunContext, state: Freshness) -> None:
         elif v.step.variant is not None and v.state == "missing":  # never run, or killed or failed without a record
             unfinished.setdefault(v.step.variant, v.step.key)
     problems = []
-    for v in ctx.recipe.variants:
+    for v in ctx.recipe.plans:
         if v.name in failed:
             problems.append(f"{v.name} ({failed[v.name]} failed)")
         elif not ctx.variant_path(v.name).exists():

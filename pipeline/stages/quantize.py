@@ -23,14 +23,15 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_metadata
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
-from pipeline.recipe.schema import VariantSpec
+from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, KldBudget, MemoryBudget, SizeBudget, UpToPrune,
+                                  VariantPlan)
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.estimate import check_room, predicted_variant_bytes
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
-from pipeline.units import MiB, parse_size
+from pipeline.units import MiB
 
 # A memory target: tries at choosing, quantizing and loading the file before giving up, and bytes
 # taken off beyond the overshoot each time (llama.cpp rounds buffers up).
@@ -41,16 +42,14 @@ MEMORY_SHRINK_STEP = 256 << 10
 def steps(ctx: RunContext) -> list[Step]:
     recipe = ctx.recipe
     out = []
-    for v in recipe.variants:
-        prune = recipe.prune_for(v)
-        auto_k = recipe.prune_auto_for(v)
-        up_to = recipe.prune_up_to_for(v)
+    for v in recipe.plans:
+        prune = v.prune
         tag = ctx.prune_tag(v)
         imatrix = imatrix_input(ctx) if v.imatrix else None
-        budget = recipe.budget_for(v)
-        params = recipe.variant_values(v)
-        if budget is not None and budget[0] != "target_kld":  # a KLD target is checked against the measured map
-            check_budget_reachable(ctx, v, budget)
+        budget = v.budget
+        params = v.values
+        if budget is not None and not isinstance(budget, KldBudget):  # a KLD target is checked against the measured map
+            check_budget_reachable(ctx, v)
             params = {**params, **recipe.values("select.refine_rounds")}
             if recipe.select.refine_rounds:
                 params.update({"refine.chunks": PROBE_CHUNKS, **probe_params(ctx)})
@@ -66,33 +65,19 @@ def steps(ctx: RunContext) -> list[Step]:
         outputs = [ctx.variant_path(v.name), ctx.tensor_types_path(v.name)]
         if budget is not None:
             outputs.append(ctx.allocation_md_path(v.name))
-        if budget is not None and budget[0] == "target_kld":
+        if isinstance(budget, KldBudget):
             outputs.append(ctx.target_path(v.name))
-        if budget is not None and budget[0] == "target_memory":
+        if isinstance(budget, MemoryBudget):
             outputs.append(ctx.memory_fit_path(v.name))
-        what = (f"types for {budget[0]} {budget_text(budget)}" if budget else f"{v.ftype.upper()}") + \
-               (f", layers {list(prune)} pruned" if prune else "") + \
-               (f", {auto_k} layers pruned (picked by KLD)" if auto_k else "") + \
-               (f", up to {up_to} layers pruned where that beats bits" if up_to else "") + (", imatrix" if imatrix else "")
+        what = (f"types for {budget.key} {budget.text()}" if budget else f"{v.ftype}") + \
+               (f", layers {list(prune.listed)} pruned" if prune.listed else "") + \
+               (f", {prune.k} layers pruned (picked by KLD)" if isinstance(prune, AutoPrune) else "") + \
+               (f", up to {prune.k} layers pruned where that beats bits" if isinstance(prune, UpToPrune) else "") + \
+               (", imatrix" if imatrix else "")
         out.append(Step(f"quantize {v.name}", "quantize", params, inputs, outputs,
-                        _action(ctx, v, src, imatrix, budget), variant=v.name, versions=engine_versions(),
+                        _action(ctx, v, src, imatrix), variant=v.name, versions=engine_versions(),
                         produces=f"variants/{v.name}.gguf ({what})"))
     return out
-
-
-def budget_text(budget) -> str:
-    """A budget's value as a recipe writes it: `4.5`, `180 MiB`, `0.05`, `8 GiB at ctx 8192 (f16 cache)`."""
-    key, value = budget
-    if key == "target_memory":
-        return f"{value.memory} at ctx {value.ctx} ({value.kv_type} cache)"
-    return f"{value}"
-
-
-def _budget_where(ctx: RunContext, v: VariantSpec, budget) -> str:
-    key = budget[0]
-    if getattr(v, key) is not None:
-        return ctx.recipe.where("variants", v.name, key)
-    return ctx.recipe.where("select", key)
 
 
 def _kld_target_choice(ctx: RunContext, sens, target: float, fixed: int, layers, rule_choices, imatrix, where: str):
@@ -133,37 +118,37 @@ def target_note(chosen: TargetChoice) -> str:
     return " ".join(lines)
 
 
-def budget_bytes(ctx: RunContext, v: VariantSpec, budget, lay: Layout, runtime_bytes: int | None = None) -> int:
+def budget_bytes(budget: Budget, lay: Layout, runtime_bytes: int | None = None) -> int:
     """The file's bytes for a size budget; for a memory target, what is left beside `runtime_bytes`."""
-    key, value = budget
-    if key == "target_size":
-        return parse_size(value, _budget_where(ctx, v, budget))
-    if key == "target_memory":
-        return file_budget(value, runtime_bytes or 0, _budget_where(ctx, v, budget))
-    return int(float(value) * lay.n_params / 8) + lay.overhead
+    if isinstance(budget, SizeBudget):
+        return budget.bytes
+    if isinstance(budget, MemoryBudget):
+        return file_budget(budget.memory, runtime_bytes or 0, budget.where)
+    return int(budget.bpw * lay.n_params / 8) + lay.overhead
 
 
-def check_budget_reachable(ctx: RunContext, v: VariantSpec, budget) -> None:
+def check_budget_reachable(ctx: RunContext, v: VariantPlan) -> None:
     """A budget below the smallest file the candidate types allow is refused before any work."""
-    kept = kept_types(ctx.base_path, v.ftype, ctx.recipe.output_type_for(v))
-    lay = layout(ctx.model_info, ctx.recipe.prune_for(v), ctx.base_path, kept)
-    if budget[0] == "target_memory":
+    budget = v.budget
+    kept = kept_types(ctx.base_path, v.ftype, v.type_of("output_type"))
+    lay = layout(ctx.model_info, v.prune.listed, ctx.base_path, kept)
+    if isinstance(budget, MemoryBudget):
         _check_memory_reachable(ctx, v, budget, lay)
         return
-    want = budget_bytes(ctx, v, budget, lay)
-    label = f"{budget[1]} bits per weight ({want / MiB:.1f} MiB)" if budget[0] == "target_bpw" else f"{budget[1]!r}"
-    check_budget_fits(want, lay.smallest, _budget_where(ctx, v, budget), label)
+    want = budget_bytes(budget, lay)
+    label = f"{budget.bpw} bits per weight ({want / MiB:.1f} MiB)" if isinstance(budget, BitsBudget) else f"{budget.size!r}"
+    check_budget_fits(want, lay.smallest, budget.where, label)
 
 
-def _check_memory_reachable(ctx: RunContext, v: VariantSpec, budget, lay: Layout) -> None:
+def _check_memory_reachable(ctx: RunContext, v: VariantPlan, budget: MemoryBudget, lay: Layout) -> None:
     """Before any work: the smallest file plus a KV cache no layer can go below must fit (the
     compute buffers are known once llama.cpp makes the context, at run time)."""
-    target, where = budget[1], _budget_where(ctx, v, budget)
+    target, where = budget.memory, budget.where
     info = ctx.model_info
     keys = next((t for t in info.tensors if t.name.endswith("attn_k.weight") and t.shape), None)
     if keys is None or len(keys.shape) < 2:
         return  # a model not here yet: its shapes come with it
-    n_layers = info.n_layers - len(ctx.recipe.prune_for(v))
+    n_layers = info.n_layers - len(v.prune.listed)
     kv = kv_lower_bound(n_layers, int(keys.shape[1]), target.ctx, target.kv_type, _sliding_window(ctx))
     check_fits(target, lay.smallest + kv, f"the smallest file, {lay.smallest / MiB:.1f} MiB, and a KV cache of at "
                f"least {kv / MiB:.1f} MiB at ctx {target.ctx} ({target.kv_type})", where)
@@ -181,21 +166,22 @@ def _sliding_window(ctx: RunContext) -> int | None:
     return next((int(kv.value) for kv in read_metadata(path)[0] if kv.key == key and isinstance(kv.value, int)), None)
 
 
-def _action(ctx: RunContext, v, src: Path, imatrix, budget):
-    if budget is None or budget[0] != "target_memory":
-        return lambda io: _quantize(ctx, v, src, imatrix, budget, io)
+def _action(ctx: RunContext, v: VariantPlan, src: Path, imatrix):
+    budget = v.budget
+    if not isinstance(budget, MemoryBudget):
+        return lambda io: _quantize(ctx, v, src, imatrix, io)
 
     def run(io):
         """Choose for the bytes the memory leaves beside the context's buffers (read back from
         llama.cpp on the variant's source, which has the layers the variant keeps); then load the
         file as it will run and read back what llama.cpp allocates. If it does not fit (a file's
         buffers differ a little from its base's), choose again with the overshoot taken off."""
-        target, where = budget[1], _budget_where(ctx, v, budget)
+        target, where = budget.memory, budget.where
         runtime = runtime_memory(src, target.ctx, target.kv_type, threads=ctx.threads).runtime
         room = memory_bytes(target, where) - margin_bytes(target, where)
         shrink = 0
         for _ in range(MEMORY_TRIES):
-            extra = _quantize(ctx, v, src, imatrix, budget, io, runtime + shrink)
+            extra = _quantize(ctx, v, src, imatrix, io, runtime + shrink)
             fit = runtime_memory(io.out(ctx.variant_path(v.name)), target.ctx, target.kv_type, threads=ctx.threads)
             if fit.total <= room:
                 record = {"memory_bytes": memory_bytes(target, where), "margin_bytes": margin_bytes(target, where),
@@ -209,20 +195,20 @@ def _action(ctx: RunContext, v, src: Path, imatrix, budget):
     return run
 
 
-def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes: int | None = None):
-    recipe = ctx.recipe
+def _quantize(ctx: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_bytes: int | None = None):
+    budget = v.budget
     layers = ctx.variant_layers(v)
-    choices = resolve_types(recipe, v, ctx.model_info)
+    choices = resolve_types(v, ctx.model_info)
     extra = {}
-    token_embd_type = recipe.token_embedding_type_for(v)
+    token_embd_type = v.type_of("token_embedding_type")
     if budget is not None:
-        choices, chosen = _budget_choices(ctx, v, budget, layers, choices, imatrix, runtime_bytes)
+        choices, chosen = _budget_choices(ctx, v, layers, choices, imatrix, runtime_bytes)
         alloc = chosen.allocation
         token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
         extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
                  "budget_bytes": alloc.budget_bytes, "calibration_kld": chosen.measured_kld,
                  "refinement": chosen.history}
-        note = (f"Types chosen for `{budget[0]}: {budget_text(budget)}` from measured sensitivities "
+        note = (f"Types chosen for `{budget.key}: {budget.text()}` from measured sensitivities "
                 f"(sensitivity.json)" + (f"; layers {list(layers)} pruned first." if layers else "."))
         if isinstance(chosen, TargetChoice):
             extra.update({"target_kld": chosen.target_kld, "target_met_on_calibration": chosen.met,
@@ -253,41 +239,42 @@ def _quantize(ctx: RunContext, v, src: Path, imatrix, budget, io, runtime_bytes:
     pruned_from = PrunedFrom(ctx.base_path, imatrix_input(ctx) if imatrix else None, tuple(layers)) if layers else None
     made = assemble_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
                          imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
-                         output_type=recipe.output_type_for(v), token_embedding_type=token_embd_type,
+                         output_type=v.type_of("output_type"), token_embedding_type=token_embd_type,
                          threads=ctx.threads, pruned_from=pruned_from)
     return {**extra, "pruned_layers": list(layers), "tensors_quantized": made.quantized,
             "tensors_reused": made.reused, "tensors_copied": made.copied,
             "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
 
 
-def _prune_or_bits_note(ctx: RunContext, v) -> str:
+def _prune_or_bits_note(ctx: RunContext, v: VariantPlan) -> str:
     """The prune stage's reasoning for `prune: {up_to: K}` (pipeline.choose.prune_or_bits)."""
-    tag = ctx.prune_choice_tag(v)
-    if tag is None or ctx.recipe.prune_up_to_for(v) is None:
+    if not isinstance(v.prune, UpToPrune):
         return ""
+    tag = ctx.prune_choice_tag(v)
     return json.loads(ctx.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
 
 
-def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
+def _budget_choices(ctx: RunContext, v: VariantPlan, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
     """Every tensor's type for the budget; recipe rules still win for the tensors they name. The
     choice is refined by measuring it in memory on the unpruned base (pruned layers removed in
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
     sens = load_sensitivity(ctx.sensitivity_json_path)
     info = ctx.model_info
-    kept = kept_types(ctx.base_path, v.ftype, ctx.recipe.output_type_for(v))
+    budget = v.budget
+    kept = kept_types(ctx.base_path, v.ftype, v.type_of("output_type"))
     lay = layout(info, layers, ctx.base_path, kept)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
-    sized = layout(info, (), ctx.base_path, kept) if ctx.recipe.prune_up_to_for(v) is not None else lay
-    want = budget_bytes(ctx, v, budget, sized, runtime_bytes) if budget[0] != "target_kld" else None
+    sized = layout(info, (), ctx.base_path, kept) if isinstance(v.prune, UpToPrune) else lay
+    want = budget_bytes(budget, sized, runtime_bytes) if not isinstance(budget, KldBudget) else None
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}
     for name, c in rule_choices.items():  # tensors a rule pins are spent first
         if layer_of(name) not in set(layers) and name in by_name:
             fixed += tensor_bytes(c.type, by_name[name].shape)
-    rounds = ctx.recipe.select.refine_rounds
-    where, label = _budget_where(ctx, v, budget), budget_text(budget)
-    if budget[0] == "target_kld":
-        chosen = _kld_target_choice(ctx, sens, float(budget[1]), fixed, layers, rule_choices, imatrix, where)
+    rounds = v.refine_rounds
+    where, label = budget.where, budget.text()
+    if isinstance(budget, KldBudget):
+        chosen = _kld_target_choice(ctx, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
     elif rounds == 0:
         chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
                               budget_label=label)
@@ -300,5 +287,5 @@ def _budget_choices(ctx: RunContext, v, budget, layers, rule_choices, imatrix, r
     alloc = chosen.allocation
     for t, ty in alloc.types.items():
         o = alloc.options[t][alloc.chosen[t]]
-        choices[t] = Choice(t, ty, f"{budget[0]} {budget_text(budget)}: predicted KLD {o.kld:.2e}")
+        choices[t] = Choice(t, ty, f"{budget.key} {budget.text()}: predicted KLD {o.kld:.2e}")
     return choices, chosen

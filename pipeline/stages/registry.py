@@ -54,7 +54,7 @@ def build_steps(ctx: RunContext, variants: tuple[str, ...] = ()) -> list[Step]:
     assert len(keys) == len(set(keys)), "step keys must be unique"
     if not variants:
         return steps
-    known = {v.name for v in ctx.recipe.variants}
+    known = {v.name for v in ctx.recipe.plans}
     for name in variants:
         if name not in known:
             raise SqueezeError(f"--variant: unknown variant '{name}'{did_you_mean(name, known)} "

@@ -18,7 +18,7 @@ def _report_step(ctx: RunContext, failed: dict[str, str]) -> Step | None:
     instead; --keep-going); None when none is left."""
     recipe = ctx.recipe
     s = recipe.score
-    names = [v.name for v in recipe.variants if v.name not in failed]
+    names = [v.name for v in recipe.plans if v.name not in failed]
     if not names:
         return None
     inputs = [ctx.base_info_path] + [ctx.score_path(n) for n in names]
@@ -29,8 +29,8 @@ def _report_step(ctx: RunContext, failed: dict[str, str]) -> Step | None:
     if s.drift.tokens > 0:
         inputs += [ctx.drift_path(n) for n in names]
     # the automatic choices the report links to
-    kept = [v for v in recipe.variants if v.name in names]
-    inputs += [ctx.allocation_md_path(v.name) for v in kept if recipe.budget_for(v)]
+    kept = [v for v in recipe.plans if v.name in names]
+    inputs += [ctx.allocation_md_path(v.name) for v in kept if v.budget]
     inputs += sorted({ctx.prune_choice_path(ctx.prune_choice_tag(v)) for v in kept
                       if ctx.prune_choice_tag(v) is not None})
     outputs = [ctx.report_path(f) for f in ("scores.csv", "scores.md", *TABLE_FILES, PLOT_FILE)]

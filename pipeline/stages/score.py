@@ -35,6 +35,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.task_data import BENCHMARKS
 from pipeline.fsutil import read_text
 from pipeline.measure import drift, perplexity, speed, tasks
+from pipeline.recipe.plan import KldBudget
 from pipeline.run.layout import BASE, RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
@@ -73,14 +74,14 @@ def steps(ctx: RunContext) -> list[Step]:
                 produces=f"scores/base-topk.npz (base top-{perplexity.TOP_K} log-probs + {perplexity.TAIL_SAMPLES} "
                          f"sampled tail ids per token on {s.dataset}, "
                          f"{s.chunks} chunks of {s.ctx})")]
-    for v in recipe.variants:
+    for v in recipe.plans:
         out.append(Step(f"score {v.name}", "score", score_params(ctx),
                         [ctx.variant_path(v.name), ctx.base_distribution_path], [ctx.score_path(v.name)],
                         _variant_action(ctx, v.name, threads, n_gpu), variant=v.name, versions=versions, gpu=gpu,
                         produces=f"scores/{v.name}.json (size, bpw, PPL, KLD, Δp, same top p, each ± error)"))
-    if any((recipe.budget_for(v) or ("",))[0] == "target_kld" for v in recipe.variants):
+    if any(isinstance(v.budget, KldBudget) for v in recipe.plans):
         out.append(_transfer_step(ctx, data, threads, versions, gpu))
-    names = [(BASE, ctx.base_path, None)] + [(v.name, ctx.variant_path(v.name), v.name) for v in recipe.variants]
+    names = [(BASE, ctx.base_path, None)] + [(v.name, ctx.variant_path(v.name), v.name) for v in recipe.plans]
     if s.tasks.benchmarks and s.tasks.count > 0:
         task_files = [resolve_dataset(BENCHMARKS[b], ctx.recipe_dir, recipe.where("score", "tasks", "benchmarks"))
                       for b in s.tasks.benchmarks]
@@ -164,7 +165,7 @@ def _variant_action(ctx: RunContext, name: str, threads, n_gpu):
             summary = perplexity.summarize(base, per_token)
             n_params, tensor_bytes = model.n_params, model.size_bytes
         v = ctx.recipe.variant(name)
-        result = {"variant": name, "ftype": v.ftype.upper(),
+        result = {"variant": name, "ftype": v.ftype,
                   "pruned_layers": " ".join(str(x) for x in ctx.variant_layers(v)),
                   "file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes,
                   "n_params": n_params, "bpw": tensor_bytes * 8 / n_params, "chunks": int(len(base["tokens"])),

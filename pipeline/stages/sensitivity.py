@@ -19,7 +19,7 @@ from pipeline.stages.probes import probe_for, probe_params, say_reuse
 
 def steps(ctx: RunContext) -> list[Step]:
     recipe = ctx.recipe
-    if not any(recipe.budget_for(v) for v in recipe.variants):
+    if not any(v.budget for v in recipe.plans):
         return []
     imatrix = imatrix_input(ctx)
     inputs = [ctx.base_path] + ([imatrix] if imatrix else [])
