@@ -89,11 +89,11 @@ def _run(recipe, results, force, from_stage, variants, keep_going=False, executo
     check_stage(from_stage, "--from")
     if address and executor != "ray":
         raise SqueezeError("--address names a Ray cluster: give --executor ray too")
-    ctx = open_run(recipe, results)
-    remember_recipe(ctx)
-    steps = build_steps(ctx, tuple(variants))
+    run = open_run(recipe, results)
+    remember_recipe(run)
+    steps = build_steps(run, tuple(variants))
     start = time.monotonic()
-    runner = Runner(ctx.folder, echo=click.echo)
+    runner = Runner(run.folder, echo=click.echo)
     run_steps = RayExecutor(runner, address).run if executor == "ray" else runner.run
     counts = run_steps(steps, set(force), from_stage, STAGE_ORDER, keep_going=keep_going)
     elapsed = time.monotonic() - start
@@ -101,7 +101,7 @@ def _run(recipe, results, force, from_stage, variants, keep_going=False, executo
         click.echo(f"every stage is up to date ({counts['skipped']} steps)")
     else:
         click.echo(f"{counts['ran']} steps run, {counts['skipped']} up to date, {elapsed:.0f} s")
-    report = ctx.folder / "scores.md"
+    report = run.folder / "scores.md"
     if report.exists():
         click.echo(f"report: {report}")
     if counts.get("failed"):
@@ -138,22 +138,22 @@ def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, activ
         return
     if estimate or gpu or cpu_threads or active_params:
         # a recipe that offloads is priced even where this build cannot offload: `run` refuses it
-        ctx = open_run(recipe, results, check_gpu=False)
-        steps = build_steps(ctx)  # a recipe mistake is reported before the rate benchmark runs
-        rates = machine_rates(ctx.threads, echo=click.echo)
-        result = estimate_run(ctx, steps, rates, gpu_spec(gpu) if gpu else None,
+        run = open_run(recipe, results, check_gpu=False)
+        steps = build_steps(run)  # a recipe mistake is reported before the rate benchmark runs
+        rates = machine_rates(run.threads, echo=click.echo)
+        result = estimate_run(run, steps, rates, gpu_spec(gpu) if gpu else None,
                               parse_count(params) if params else None, vocab, cpu_threads,
                               parse_count(active_params, "--active-params") if active_params else None)
         for line in format_estimate(result):
             click.echo(line)
         return
 
-    ctx = open_run(recipe, results)
-    r = ctx.recipe
-    info = ctx.model_info
-    steps = build_steps(ctx)  # may still find a mistake (a dataset not found): before any output
+    run = open_run(recipe, results)
+    r = run.recipe
+    info = run.model_info
+    steps = build_steps(run)  # may still find a mistake (a dataset not found): before any output
     click.echo(f"recipe {r.name} ({r.path}): {info.arch}, {info.n_layers} layers, "
-               f"{len(r.plans)} variants -> {ctx.folder}")
+               f"{len(r.plans)} variants -> {run.folder}")
     for step in steps:
         click.echo(f"  {step.stage:<10} {step.key:<28} -> {step.produces}")
 
@@ -164,8 +164,8 @@ def plan(recipe, results, dump, estimate, gpu, params, vocab, cpu_threads, activ
 @_errors_as_one_line
 def status(recipe, results):
     """Show each step as done, stale (and why), missing or failed (and why; --keep-going)."""
-    ctx = open_run(recipe, results)
-    for v in Runner(ctx.folder, echo=click.echo, read_only=True).status(build_steps(ctx)):
+    run = open_run(recipe, results)
+    for v in Runner(run.folder, echo=click.echo, read_only=True).status(build_steps(run)):
         detail = f" ({v.reason})" if v.state in ("stale", "failed") else ""
         click.echo(f"{v.step.key:<30} {v.state}{detail}")
 
@@ -184,9 +184,9 @@ def compare(runs, variants, reference, csv_path, allow_stale):
     for run_path in runs:
         if is_published_table(run_folder(run_path)):  # "no scores found" before anything else
             continue  # someone's published figures: nothing of ours to be stale
-        ctx = run_context(run_path)
-        if ctx is not None:
-            stale[ctx.folder.resolve()] = require_fresh(ctx, "compare", allow_stale)
+        run = run_context(run_path)
+        if run is not None:
+            stale[run.folder.resolve()] = require_fresh(run, "compare", allow_stale)
         elif allow_stale:  # nothing to check it against: every row is unverified
             stale[Path(run_path).resolve()] = scored_variants(Path(run_path))
         else:
@@ -207,9 +207,9 @@ def compare(runs, variants, reference, csv_path, allow_stale):
 @_errors_as_one_line
 def card(recipe, results, output, allow_stale):
     """Write a Hugging Face model card (README.md) from a scored run."""
-    ctx = open_run(recipe, results, check_model=False)
-    stale = require_fresh(ctx, "card", allow_stale)
-    path = write_card(ctx, output, stale)
+    run = open_run(recipe, results, check_model=False)
+    stale = require_fresh(run, "card", allow_stale)
+    path = write_card(run, output, stale)
     click.echo(f"model card: {path}" + (f" (marked stale: {', '.join(sorted(stale))})" if stale else ""))
 
 
@@ -223,8 +223,8 @@ def card(recipe, results, output, allow_stale):
 def publish(recipe, repo_id, private, results, allow_stale):
     """Upload a scored run to the Hugging Face hub: the variants' GGUFs, the model card, the score
     tables and plots; only new or changed files are sent [env: HF_TOKEN, HF_ENDPOINT]."""
-    ctx = open_run(recipe, results, check_model=False)
-    done = publish_run(ctx, repo_id, private, allow_stale, echo=click.echo)
+    run = open_run(recipe, results, check_model=False)
+    done = publish_run(run, repo_id, private, allow_stale, echo=click.echo)
     if done.commit:
         click.echo(f"published {len(done.sent)} files ({len(done.unchanged)} unchanged): {done.url} "
                    f"(commit {done.commit[:12]})")
@@ -242,8 +242,8 @@ def publish(recipe, repo_id, private, results, allow_stale):
 @_errors_as_one_line
 def report(recipe, results, output, allow_stale):
     """Print the run's score tables (scores.md) as they stand now."""
-    ctx = open_run(recipe, results, check_model=False)
-    text = report_markdown(ctx, require_fresh(ctx, "report", allow_stale))
+    run = open_run(recipe, results, check_model=False)
+    text = report_markdown(run, require_fresh(run, "report", allow_stale))
     if output:
         with atomic_path(output) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")

@@ -110,7 +110,7 @@ def gpu_prediction() -> dict:
 
     return {"model": "Gemma 3 12B (48 layers, 12.19B parameters, vocabulary 262,144)",
             "h100": step(on_gpu), "this_cpu": step(on_cpu),
-            "method": "pipeline.cost.run_estimate._Estimator._sensitivity: 3 x 48 + 1 + 7 = 152 probes, each a forward pass over "
+            "method": "the sensitivity step's declared work (pipeline.stages.sensitivity._work): 3 x 48 + 1 + 7 = 152 probes, each a forward pass over "
                       "2 x 512 tokens at the GPU's spec FLOP rate (pipeline.cost.gpu_rates: 35 % of dense "
                       "FP16 peak, an assumption) plus the KLD over 262k logits for 511 scored tokens at this "
                       "machine's measured numpy rate; the base distribution once; every tensor quantized once "

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pipeline"
 ARCHCHECK = ROOT.parent / "shared" / "tools" / "archcheck.py"
 
-COMMONS = {"pipeline", "pipeline.cache", "pipeline.errors", "pipeline.fsutil", "pipeline.progress", "pipeline.units"}
+COMMONS = {"pipeline", "pipeline.cache", "pipeline.errors", "pipeline.fsutil", "pipeline.progress", "pipeline.units",
+           "pipeline.work"}
 # layer -> the layers it may import (itself and the commons always)
 MAY_IMPORT = {
     "formats": set(),

@@ -18,7 +18,8 @@ from pipeline.cost.estimate import Pricer, Shape, shape_from_size
 from pipeline.cost.gpu_rates import GPUS, gpu
 from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates, other_cpus,
                                  other_load, parallel_fraction, rates_key, rates_path, write_bench_model)
-from pipeline.cost.run_estimate import REFINE_GROUP_FRACTION, estimate_run, parse_count
+from pipeline.cost.run_estimate import estimate_run, parse_count
+from pipeline.stages.quantize import REFINE_GROUP_FRACTION
 from pipeline.engine.backend import supports_gpu_offload
 from pipeline.engine.quantize import quantize_file
 from pipeline.errors import SqueezeError
@@ -424,3 +425,40 @@ def test_the_estimate_header_shows_total_and_active_parameters():
     assert total and total != [line for line in dense.output.splitlines() if line.startswith("total: ")]
     bad = CliRunner().invoke(main, args + ["--active-params", "lots"])
     assert bad.exit_code == 1 and bad.output.startswith("Error: --active-params: expected a parameter count")
+
+
+def test_a_new_stage_is_priced_from_the_work_it_declares(tiny_recipe, tmp_path, monkeypatch):
+    """A stage the cost model has never heard of: registered, it declares a pass, a probe's worth
+    of quantizing and a large file; `plan --estimate` prices exactly that, with no change to
+    pipeline/cost/."""
+    import types
+
+    from pipeline.run.runner import Step
+    from pipeline.stages import registry
+    from pipeline.work import Forward, Kld, Load, Memory, Note, Roundtrip, Write
+
+    def declare(shape, ctx):
+        mix = {t.name: "Q4_0" for t in shape.tensors if t.shape and len(t.shape) >= 2 and t.shape[0] % 32 == 0}
+        return [Load(), Forward(10_000, shape.flops_per_token(), True, 500), Kld(500), Roundtrip(mix),
+                Write(ctx.folder / "extra.bin", 50 << 20, timed=True), Memory(300 << 20), Note("an extra pass")]
+
+    def steps(ctx):
+        return [Step("extra", "extra", {}, [ctx.base_path], [ctx.folder / "extra.bin", ctx.folder / "extra.json"],
+                     lambda io: None, work=lambda shape: declare(shape, ctx))]
+
+    monkeypatch.setitem(registry.STAGES, "extra", types.SimpleNamespace(steps=steps))
+    ctx = open_run(tiny_recipe, tmp_path / "r")
+    rates = machine_rates(ctx.threads)
+    e = estimate_run(ctx, build_steps(ctx), rates)
+    extra = next(c for c in e.costs if c.key == "extra")
+    shape = e.shape
+    p = Pricer(rates)
+    mix = {t.name: t for t in shape.tensors if t.shape and len(t.shape) >= 2 and t.shape[0] % 32 == 0}
+    expected = (p.load() + p.forward(10_000, shape.flops_per_token(), True, 500, shape.output_flops_per_token())
+                + p.kld(500, shape.n_vocab) + p.write(50 << 20)
+                + sum(p.roundtrip(math.prod(t.shape), "Q4_0") for t in mix.values()))
+    assert extra.seconds == pytest.approx(expected, rel=1e-9) and extra.note == "an extra pass"
+    assert extra.writes[ctx.folder / "extra.bin"] == 50 << 20 and ctx.folder / "extra.json" in extra.writes
+    assert extra.memory_bytes >= rates.process_rss_bytes + (300 << 20)  # and the quantized-tensor cache
+    out = CliRunner().invoke(main, ["plan", str(tiny_recipe), "--results", str(tmp_path / "r"), "--estimate"])
+    assert out.exit_code == 0 and any(line.strip().startswith("extra ") for line in out.output.splitlines())

@@ -76,11 +76,11 @@ def runtime_memory(path: Path, n_ctx: int, kv_type: str = "f16", n_gpu_layers: i
             # window, not the context (their --swa-full is off); the library's default is full
             params.swa_full = False
             params.n_threads = params.n_threads_batch = threads or default_threads()
-            ctx = llama_cpp.llama_init_from_model(model.ptr, params)
-            if not ctx:
+            context = llama_cpp.llama_init_from_model(model.ptr, params)
+            if not context:
                 raise SqueezeError(f"{path}: llama.cpp could not make a context of {n_ctx} tokens with a {kv_type} "
                                    "KV cache")
-            llama_cpp.llama_free(ctx)
+            llama_cpp.llama_free(context)
         finally:
             model.close()
         said = list(lines)

@@ -57,8 +57,8 @@ class _WeightFinder(EvalHook):
 def find_weights(model: Model) -> dict[str, list[int]]:
     """name -> addresses of its tensor(s), from one two-token decode of `model`."""
     finder = _WeightFinder()
-    with Context(model, 2, 1, cb_eval=finder.callback) as ctx:
-        ctx.eval([np.array([model.bos if model.bos >= 0 else 0] * 2, dtype=np.int32)], output_last_only=True)
+    with Context(model, 2, 1, cb_eval=finder.callback) as context:
+        context.eval([np.array([model.bos if model.bos >= 0 else 0] * 2, dtype=np.int32)], output_last_only=True)
     finder.check()
     return {name: sorted(addrs) for name, addrs in finder.found.items()}
 

@@ -94,14 +94,14 @@ def greedy(model: Model, prompt: str, n_tokens: int, threads: int | None = None)
     """Greedy continuation token ids (stops early at an end-of-generation token)."""
     tokens = model.tokenize(prompt, add_special=True)
     out: list[int] = []
-    with Context(model, len(tokens) + n_tokens, 1, threads) as ctx:
-        logits = ctx.decode_tokens(tokens, 0)
+    with Context(model, len(tokens) + n_tokens, 1, threads) as context:
+        logits = context.decode_tokens(tokens, 0)
         for i in range(n_tokens):
             tok = int(logits.argmax())
             out.append(tok)
             if model.is_eog(tok) or i == n_tokens - 1:
                 break
-            logits = ctx.decode_tokens([tok], len(tokens) + i)
+            logits = context.decode_tokens([tok], len(tokens) + i)
     return out
 
 
@@ -136,11 +136,11 @@ def forced_logits(model: Model, base: dict, threads: int | None = None) -> dict[
     seqs = {name: (model.tokenize(b["prompt"], add_special=True), list(b["tokens"])) for name, b in base.items()}
     longest = max(len(p) + len(c) for p, c in seqs.values())
     out = {}
-    with Context(model, longest, 1, threads) as ctx:
+    with Context(model, longest, 1, threads) as context:
         for name, (prompt, cont) in seqs.items():
             # the last continuation token predicts nothing we compare: leave it out
             seq = np.concatenate([prompt, np.asarray(cont[:-1], np.int32)])
-            out[name] = ctx.eval([seq], output_from=len(prompt) - 1)[0].copy()
+            out[name] = context.eval([seq], output_from=len(prompt) - 1)[0].copy()
     return out
 
 

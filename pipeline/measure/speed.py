@@ -19,16 +19,16 @@ from pipeline.engine.model import Model
 from pipeline.progress import bar
 
 
-def _prompt(ctx: Context, tokens: np.ndarray, start: int = 0) -> None:
-    n_batch = ctx.n_ctx  # the context's batch holds n_ctx tokens
+def _prompt(context: Context, tokens: np.ndarray, start: int = 0) -> None:
+    n_batch = context.n_ctx  # the context's batch holds n_ctx tokens
     for i in range(0, len(tokens), n_batch):
         part = tokens[i: i + n_batch]
-        ctx.decode_tokens(part, start + i, want_last=i + n_batch >= len(tokens))
+        context.decode_tokens(part, start + i, want_last=i + n_batch >= len(tokens))
 
 
-def _generate(ctx: Context, n: int, start: int, rng: np.random.Generator, n_vocab: int) -> None:
+def _generate(context: Context, n: int, start: int, rng: np.random.Generator, n_vocab: int) -> None:
     for i in range(n):
-        ctx.decode_tokens([int(rng.integers(n_vocab))], start + i)
+        context.decode_tokens([int(rng.integers(n_vocab))], start + i)
 
 
 def _timed(fn) -> float:
@@ -45,15 +45,15 @@ def measure(model: Model, pp: int = 512, tg: int = 128, repetitions: int = 3,
     n_vocab = model.n_vocab
     tests = {f"pp{pp}": (pp, 0), f"tg{tg}": (0, tg), f"pp{pp}+tg{tg}": (pp, tg)}
     out = {"threads": threads, "repetitions": repetitions, "tests": {}}
-    with Context(model, pp + tg, 1, threads) as ctx, \
+    with Context(model, pp + tg, 1, threads) as context, \
             bar(total=len(tests) * (repetitions + 1), desc=f"speed {model.path.stem}", unit="run") as progress:
         for name, (n_p, n_g) in tests.items():
             def once():
-                ctx.clear()
+                context.clear()
                 if n_p:
-                    _prompt(ctx, rng.integers(n_vocab, size=n_p).astype(np.int32))
+                    _prompt(context, rng.integers(n_vocab, size=n_p).astype(np.int32))
                 if n_g:  # tg alone starts from an empty cache too, like llama-bench's -n test
-                    _generate(ctx, n_g, n_p, rng, n_vocab)
+                    _generate(context, n_g, n_p, rng, n_vocab)
             once()  # warm-up, not counted (as llama-bench does)
             progress.update(1)
             samples = []

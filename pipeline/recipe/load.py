@@ -128,7 +128,7 @@ def _build_dataclass(tp, value, path, doc, fpath):
     if not isinstance(value, dict):
         _fail(doc, path, f"expected a mapping, got {value!r}", fpath)
     if tp in (SelectSpec, VariantSpec) and (isinstance(value.get("prune"), dict) or value.get("prune") == "auto"):
-        value = _prune_auto_form(value, path, doc, fpath)
+        value = _prune_search_form(value, path, doc, fpath)
     hints = typing.get_type_hints(tp)
     fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in NOT_KEYS}
     if tp is VariantSpec:
@@ -154,7 +154,7 @@ def _build_dataclass(tp, value, path, doc, fpath):
 PRUNE_AUTO_UP_TO = 2
 
 
-def _prune_auto_form(value: dict, path, doc, fpath) -> dict:
+def _prune_search_form(value: dict, path, doc, fpath) -> dict:
     """`prune: {auto: K}` -> prune_auto: K (K layers picked by measured KLD); `prune: {up_to: K}`
     or `prune: auto` -> prune_up_to: K (0 to K layers, against spending the bytes on bits)."""
     spec = value["prune"]

@@ -17,8 +17,8 @@ from pipeline.run.manifest import Manifest
 from pipeline.sources.model_source import BaseInfo
 
 
-def _front_matter(ctx: RunContext) -> str:
-    r = ctx.recipe
+def _front_matter(run: RunContext) -> str:
+    r = run.recipe
     meta = {}
     if r.report.base_model:
         meta["base_model"] = r.report.base_model
@@ -27,20 +27,20 @@ def _front_matter(ctx: RunContext) -> str:
         meta["license"] = r.report.license
     meta["library_name"] = "gguf"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["gguf", "llama.cpp", "quantized", "imatrix", "squeeze"] + (["pruned"] if _pruned(ctx) else [])
+    meta["tags"] = ["gguf", "llama.cpp", "quantized", "imatrix", "squeeze"] + (["pruned"] if _pruned(run) else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _pruned(ctx: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
+def _pruned(run: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
     """variant -> (the original numbers of the layers it drops, how they were chosen), for every
     variant that drops any: listed in the recipe, picked automatically (`prune: {auto: K}`), or
     weighed against bits (`prune: {up_to: K}`, which may keep every layer)."""
     out = {}
-    for v in ctx.recipe.plans:
-        tag = ctx.prune_choice_tag(v)
-        if tag is not None and not ctx.prune_choice_path(tag).exists():
+    for v in run.recipe.plans:
+        tag = run.prune_choice_tag(v)
+        if tag is not None and not run.prune_choice_path(tag).exists():
             continue  # the prune stage has not chosen yet
-        layers = ctx.variant_layers(v)
+        layers = run.variant_layers(v)
         if not layers:
             continue
         if tag is None:
@@ -53,16 +53,16 @@ def _pruned(ctx: RunContext) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def _versions(ctx: RunContext) -> dict:
-    m = Manifest(ctx.folder, read_only=True)
+def _versions(run: RunContext) -> dict:
+    m = Manifest(run.folder, read_only=True)
     for key, rec in m.steps.items():
         if rec.versions:
             return rec.versions
     return {}
 
 
-def _method(ctx: RunContext) -> list[str]:
-    r = ctx.recipe
+def _method(run: RunContext) -> list[str]:
+    r = run.recipe
     lines = [f"- **Base**: `{r.model.source}` converted to {r.model.base_type.upper()}; every variant is "
              "quantized from it and every score is measured against it."]
     if r.model.dither:
@@ -75,7 +75,7 @@ def _method(ctx: RunContext) -> list[str]:
     if r.select.rules:
         rules = "; ".join(f"`{t.pattern}` → {t.type}" for t in r.select.rules)
         lines.append(f"- **Tensor types** (first matching rule wins, like `llama-quantize --tensor-type`): {rules}.")
-    pruned = _pruned(ctx)
+    pruned = _pruned(run)
     if pruned:
         lines.append("- **Layer pruning** (by squeeze, before quantizing: the blocks are dropped from the base, the "
                      "rest renumbered with their per-layer metadata and importance matrix kept; llama.cpp loads the "
@@ -89,23 +89,23 @@ def _method(ctx: RunContext) -> list[str]:
         lines.append(f"- **Tasks**: {s.tasks.count} tasks per benchmark chosen as `llama-perplexity "
                      f"--hellaswag-tasks/--winogrande-tasks/--multiple-choice-tasks {s.tasks.count}` choose them, "
                      f"context {s.tasks.ctx}. Small task counts carry large standard errors.")
-    v = _versions(ctx)
+    v = _versions(run)
     if v:
         lines.append("- **Software**: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     return lines
 
 
-def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
+def render_card(run: RunContext, stale: set[str] = frozenset()) -> str:
     """The card's Markdown; `stale` names variants whose scores predate the recipe (made with
     --allow-stale): the card opens with a warning and their rows are marked."""
-    r = ctx.recipe
-    tables = load_run(ctx.folder, [v.name for v in r.plans])
+    r = run.recipe
+    tables = load_run(run.folder, [v.name for v in r.plans])
     if tables.scores.empty:
-        raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
-    base = BaseInfo.load(ctx.base_info_path)
+        raise SqueezeError(f"{run.folder}: no scores yet; run `squeeze run {r.path or r.name}` first")
+    base = BaseInfo.load(run.base_info_path)
     t = mark_grid(tables_of(tables, r.report.reference, stale), grid_flattered(base, tables.scores))
     title = r.report.title or f"{r.name} GGUF"
-    parts = [_front_matter(ctx), f"# {title}", ""]
+    parts = [_front_matter(run), f"# {title}", ""]
     if stale:
         parts += [stale_banner(stale), ""]
     if r.description:
@@ -121,9 +121,9 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
               "(lower is better), share of tokens where both pick the same top token (higher is better).", "",
               t["ppl-kld.csv"].to_markdown(index=False, disable_numparse=True), "",
               t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), ""]
-    if (ctx.folder / PLOT_FILE).exists():
+    if (run.folder / PLOT_FILE).exists():
         parts += [f"![mean KLD against file size]({PLOT_FILE})", ""]
-    parts += published_section(ctx, tables, "##")
+    parts += published_section(run, tables, "##")
     if not t["tasks.csv"].empty:
         parts += ["## Benchmarks", "", "Accuracy (%) ± standard error.", "", t["tasks.csv"].to_markdown(index=False, disable_numparse=True), ""]
     if not t["speed.csv"].empty:
@@ -133,12 +133,12 @@ def render_card(ctx: RunContext, stale: set[str] = frozenset()) -> str:
         parts += ["## Behaviour drift", "", "Where greedy generations first differ from the base's "
                   "(lower error does not always mean the same behaviour).", "",
                   t["drift.csv"].to_markdown(index=False, disable_numparse=True), ""]
-    parts += ["## How these files were made", "", *_method(ctx), ""]
+    parts += ["## How these files were made", "", *_method(run), ""]
     parts += ["## Reproduce", "", "```sh", f"squeeze run {r.path or 'RECIPE.yaml'}", "```", ""]
     return "\n".join(parts)
 
 
-def write_card(ctx: RunContext, output: Path | None = None, stale: set[str] = frozenset()) -> Path:
-    path = Path(output) if output else ctx.folder / "README.md"
-    write_text_atomic(path, render_card(ctx, stale))
+def write_card(run: RunContext, output: Path | None = None, stale: set[str] = frozenset()) -> Path:
+    path = Path(output) if output else run.folder / "README.md"
+    write_text_atomic(path, render_card(run, stale))
     return path

@@ -306,26 +306,26 @@ def variant_metrics(tables: RunTables) -> pd.DataFrame:
 
 # ---- writing --------------------------------------------------------------------------------
 
-def published_path(ctx: RunContext) -> Path | None:
-    spec = ctx.recipe.report.published
+def published_path(run: RunContext) -> Path | None:
+    spec = run.recipe.report.published
     if spec is None:
         return None
-    return ctx.recipe.beside(spec.table)
+    return run.recipe.beside(spec.table)
 
 
 def _num(x, digits) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def published_table(ctx: RunContext, tables: RunTables) -> pd.DataFrame:
+def published_table(run: RunContext, tables: RunTables) -> pd.DataFrame:
     """squeeze's figures beside the published ones, variant by variant: size and every figure of
     pipeline.report.metrics.PUBLISHED that both the card and the run give, and the base's row (its PPL and task
     scores) beside the published base row; empty when the recipe names no published table."""
-    path = published_path(ctx)
+    path = published_path(run)
     df = tables.scores
     if path is None or df.empty:
         return pd.DataFrame()
-    spec = ctx.recipe.report.published
+    spec = run.recipe.report.published
     card = {r.variant: r for r in read_score_table(path)}
     ours = variant_metrics(tables).set_index("variant")
     base_tasks = task_metrics(tables.tasks)
@@ -345,15 +345,15 @@ def published_table(ctx: RunContext, tables: RunTables) -> pd.DataFrame:
     base = card.get(spec.base) if spec.base else None
     mine = {"ppl": float(df["ppl_base"].iloc[0]),  # the base's own tasks, scored as the variants' are
             **(base_tasks.loc[BASE].to_dict() if BASE in base_tasks.index else {})}
-    rows.append(row(f"Base ({ctx.recipe.model.base_type.upper()})", mine, base, math.nan))
+    rows.append(row(f"Base ({run.recipe.model.base_type.upper()})", mine, base, math.nan))
     return pd.DataFrame(rows)
 
 
-def published_section(ctx: RunContext, tables: RunTables, h2: str) -> list[str]:
-    table = published_table(ctx, tables)
+def published_section(run: RunContext, tables: RunTables, h2: str) -> list[str]:
+    table = published_table(run, tables)
     if table.empty:
         return []
-    spec = ctx.recipe.report.published
+    spec = run.recipe.report.published
     source = f" ({spec.source})" if spec.source else ""
     return [f"{h2} Against the published figures", "",
             f"The figures of `{spec.table}`{source} beside squeeze's. The published KLDs are measured against "
@@ -442,35 +442,35 @@ def mark_grid(t: dict[str, pd.DataFrame], flattered: list[str]) -> dict[str, pd.
     return out
 
 
-def write_report(ctx: RunContext, tables: RunTables, out=None, failed: dict[str, str] | None = None) -> None:
+def write_report(run: RunContext, tables: RunTables, out=None, failed: dict[str, str] | None = None) -> None:
     """Write every table, scores.md and the plot; `out(final) -> temporary path` (a step's io.out),
     else each file is written atomically in place. `failed` (variant -> reason) are listed in
     scores.md (a --keep-going run)."""
     def write(name: str, writer) -> None:
-        final = ctx.report_path(name)
+        final = run.report_path(name)
         if out is not None:
             writer(out(final))
         else:
             with atomic_path(final) as tmp:
                 writer(tmp)
 
-    r = ctx.recipe
+    r = run.recipe
     t = tables_of(tables, r.report.reference)
     write("scores.csv", lambda p: tables.scores.to_csv(p, index=False))
     for name, table in t.items():
         write(name, lambda p, table=table: table.to_csv(p, index=False))
-    write("scores.md", lambda p: p.write_text(render_markdown(ctx, tables, t, failed=failed), encoding="utf-8"))
+    write("scores.md", lambda p: p.write_text(render_markdown(run, tables, t, failed=failed), encoding="utf-8"))
     write(PLOT_FILE, lambda p: plot_kld_vs_size(tables.scores, p, f"{r.name}: mean KLD vs file size"))
     if r.report.published is not None:
-        write(PUBLISHED_FILE, lambda p: published_table(ctx, tables).to_csv(p, index=False))
+        write(PUBLISHED_FILE, lambda p: published_table(run, tables).to_csv(p, index=False))
     if r.score.drift.tokens > 0:
         write(DRIFT_PLOT_FILE, lambda p: plot_kld_by_position(
             kld_by_position(tables.drift), p, f"{r.name}: drift KLD along the base's greedy continuation"))
 
 
-def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFrame] | None = None,
+def render_markdown(run: RunContext, tables: RunTables, t: dict[str, pd.DataFrame] | None = None,
                     heading: str = "#", stale: set[str] = frozenset(), failed: dict[str, str] | None = None) -> str:
-    r = ctx.recipe
+    r = run.recipe
     df = tables.scores
     t = t or tables_of(tables, r.report.reference, stale)
     title = r.report.title or f"{r.name}: score tables"
@@ -478,7 +478,7 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
     parts = [f"{heading} {title}", ""]
     if stale:
         parts += [stale_banner(stale), ""]
-    base = BaseInfo.load(ctx.base_info_path)
+    base = BaseInfo.load(run.base_info_path)
     t = mark_grid(t, grid_flattered(base, df))
     parts += [
              f"Model: `{r.model.source}` (base {r.model.base_type.upper()}). Scored on {r.score.dataset}, "
@@ -494,8 +494,8 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
              "KLD and Δp distribution (as `llama-perplexity --kl-divergence` prints it):", "",
              t["kld-percentiles.csv"].to_markdown(index=False, disable_numparse=True), "",
              f"![mean KLD against file size]({PLOT_FILE})", ""]
-    parts += published_section(ctx, tables, h2)
-    parts += targets_section(ctx, df, h2)
+    parts += published_section(run, tables, h2)
+    parts += targets_section(run, df, h2)
     if not t["tasks.csv"].empty:
         s = r.score.tasks
         parts += [f"{h2} Tasks", "",
@@ -522,16 +522,16 @@ def render_markdown(ctx: RunContext, tables: RunTables, t: dict[str, pd.DataFram
         parts += [f"{h2} Failed variants", "", "Not in the tables above: these variants failed "
                   "(`squeeze run --keep-going`).", "",
                   *(f"- {name}: {reason}" for name, reason in failed.items()), ""]
-    parts += _choices_section(ctx, h2)
+    parts += _choices_section(run, h2)
     return "\n".join(parts)
 
 
-def report_markdown(ctx: RunContext, stale: set[str] = frozenset()) -> str:
+def report_markdown(run: RunContext, stale: set[str] = frozenset()) -> str:
     """scores.md as the run's scores stand now (what `squeeze report` prints)."""
-    tables = load_run(ctx.folder, [v.name for v in ctx.recipe.plans])
+    tables = load_run(run.folder, [v.name for v in run.recipe.plans])
     if tables.scores.empty:
-        raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {ctx.recipe.path or ctx.recipe.name}` first")
-    return render_markdown(ctx, tables, stale=stale)
+        raise SqueezeError(f"{run.folder}: no scores yet; run `squeeze run {run.recipe.path or run.recipe.name}` first")
+    return render_markdown(run, tables, stale=stale)
 
 
 def scored_variants(folder: Path) -> set[str]:
@@ -540,21 +540,21 @@ def scored_variants(folder: Path) -> set[str]:
     return set() if scores.empty else set(scores["variant"])
 
 
-def _choices_section(ctx: RunContext, h2: str) -> list[str]:
+def _choices_section(run: RunContext, h2: str) -> list[str]:
     """Links to the explanation of every automatic choice (types for a budget, layers to drop)."""
     lines = []
-    for v in ctx.recipe.plans:
-        explained = ctx.allocation_md_path(v.name)
+    for v in run.recipe.plans:
+        explained = run.allocation_md_path(v.name)
         if explained.exists():
             lines.append(f"- {v.name}: every tensor's type and why, in "
-                         f"[{explained.relative_to(ctx.folder)}]({explained.relative_to(ctx.folder)})")
-        tag = ctx.prune_choice_tag(v)
-        choice = ctx.prune_choice_path(tag) if tag is not None else None
+                         f"[{explained.relative_to(run.folder)}]({explained.relative_to(run.folder)})")
+        tag = run.prune_choice_tag(v)
+        choice = run.prune_choice_path(tag) if tag is not None else None
         if choice is not None and choice.exists():
             picked = json.loads(choice.read_text())
             how = f" ({picked['method']} search)" if picked.get("method") else ""
             if "prune_or_bits" in picked:
                 how += ", weighed against spending the bytes on bits"
             lines.append(f"- {v.name}: layers {picked['layers']} dropped, picked by measured KLD{how}, every "
-                         f"method's set and KLD in {choice.relative_to(ctx.folder)}")
+                         f"method's set and KLD in {choice.relative_to(run.folder)}")
     return [f"{h2} Automatic choices", "", *lines, ""] if lines else []

@@ -14,14 +14,14 @@ from pipeline.choose.text_transfer import TextTransfer
 from pipeline.run.layout import RunContext
 
 
-def target_rows(ctx: RunContext, scores: pd.DataFrame) -> list[dict]:
+def target_rows(run: RunContext, scores: pd.DataFrame) -> list[dict]:
     """One row per KLD-targeted variant that has a target record."""
     scored = {} if scores.empty else dict(zip(scores["variant"], scores["mean_kld"]))
-    transfer = (TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
-                if ctx.text_transfer_path.exists() else None)
+    transfer = (TextTransfer.from_dict(json.loads(run.text_transfer_path.read_text()))
+                if run.text_transfer_path.exists() else None)
     rows = []
-    for v in ctx.recipe.plans:
-        path = ctx.target_path(v.name)
+    for v in run.recipe.plans:
+        path = run.target_path(v.name)
         if not path.exists():
             continue
         t = json.loads(path.read_text())
@@ -45,12 +45,12 @@ def _verdict(kld, target) -> str:
     return "met" if kld <= target else "missed"
 
 
-def targets_section(ctx: RunContext, scores: pd.DataFrame, h2: str) -> list[str]:
-    rows = target_rows(ctx, scores)
+def targets_section(run: RunContext, scores: pd.DataFrame, h2: str) -> list[str]:
+    rows = target_rows(run, scores)
     if not rows:
         return []
-    transfer = (TextTransfer.from_dict(json.loads(ctx.text_transfer_path.read_text()))
-                if ctx.text_transfer_path.exists() else None)
+    transfer = (TextTransfer.from_dict(json.loads(run.text_transfer_path.read_text()))
+                if run.text_transfer_path.exists() else None)
     factor_text = ""
     if transfer is not None:
         factor_text = (f" The factors were measured on {transfer.text}"

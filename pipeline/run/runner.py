@@ -44,6 +44,9 @@ class Step:
     # For a step that reads every variant's results (the report): the step rebuilt without the
     # variants that failed (variant -> reason) under --keep-going, or None when it cannot run.
     without_variants: Callable[[dict[str, str]], "Step | None"] | None = None
+    # The work it will do, for the model's shape (pipeline.work records): what `plan --estimate`
+    # prices (pipeline.cost.run_estimate); None: nothing worth pricing.
+    work: Callable[[object], list] | None = None
 
 
 # How an executor spreads `io.map`: (fn, items, desc) -> (results in the items' order, shares run).

@@ -1,36 +1,124 @@
-"""The disk checks of the stages that write large files (convert, prune, quantize): before
-writing, the size of what they are about to write, from the cost model (pipeline.cost), against
-the free space (pipeline.fsutil.ensure_free_space)."""
+"""What the stages' steps declare about the models they run (pipeline.work): each model's file,
+FLOPs and layers, the types a variant will get, an in-memory probe session's passes; and the disk
+checks of the stages that write large files (convert, prune, quantize): before writing, the size
+of what they are about to write against the free space (pipeline.fsutil.ensure_free_space)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.choose.groups import group_of
+from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Shape
 from pipeline.cost.run_estimate import model_shape
 from pipeline.errors import SqueezeError
+from pipeline.formats.tensor_names import layer_of
 from pipeline.fsutil import ensure_free_space
-from pipeline.recipe.plan import VariantPlan
+from pipeline.recipe.plan import BitsBudget, SearchedPrune, SizeBudget, VariantPlan
+from pipeline.recipe.rules import resolve_types
 from pipeline.run.layout import RunContext
+from pipeline.work import Forward, Kld, Load, ModelRef, Resident, Sketch
+
+
+# ---- the models a run's steps evaluate ---------------------------------------------------------
+def base_model(shape: Shape, run: RunContext) -> ModelRef:
+    return ModelRef(est.base_file_bytes(shape, run.recipe.model.base_type.upper()), shape.flops_per_token(), False,
+                    shape.n_layers)
+
+
+def dropped_layers(shape: Shape, v: VariantPlan) -> tuple[int, ...]:
+    """The layers a variant drops: listed; or, for a choice the prune stage makes at run time, K of
+    the middle layers (which K is not known before)."""
+    if not isinstance(v.prune, SearchedPrune):
+        return v.prune.listed
+    mid = shape.n_layers // 2
+    return tuple(range(mid - v.prune.k // 2, mid - v.prune.k // 2 + v.prune.k))
+
+
+def variant_types(shape: Shape, run: RunContext, v: VariantPlan) -> dict[str, str]:
+    """Every tensor's type in the variant's file: its ftype's mix with the recipe's rules."""
+    explicit = {n: c.type for n, c in resolve_types(v, run.model_info).items()} if shape.exact else {}
+    return est.variant_types(shape, v.ftype, explicit, dropped_layers(shape, v), v.type_of("output_type"),
+                             v.type_of("token_embedding_type"))
+
+
+def variant_model(shape: Shape, run: RunContext, v: VariantPlan) -> ModelRef:
+    """The variant's file: the ftype's size, or the budget's where the budget fixes the bytes (the
+    size a KLD or memory target lands on is known once run: the ftype's stands in)."""
+    drop = dropped_layers(shape, v)
+    size = est.variant_file_bytes(shape, variant_types(shape, run, v))
+    if isinstance(v.budget, SizeBudget):
+        size = v.budget.bytes
+    elif isinstance(v.budget, BitsBudget):
+        n = shape.n_params - sum(shape.layer_params(i) for i in set(drop))
+        size = int(v.budget.bpw * n / 8) + shape.metadata_bytes
+    return ModelRef(size, shape.flops_per_token(drop), True, shape.n_layers - len(drop))
+
+
+def quantizable(shape: Shape, drop=()) -> list:
+    """The tensors squeeze chooses types for (2-D and up, in a group), less dropped layers'."""
+    return [t for t in shape.tensors if t.shape and len(t.shape) >= 2 and group_of(t.name) is not None
+            and layer_of(t.name) not in set(drop)]
+
+
+def chunk_counts(chunks: int, n_ctx: int) -> tuple[int, int, int]:
+    """(tokens evaluated, tokens scored, tokens whose logits are read) for `chunks` chunks of
+    `n_ctx` tokens, scored as llama-perplexity does: logits from the chunk's middle on, each predicting
+    the next token (pipeline.measure.perplexity.Chunks)."""
+    first = n_ctx // 2
+    return chunks * n_ctx, chunks * (n_ctx - 1 - first), chunks * (n_ctx - first)
+
+
+# ---- in-memory probes (pipeline.choose.memory_probe) ----------------------------------------------
+def _probe_chunks(run: RunContext, chunks: int) -> tuple[int, int, int]:
+    cal = run.recipe.calibration
+    return chunk_counts(chunks, cal.ctx if cal else run.recipe.score.ctx)
+
+
+def probe_session(shape: Shape, run: RunContext, n_probes: int, chunks: int = PROBE_CHUNKS,
+                  quantized: bool = False) -> list:
+    """n_probes KLD measurements on `chunks` calibration chunks, after the base is loaded once and
+    its distribution taken. What each probe quantizes is declared apart (Roundtrip)."""
+    tokens, scored, outputs = _probe_chunks(run, chunks)
+    return ([Load(), Forward(tokens, shape.flops_per_token(), False, outputs), Sketch(scored)]
+            + probe_measurements(shape, run, n_probes, chunks, quantized))
+
+
+def probe_measurements(shape: Shape, run: RunContext, n_probes: int, chunks: int = PROBE_CHUNKS,
+                       quantized: bool = True) -> list:
+    """n_probes more KLD measurements in a session already open."""
+    if not n_probes:
+        return []
+    tokens, scored, outputs = _probe_chunks(run, chunks)
+    return [Forward(n_probes * tokens, shape.flops_per_token(), quantized, n_probes * outputs), Kld(n_probes * scored)]
+
+
+def probe_resident(shape: Shape, run: RunContext) -> Resident:
+    """In-memory probes: the base loaded writable, a context over the probe chunks, and numpy's
+    copy of the logits it reads (the rows from each chunk's middle on) while their KLD is taken."""
+    _, scored, _ = chunk_counts(PROBE_CHUNKS, 512)
+    return Resident(base_model(shape, run), PROBE_CHUNKS * 512, PROBE_CHUNKS * 512,
+                    est.logits_bytes(scored, shape.n_vocab))
 
 
 # ---- what the writing stages check the disk for -------------------------------------------------
-def _known_shape(ctx: RunContext) -> Shape | None:
+def _known_shape(run: RunContext) -> Shape | None:
     try:
-        return model_shape(ctx)
+        return model_shape(run)
     except SqueezeError:
         return None  # a hub model before its download: the converter's output size is not known
 
 
-def predicted_base_bytes(ctx: RunContext, drop=()) -> int | None:
+def predicted_base_bytes(run: RunContext, drop=()) -> int | None:
     """The size of the base (or of a base with `drop` layers removed), None when not known yet."""
-    shape = _known_shape(ctx)
-    return None if shape is None else est.base_file_bytes(shape, ctx.recipe.model.base_type.upper(), drop)
+    shape = _known_shape(run)
+    return None if shape is None else est.base_file_bytes(shape, run.recipe.model.base_type.upper(), drop)
 
 
-def predicted_variant_bytes(ctx: RunContext, v: VariantPlan, explicit: dict[str, str], drop) -> int | None:
-    shape = _known_shape(ctx)
+def predicted_variant_bytes(run: RunContext, v: VariantPlan, explicit: dict[str, str], drop) -> int | None:
+    """The size of the variant's file with these explicit types, None when the shape is not known yet."""
+    shape = _known_shape(run)
     if shape is None:
         return None
     types = est.variant_types(shape, v.ftype, explicit, drop, v.type_of("output_type"),

@@ -41,11 +41,11 @@ class Freshness:
         return ", ".join(named) + (f" and {more} more" if more else "")
 
 
-def freshness(ctx: RunContext) -> Freshness:
+def freshness(run: RunContext) -> Freshness:
     """The state of every step of the run, as `squeeze status` reports it."""
-    verdicts = Runner(ctx.folder, echo=lambda _: None, read_only=True).status(build_steps(ctx))
+    verdicts = Runner(run.folder, echo=lambda _: None, read_only=True).status(build_steps(run))
     unfinished = tuple(v for v in verdicts if v.state != "done")
-    names = [v.name for v in ctx.recipe.plans]
+    names = [v.name for v in run.recipe.plans]
     stale: set[str] = set()
     for v in unfinished:
         if v.step.variant is not None:
@@ -53,18 +53,18 @@ def freshness(ctx: RunContext) -> Freshness:
         elif v.step.stage != "report":
             stale.update(names)  # a shared step feeds every variant
     started = len(unfinished) < len(verdicts) or any(v.state == "stale" for v in unfinished)
-    return Freshness(str(ctx.recipe.path or ctx.recipe.name), unfinished, started, frozenset(stale))
+    return Freshness(str(run.recipe.path or run.recipe.name), unfinished, started, frozenset(stale))
 
 
-def require_fresh(ctx: RunContext, command: str, allow_stale: bool, f: Freshness | None = None) -> set[str]:
+def require_fresh(run: RunContext, command: str, allow_stale: bool, f: Freshness | None = None) -> set[str]:
     """Refuse, in one line naming the stale steps, unless every step is current or `allow_stale`;
     returns the variants whose rows must then be marked stale. `f`: the run's state when the
     caller has it already."""
-    f = f or freshness(ctx)
+    f = f or freshness(run)
     if not f.started:
-        raise SqueezeError(f"{ctx.folder}: no scores yet; run `squeeze run {f.recipe}` first")
+        raise SqueezeError(f"{run.folder}: no scores yet; run `squeeze run {f.recipe}` first")
     if not f.current and not allow_stale:
-        raise SqueezeError(f"{command}: the results in {ctx.folder} are not current: {f.summary()}; "
+        raise SqueezeError(f"{command}: the results in {run.folder} are not current: {f.summary()}; "
                            f"run `squeeze run {f.recipe}` first, or pass --allow-stale to mark them as stale")
     return set(f.stale_variants)
 
@@ -74,12 +74,12 @@ def require_fresh(ctx: RunContext, command: str, allow_stale: bool, f: Freshness
 RECIPE_RECORD = "recipe-path.json"  # written by `squeeze run`, read when a folder is named instead
 
 
-def remember_recipe(ctx: RunContext) -> None:
+def remember_recipe(run: RunContext) -> None:
     """Record which recipe fills this results folder, so a command given only the folder can
     still tell whether it is current."""
-    if ctx.recipe.path:
-        ctx.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(ctx.folder / RECIPE_RECORD, {"recipe": str(Path(ctx.recipe.path).resolve())})
+    if run.recipe.path:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.folder / RECIPE_RECORD, {"recipe": str(Path(run.recipe.path).resolve())})
 
 
 def run_context(path: str | Path) -> RunContext | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.cost import estimate as est
 from pipeline.engine.backend import engine_versions
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import write_imatrix
@@ -18,59 +19,74 @@ from pipeline.measure.calibration import calibration_tokens, collect, layer_rows
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
+from pipeline.stages.estimate import base_model
+from pipeline.work import Forward, Hook, Load, Note, Resident, Write
 
 
-def imatrix_input(ctx: RunContext) -> Path | None:
+def imatrix_input(run: RunContext) -> Path | None:
     """The imatrix file variants are quantized with, or None when the recipe has no calibration."""
-    cal = ctx.recipe.calibration
+    cal = run.recipe.calibration
     if cal is None:
         return None
     if cal.imatrix:
-        return resolve_dataset(cal.imatrix, ctx.recipe_dir, ctx.recipe.where("calibration", "imatrix"))
-    return ctx.imatrix_path
+        return resolve_dataset(cal.imatrix, run.recipe_dir, run.recipe.where("calibration", "imatrix"))
+    return run.imatrix_path
 
 
-def calibration_writes_layers(ctx: RunContext) -> bool:
+def calibration_writes_layers(run: RunContext) -> bool:
     """layers.csv comes from squeeze's own calibration pass only (not from a given imatrix)."""
-    cal = ctx.recipe.calibration
+    cal = run.recipe.calibration
     return cal is not None and not cal.imatrix
 
 
-def calibration_files(ctx: RunContext) -> list[Path]:
-    cal = ctx.recipe.calibration
-    return [resolve_dataset(name, ctx.recipe_dir, ctx.recipe.where("calibration", "datasets", i))
+def calibration_files(run: RunContext) -> list[Path]:
+    cal = run.recipe.calibration
+    return [resolve_dataset(name, run.recipe_dir, run.recipe.where("calibration", "datasets", i))
             for i, name in enumerate(cal.datasets)]
 
 
-def steps(ctx: RunContext) -> list[Step]:
-    if not calibration_writes_layers(ctx):
+def steps(run: RunContext) -> list[Step]:
+    if not calibration_writes_layers(run):
         return []
-    cal = ctx.recipe.calibration
-    files = calibration_files(ctx)
-    params = ctx.recipe.values("calibration.datasets", "calibration.ctx", "calibration.chunks")
-    outputs = [ctx.imatrix_path, ctx.layers_path]
-    return [Step("imatrix", "imatrix", params, [ctx.base_path, *files], outputs, lambda io: _calibrate(ctx, files, io),
+    cal = run.recipe.calibration
+    files = calibration_files(run)
+    params = run.recipe.values("calibration.datasets", "calibration.ctx", "calibration.chunks")
+    outputs = [run.imatrix_path, run.layers_path]
+    return [Step("imatrix", "imatrix", params, [run.base_path, *files], outputs, lambda io: _calibrate(run, files, io),
                  versions=engine_versions(),
                  produces=f"imatrix.gguf + layers.csv ({cal.chunks} chunks of {cal.ctx} from "
-                          f"{', '.join(cal.datasets)})")]
+                          f"{', '.join(cal.datasets)})", work=lambda shape: _work(run, shape))]
 
 
-def _calibrate(ctx: RunContext, files: list[Path], io) -> dict:
-    cal = ctx.recipe.calibration
-    tokens = calibration_tokens(ctx.base_path, files)
+def _work(run: RunContext, shape) -> list:
+    """The calibration tokens through the base, every linear input accumulated by the hook. (The
+    pass asks for every token's logits; measured on the sizes of results/bench/scale.json it costs
+    the blocks' work and the hook's: the rate benchmark's hook rate holds the rest.)"""
+    cal = run.recipe.calibration
+    tokens, n_seq = cal.chunks * cal.ctx, max(1, 2048 // cal.ctx)
+    base = base_model(shape, run)
+    return [Load(), Forward(tokens, base.flops_per_token, False), Hook(tokens),
+            Resident(base, n_seq * cal.ctx, n_seq * cal.ctx),
+            Write(run.imatrix_path, est.imatrix_file_bytes(shape)), Write(run.layers_path, 40 + 32 * shape.n_layers),
+            Note(f"{cal.chunks} x {cal.ctx} tokens through the base")]
+
+
+def _calibrate(run: RunContext, files: list[Path], io) -> dict:
+    cal = run.recipe.calibration
+    tokens = calibration_tokens(run.base_path, files)
     available = len(tokens) // cal.ctx
     if available < 1:
-        raise SqueezeError(f"{ctx.recipe.where('calibration', 'datasets')}{', '.join(map(str, cal.datasets))} "
+        raise SqueezeError(f"{run.recipe.where('calibration', 'datasets')}{', '.join(map(str, cal.datasets))} "
                            f"tokenize to {len(tokens)} tokens, fewer than one chunk of calibration.ctx = "
                            f"{cal.ctx}; give more text or a smaller ctx")
     n_chunks = min(cal.chunks, available)
     if n_chunks < cal.chunks:
         print(f"imatrix: the calibration text has {available} chunks of {cal.ctx} tokens, "
               f"not calibration.chunks = {cal.chunks}; using {available}", file=sys.stderr)
-    checkpoint = ctx.folder / "imatrix.checkpoint.npz"
-    totals, extra = collect(ctx.base_path, tokens, cal.ctx, n_chunks, threads=ctx.threads, checkpoint=checkpoint,
-                            n_gpu_layers=ctx.recipe.model.n_gpu_layers)
-    write_imatrix(io.out(ctx.imatrix_path), to_imatrix(totals, cal.ctx, list(cal.datasets)))
-    write_layers_csv(io.out(ctx.layers_path), layer_rows(totals))
+    checkpoint = run.folder / "imatrix.checkpoint.npz"
+    totals, extra = collect(run.base_path, tokens, cal.ctx, n_chunks, threads=run.threads, checkpoint=checkpoint,
+                            n_gpu_layers=run.recipe.model.n_gpu_layers)
+    write_imatrix(io.out(run.imatrix_path), to_imatrix(totals, cal.ctx, list(cal.datasets)))
+    write_layers_csv(io.out(run.layers_path), layer_rows(totals))
     checkpoint.unlink(missing_ok=True)
     return extra

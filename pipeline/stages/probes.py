@@ -12,30 +12,30 @@ from pipeline.run.layout import RunContext
 from pipeline.sources.datasets import resolve_dataset
 
 
-def probe_params(ctx: RunContext) -> dict:
-    if ctx.recipe.calibration is not None:
-        return ctx.recipe.values("calibration.datasets", "calibration.ctx")
-    return ctx.recipe.values("score.dataset", "score.ctx")
+def probe_params(run: RunContext) -> dict:
+    if run.recipe.calibration is not None:
+        return run.recipe.values("calibration.datasets", "calibration.ctx")
+    return run.recipe.values("score.dataset", "score.ctx")
 
 
-def probe_text(ctx: RunContext) -> tuple[str, int]:
+def probe_text(run: RunContext) -> tuple[str, int]:
     """The text the probes measure on and its context length."""
-    recipe = ctx.recipe
+    recipe = run.recipe
     cal = recipe.calibration
     if cal is not None and cal.datasets:
-        path = resolve_dataset(cal.datasets[0], ctx.recipe_dir, recipe.where("calibration", "datasets", 0))
+        path = resolve_dataset(cal.datasets[0], run.recipe_dir, recipe.where("calibration", "datasets", 0))
         return read_text(path), cal.ctx
-    path = resolve_dataset(recipe.score.dataset, ctx.recipe_dir, recipe.where("score", "dataset"))
+    path = resolve_dataset(recipe.score.dataset, run.recipe_dir, recipe.where("score", "dataset"))
     return read_text(path), recipe.score.ctx
 
 
-def probe_for(ctx: RunContext, chunks: int, cache: Path | None = None, imatrix: Path | None = None) -> MemoryProbe:
+def probe_for(run: RunContext, chunks: int, cache: Path | None = None, imatrix: Path | None = None) -> MemoryProbe:
     """A MemoryProbe of the run's base; `imatrix` is what its quantized tensors are made with.
     Every probe it measures goes to the run's memo, so no step measures a change twice.
     Close it when done (it holds the loaded model)."""
-    text, n_ctx = probe_text(ctx)
-    return MemoryProbe(ctx.base_path, text, n_ctx, chunks, ctx.threads, cache, ctx.recipe.model.n_gpu_layers, imatrix,
-                       memo=ctx.probe_memo_path)
+    text, n_ctx = probe_text(run)
+    return MemoryProbe(run.base_path, text, n_ctx, chunks, run.threads, cache, run.recipe.model.n_gpu_layers, imatrix,
+                       memo=run.probe_memo_path)
 
 
 def say_reuse(probe: MemoryProbe, step: str) -> None:

@@ -28,52 +28,52 @@ from pipeline.stages import report
 from pipeline.stages.freshness import Freshness, freshness, require_fresh
 
 
-def gguf_name(ctx: RunContext, variant: str) -> str:
-    return f"{ctx.recipe.name}-{variant}.gguf"
+def gguf_name(run: RunContext, variant: str) -> str:
+    return f"{run.recipe.name}-{variant}.gguf"
 
 
-def publish(ctx: RunContext, repo_id: str, private: bool = False, allow_stale: bool = False,
+def publish(run: RunContext, repo_id: str, private: bool = False, allow_stale: bool = False,
             echo: Callable[[str], None] = print) -> Published:
     check_repo_id(repo_id)
-    state = freshness(ctx)  # every step's verdict once: it hashes inputs and outputs
-    stale = require_fresh(ctx, "publish", allow_stale, state)
-    _refuse_unfinished(ctx, state)
+    state = freshness(run)  # every step's verdict once: it hashes inputs and outputs
+    stale = require_fresh(run, "publish", allow_stale, state)
+    _refuse_unfinished(run, state)
     if stale:
         echo(f"publish: stale results for {', '.join(sorted(stale))} (--allow-stale); their rows are marked")
-    write_card(ctx, None, stale)
-    names = ", ".join(v.name for v in ctx.recipe.plans)
-    description = f"Made with squeeze from the recipe {ctx.recipe.name}: {names}."
+    write_card(run, None, stale)
+    names = ", ".join(v.name for v in run.recipe.plans)
+    description = f"Made with squeeze from the recipe {run.recipe.name}: {names}."
     if stale:
         description += f" Published with stale results for {', '.join(sorted(stale))}."
     with tempfile.TemporaryDirectory(prefix="squeeze-publish-") as tmp:
-        files = published_files(ctx)
+        files = published_files(run)
         if stale:  # the report step's scores.md does not mark stale rows; the page on the hub must
             marked = Path(tmp) / "scores.md"
-            marked.write_text(report_markdown(ctx, stale), encoding="utf-8")
+            marked.write_text(report_markdown(run, stale), encoding="utf-8")
             files = [LocalFile(f.path_in_repo, marked) if f.path_in_repo == "scores.md" else f for f in files]
-        return publish_files(repo_id, files, private=private, message=f"squeeze publish {ctx.recipe.name}",
+        return publish_files(repo_id, files, private=private, message=f"squeeze publish {run.recipe.name}",
                              description=description, echo=echo)
 
 
-def published_files(ctx: RunContext) -> list[LocalFile]:
+def published_files(run: RunContext) -> list[LocalFile]:
     """The files of a finished run that go to the hub, with the sha256 the run's hash cache holds
     for the big ones (no GGUF is hashed twice)."""
-    hashes = Manifest(ctx.folder, read_only=True).hashes  # publishing never sets a manifest aside
+    hashes = Manifest(run.folder, read_only=True).hashes  # publishing never sets a manifest aside
     files = []
-    for v in ctx.recipe.plans:
-        path = ctx.variant_path(v.name)
-        files.append(LocalFile(gguf_name(ctx, v.name), path, hashes.digest(path)["sha256"]))
+    for v in run.recipe.plans:
+        path = run.variant_path(v.name)
+        files.append(LocalFile(gguf_name(run, v.name), path, hashes.digest(path)["sha256"]))
     hashes.save()
-    extras = [ctx.folder / "README.md", *report.steps(ctx)[0].outputs,
-              *(ctx.allocation_md_path(v.name) for v in ctx.recipe.plans if v.budget),
-              ctx.layers_plot_path, ctx.stats_heatmap_path, ctx.sensitivity_plot_path]
+    extras = [run.folder / "README.md", *report.steps(run)[0].outputs,
+              *(run.allocation_md_path(v.name) for v in run.recipe.plans if v.budget),
+              run.layers_plot_path, run.stats_heatmap_path, run.sensitivity_plot_path]
     for path in extras:
         if path.exists() and path.read_bytes().strip():  # a table with no rows is left out
-            files.append(LocalFile(path.relative_to(ctx.folder).as_posix(), path))
+            files.append(LocalFile(path.relative_to(run.folder).as_posix(), path))
     return files
 
 
-def _refuse_unfinished(ctx: RunContext, state: Freshness) -> None:
+def _refuse_unfinished(run: RunContext, state: Freshness) -> None:
     """One line naming every variant that is not built, not scored or whose step failed."""
     failed, unfinished = {}, {}
     for v in state.unfinished:
@@ -82,19 +82,19 @@ def _refuse_unfinished(ctx: RunContext, state: Freshness) -> None:
         elif v.step.variant is not None and v.state == "missing":  # never run, or killed or failed without a record
             unfinished.setdefault(v.step.variant, v.step.key)
     problems = []
-    for v in ctx.recipe.plans:
+    for v in run.recipe.plans:
         if v.name in failed:
             problems.append(f"{v.name} ({failed[v.name]} failed)")
-        elif not ctx.variant_path(v.name).exists():
+        elif not run.variant_path(v.name).exists():
             problems.append(f"{v.name} (not built)")
-        elif not ctx.score_path(v.name).exists():
+        elif not run.score_path(v.name).exists():
             problems.append(f"{v.name} (not scored)")
         elif v.name in unfinished:
             problems.append(f"{v.name} ({unfinished[v.name]} did not finish)")
     if problems:
-        raise SqueezeError(f"publish: not every variant is built and scored in {ctx.folder}: "
-                           f"{', '.join(problems)}; run `squeeze run {ctx.recipe.path or ctx.recipe.name}` first")
-    missing = [p for p in report.steps(ctx)[0].outputs if not p.exists()]
+        raise SqueezeError(f"publish: not every variant is built and scored in {run.folder}: "
+                           f"{', '.join(problems)}; run `squeeze run {run.recipe.path or run.recipe.name}` first")
+    missing = [p for p in report.steps(run)[0].outputs if not p.exists()]
     if missing:
         raise SqueezeError(f"publish: the report is missing ({Path(missing[0]).name}); run "
-                           f"`squeeze run {ctx.recipe.path or ctx.recipe.name}` first")
+                           f"`squeeze run {run.recipe.path or run.recipe.name}` first")

@@ -7,15 +7,18 @@ the recipe's rules name (pipeline.recipe.rules) or, under a size budget, one for
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pipeline.choose.allocate import check_budget_fits, explain_markdown
 from pipeline.choose.budget import Layout, kept_types, layout, tensor_bytes
-from pipeline.choose.measured_allocation import TargetChoice, choose_types, choose_types_for_kld
+from pipeline.choose.groups import group_of
+from pipeline.choose.measured_allocation import GROUP_SHARE, TargetChoice, choose_types, choose_types_for_kld
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.choose.text_transfer import class_shares
+from pipeline.cost import estimate as est
 from pipeline.engine.assemble import PrunedFrom, assemble_file
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.runtime_memory import runtime_memory
@@ -28,10 +31,12 @@ from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, KldBudget, Memo
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
-from pipeline.stages.estimate import check_room, predicted_variant_bytes
+from pipeline.stages.estimate import (check_room, dropped_layers, predicted_variant_bytes, probe_resident, probe_session,
+                                      quantizable, variant_model, variant_types)
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.units import MiB
+from pipeline.work import Memory, Note, Quantize, Roundtrip, Write
 
 # A memory target: tries at choosing, quantizing and loading the file before giving up, and bytes
 # taken off beyond the overshoot each time (llama.cpp rounds buffers up).
@@ -39,59 +44,102 @@ MEMORY_TRIES = 3
 MEMORY_SHRINK_STEP = 256 << 10
 
 
-def steps(ctx: RunContext) -> list[Step]:
-    recipe = ctx.recipe
+def steps(run: RunContext) -> list[Step]:
+    recipe = run.recipe
     out = []
     for v in recipe.plans:
         prune = v.prune
-        tag = ctx.prune_tag(v)
-        imatrix = imatrix_input(ctx) if v.imatrix else None
+        tag = run.prune_tag(v)
+        imatrix = imatrix_input(run) if v.imatrix else None
         budget = v.budget
         params = v.values
         if budget is not None and not isinstance(budget, KldBudget):  # a KLD target is checked against the measured map
-            check_budget_reachable(ctx, v)
+            check_budget_reachable(run, v)
             params = {**params, **recipe.values("select.refine_rounds")}
             if recipe.select.refine_rounds:
-                params.update({"refine.chunks": PROBE_CHUNKS, **probe_params(ctx)})
+                params.update({"refine.chunks": PROBE_CHUNKS, **probe_params(run)})
         # A pruned variant is quantized from its pruned base (pipeline.stages.prune), not pruned here.
-        src = ctx.pruned_base_path(tag) if tag else ctx.base_path
+        src = run.pruned_base_path(tag) if tag else run.base_path
         if imatrix and tag:
-            imatrix = ctx.pruned_imatrix_path(tag)
+            imatrix = run.pruned_imatrix_path(tag)
         inputs = [src] + ([imatrix] if imatrix else [])
-        if tag and ctx.prune_choice_tag(v) is not None:
-            inputs.append(ctx.prune_choice_path(tag))
+        if tag and run.prune_choice_tag(v) is not None:
+            inputs.append(run.prune_choice_path(tag))
         if budget is not None:
-            inputs.append(ctx.sensitivity_json_path)
-        outputs = [ctx.variant_path(v.name), ctx.tensor_types_path(v.name)]
+            inputs.append(run.sensitivity_json_path)
+        outputs = [run.variant_path(v.name), run.tensor_types_path(v.name)]
         if budget is not None:
-            outputs.append(ctx.allocation_md_path(v.name))
+            outputs.append(run.allocation_md_path(v.name))
         if isinstance(budget, KldBudget):
-            outputs.append(ctx.target_path(v.name))
+            outputs.append(run.target_path(v.name))
         if isinstance(budget, MemoryBudget):
-            outputs.append(ctx.memory_fit_path(v.name))
+            outputs.append(run.memory_fit_path(v.name))
         what = (f"types for {budget.key} {budget.text()}" if budget else f"{v.ftype}") + \
                (f", layers {list(prune.listed)} pruned" if prune.listed else "") + \
                (f", {prune.k} layers pruned (picked by KLD)" if isinstance(prune, AutoPrune) else "") + \
                (f", up to {prune.k} layers pruned where that beats bits" if isinstance(prune, UpToPrune) else "") + \
                (", imatrix" if imatrix else "")
         out.append(Step(f"quantize {v.name}", "quantize", params, inputs, outputs,
-                        _action(ctx, v, src, imatrix), variant=v.name, versions=engine_versions(),
+                        _action(run, v, src, imatrix), variant=v.name, versions=engine_versions(),
+                        work=lambda shape, v=v: _work(run, shape, v),
                         produces=f"variants/{v.name}.gguf ({what})"))
     return out
 
 
-def _kld_target_choice(ctx: RunContext, sens, target: float, fixed: int, layers, rule_choices, imatrix, where: str):
+def _kld_target_choice(run: RunContext, sens, target: float, fixed: int, layers, rule_choices, imatrix, where: str):
     """The smallest mix meeting a KLD target, measured in memory (a map-only prediction when the
     recipe trusts the map: select.refine_rounds 0)."""
     exclude = {n: c.type for n, c in rule_choices.items()}
-    rounds = ctx.recipe.select.refine_rounds
+    rounds = run.recipe.select.refine_rounds
     if rounds == 0:
         return choose_types_for_kld(sens, target, fixed, drop=layers, exclude=exclude, rounds=0, where=where)
-    with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix_input(ctx) if imatrix else None) as probe:
+    with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None) as probe:
         chosen = choose_types_for_kld(sens, target, fixed, probe=probe, drop=layers, exclude=exclude, rounds=rounds,
                                       where=where, echo=print)
         say_reuse(probe, "quantize")
     return chosen
+
+
+def _work(run: RunContext, shape, v: VariantPlan) -> list:
+    """The file written (its source mapped, every tensor read once: its pages stay resident while
+    it is open); under a budget, the refinement's rounds measured in memory first, whose last mix
+    the file is then assembled from (priced at the fastest quantize rate: an upper bound)."""
+    types = variant_types(shape, run, v)
+    drop = dropped_layers(shape, v)
+    refined = v.budget is not None and v.refine_rounds > 0
+    explicit = resolve_types(v, run.model_info) if shape.exact else {}
+    source_bytes = est.base_file_bytes(shape, run.recipe.model.base_type.upper(), drop)
+    work = [Quantize(types, fastest=refined), Write(run.variant_path(v.name), variant_model(shape, run, v).bytes),
+            Write(run.tensor_types_path(v.name), 60 + 30 * len(explicit)),
+            Memory(3 * 4 * shape.largest_tensor_values + source_bytes), Note(v.ftype)]
+    if refined:
+        work += _refinement_work(shape, run, v, {n: ty for n, ty in types.items() if layer_of(n) not in set(drop)})
+    return work
+
+
+# Refinement (pipeline.choose.refine) measures, in every round but the last, the groups whose
+# predicted KLD adds up to GROUP_SHARE (80 %) of the total. How many groups that is depends on the
+# map: on Gemma 3 270M's (its sensitivity stage, 2026-11; the map was kept as
+# results/bench/sensitivity-map.csv until commit e8a66bd), 25 of its 36 layer groups carry 80 %
+# of the KLD at the probe's low types, so this share of the groups is priced per round. Later
+# rounds measure only the groups whose types changed, and refinement stops early once a round's
+# prediction is within tolerance: pricing every round in full makes this an upper bound.
+REFINE_GROUP_FRACTION = 25 / 36
+
+
+def _refinement_work(shape, run: RunContext, v: VariantPlan, types: dict[str, str]) -> list:
+    """The base loaded and its distribution taken; every round the whole chosen mix measured, and,
+    but in the last round, the groups carrying GROUP_SHARE of the predicted KLD each measured alone
+    at its types. Quantizing: the first round the whole mix; later rounds only the groups whose
+    types changed (priced as the measured share, an upper bound); the groups' own probes use the
+    mix's pairs, already quantized (pipeline.engine.quantized_tensors keeps them)."""
+    rounds = v.refine_rounds
+    groups = {group_of(t.name) for t in quantizable(shape, dropped_layers(shape, v))}
+    per_round = math.ceil(REFINE_GROUP_FRACTION * len(groups)) if GROUP_SHARE < 1 else len(groups)
+    probes = rounds + (rounds - 1) * per_round
+    return (probe_session(shape, run, probes, PROBE_CHUNKS, quantized=True)
+            + [Roundtrip(types), Roundtrip(types, times=(rounds - 1) * REFINE_GROUP_FRACTION),
+               probe_resident(shape, run), Note(f"refinement: {probes} in-memory KLD probes")])
 
 
 def target_note(chosen: TargetChoice) -> str:
@@ -127,82 +175,82 @@ def budget_bytes(budget: Budget, lay: Layout, runtime_bytes: int | None = None) 
     return int(budget.bpw * lay.n_params / 8) + lay.overhead
 
 
-def check_budget_reachable(ctx: RunContext, v: VariantPlan) -> None:
+def check_budget_reachable(run: RunContext, v: VariantPlan) -> None:
     """A budget below the smallest file the candidate types allow is refused before any work."""
     budget = v.budget
-    kept = kept_types(ctx.base_path, v.ftype, v.type_of("output_type"))
-    lay = layout(ctx.model_info, v.prune.listed, ctx.base_path, kept)
+    kept = kept_types(run.base_path, v.ftype, v.type_of("output_type"))
+    lay = layout(run.model_info, v.prune.listed, run.base_path, kept)
     if isinstance(budget, MemoryBudget):
-        _check_memory_reachable(ctx, v, budget, lay)
+        _check_memory_reachable(run, v, budget, lay)
         return
     want = budget_bytes(budget, lay)
     label = f"{budget.bpw} bits per weight ({want / MiB:.1f} MiB)" if isinstance(budget, BitsBudget) else f"{budget.size!r}"
     check_budget_fits(want, lay.smallest, budget.where, label)
 
 
-def _check_memory_reachable(ctx: RunContext, v: VariantPlan, budget: MemoryBudget, lay: Layout) -> None:
+def _check_memory_reachable(run: RunContext, v: VariantPlan, budget: MemoryBudget, lay: Layout) -> None:
     """Before any work: the smallest file plus a KV cache no layer can go below must fit (the
     compute buffers are known once llama.cpp makes the context, at run time)."""
     target, where = budget.memory, budget.where
-    info = ctx.model_info
+    info = run.model_info
     keys = next((t for t in info.tensors if t.name.endswith("attn_k.weight") and t.shape), None)
     if keys is None or len(keys.shape) < 2:
         return  # a model not here yet: its shapes come with it
     n_layers = info.n_layers - len(v.prune.listed)
-    kv = kv_lower_bound(n_layers, int(keys.shape[1]), target.ctx, target.kv_type, _sliding_window(ctx))
+    kv = kv_lower_bound(n_layers, int(keys.shape[1]), target.ctx, target.kv_type, _sliding_window(run))
     check_fits(target, lay.smallest + kv, f"the smallest file, {lay.smallest / MiB:.1f} MiB, and a KV cache of at "
                f"least {kv / MiB:.1f} MiB at ctx {target.ctx} ({target.kv_type})", where)
 
 
-def _sliding_window(ctx: RunContext) -> int | None:
+def _sliding_window(run: RunContext) -> int | None:
     """The model's sliding attention window (GGUF metadata), None without one or before the model is here."""
-    path = ctx.base_path if ctx.base_path.exists() else None
+    path = run.base_path if run.base_path.exists() else None
     if path is None:
-        source = parse_source(ctx.recipe)
-        path = source_gguf(ctx.recipe, source) if source.kind in ("gguf", "pypi") else None
+        source = parse_source(run.recipe)
+        path = source_gguf(run.recipe, source) if source.kind in ("gguf", "pypi") else None
     if path is None:
         return None
-    key = f"{ctx.model_info.arch}.attention.sliding_window"
+    key = f"{run.model_info.arch}.attention.sliding_window"
     return next((int(kv.value) for kv in read_metadata(path)[0] if kv.key == key and isinstance(kv.value, int)), None)
 
 
-def _action(ctx: RunContext, v: VariantPlan, src: Path, imatrix):
+def _action(run: RunContext, v: VariantPlan, src: Path, imatrix):
     budget = v.budget
     if not isinstance(budget, MemoryBudget):
-        return lambda io: _quantize(ctx, v, src, imatrix, io)
+        return lambda io: _quantize(run, v, src, imatrix, io)
 
-    def run(io):
+    def act(io):
         """Choose for the bytes the memory leaves beside the context's buffers (read back from
         llama.cpp on the variant's source, which has the layers the variant keeps); then load the
         file as it will run and read back what llama.cpp allocates. If it does not fit (a file's
         buffers differ a little from its base's), choose again with the overshoot taken off."""
         target, where = budget.memory, budget.where
-        runtime = runtime_memory(src, target.ctx, target.kv_type, threads=ctx.threads).runtime
+        runtime = runtime_memory(src, target.ctx, target.kv_type, threads=run.threads).runtime
         room = memory_bytes(target, where) - margin_bytes(target, where)
         shrink = 0
         for _ in range(MEMORY_TRIES):
-            extra = _quantize(ctx, v, src, imatrix, io, runtime + shrink)
-            fit = runtime_memory(io.out(ctx.variant_path(v.name)), target.ctx, target.kv_type, threads=ctx.threads)
+            extra = _quantize(run, v, src, imatrix, io, runtime + shrink)
+            fit = runtime_memory(io.out(run.variant_path(v.name)), target.ctx, target.kv_type, threads=run.threads)
             if fit.total <= room:
                 record = {"memory_bytes": memory_bytes(target, where), "margin_bytes": margin_bytes(target, where),
                           "ctx": target.ctx, "kv_type": target.kv_type,
                           "runtime_bytes_of_source": runtime, **fit.to_json()}
-                io.out(ctx.memory_fit_path(v.name)).write_text(json.dumps(record, indent=1) + "\n")
+                io.out(run.memory_fit_path(v.name)).write_text(json.dumps(record, indent=1) + "\n")
                 return {**extra, "memory_fit": {k: v_ for k, v_ in record.items() if k != "llama_cpp_says"}}
             shrink += fit.total - room + MEMORY_SHRINK_STEP
         raise SqueezeError(f"{where}no mix fits {target.memory} at ctx {target.ctx} after {MEMORY_TRIES} tries: "
                            f"llama.cpp allocates {fit.total / MiB:.1f} MiB for the last, {room / MiB:.1f} MiB allowed")
-    return run
+    return act
 
 
-def _quantize(ctx: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_bytes: int | None = None):
+def _quantize(run: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_bytes: int | None = None):
     budget = v.budget
-    layers = ctx.variant_layers(v)
-    choices = resolve_types(v, ctx.model_info)
+    layers = run.variant_layers(v)
+    choices = resolve_types(v, run.model_info)
     extra = {}
     token_embd_type = v.type_of("token_embedding_type")
     if budget is not None:
-        choices, chosen = _budget_choices(ctx, v, layers, choices, imatrix, runtime_bytes)
+        choices, chosen = _budget_choices(run, v, layers, choices, imatrix, runtime_bytes)
         alloc = chosen.allocation
         token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
         extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
@@ -214,7 +262,7 @@ def _quantize(ctx: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
             extra.update({"target_kld": chosen.target_kld, "target_met_on_calibration": chosen.met,
                           "next_cheaper": chosen.next_cheaper})
             note += "\n\n" + target_note(chosen)
-            io.out(ctx.target_path(v.name)).write_text(json.dumps(
+            io.out(run.target_path(v.name)).write_text(json.dumps(
                 {"target_kld": chosen.target_kld, "calibration_kld": chosen.measured_kld,
                  "predicted_kld": chosen.predicted_kld, "bytes": alloc.total_bytes,
                  "slack": chosen.slack, "measurements": chosen.measurements,
@@ -222,49 +270,49 @@ def _quantize(ctx: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
                  # how the mix's KLD splits between embedding and blocks: what carries it to the
                  # scoring text (pipeline.choose.text_transfer)
                  "class_shares": class_shares(alloc.group_kld())}, indent=1) + "\n")
-        weighed = _prune_or_bits_note(ctx, v)
+        weighed = _prune_or_bits_note(run, v)
         if weighed:
             note += "\n\n" + weighed
-        io.out(ctx.allocation_md_path(v.name)).write_text(
+        io.out(run.allocation_md_path(v.name)).write_text(
             explain_markdown(alloc, f"{v.name}: every tensor's type", note, history=chosen.history))
     lines = tensor_type_file_lines({n: c.type for n, c in choices.items()}, layers)
     if budget is not None and token_embd_type:
         lines.append(f"{exact_pattern(TOKEN_EMBD)}={token_embd_type.lower()}")
-    io.out(ctx.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
-    needed = extra.get("predicted_bytes") or predicted_variant_bytes(ctx, v, {n: c.type for n, c in choices.items()},
+    io.out(run.tensor_types_path(v.name)).write_text("".join(line + "\n" for line in lines))
+    needed = extra.get("predicted_bytes") or predicted_variant_bytes(run, v, {n: c.type for n, c in choices.items()},
                                                                       layers)
-    check_room(f"quantize {v.name}", ctx.variant_path(v.name).parent, needed)
+    check_room(f"quantize {v.name}", run.variant_path(v.name).parent, needed)
     # the file llama_model_quantize writes, from the tensors this run already quantized (the
     # refinement's last mix, earlier variants) where it has them (pipeline.engine.assemble)
-    pruned_from = PrunedFrom(ctx.base_path, imatrix_input(ctx) if imatrix else None, tuple(layers)) if layers else None
-    made = assemble_file(src, io.out(ctx.variant_path(v.name)), v.ftype,
+    pruned_from = PrunedFrom(run.base_path, imatrix_input(run) if imatrix else None, tuple(layers)) if layers else None
+    made = assemble_file(src, io.out(run.variant_path(v.name)), v.ftype,
                          imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
                          output_type=v.type_of("output_type"), token_embedding_type=token_embd_type,
-                         threads=ctx.threads, pruned_from=pruned_from)
+                         threads=run.threads, pruned_from=pruned_from)
     return {**extra, "pruned_layers": list(layers), "tensors_quantized": made.quantized,
             "tensors_reused": made.reused, "tensors_copied": made.copied,
             "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
 
 
-def _prune_or_bits_note(ctx: RunContext, v: VariantPlan) -> str:
+def _prune_or_bits_note(run: RunContext, v: VariantPlan) -> str:
     """The prune stage's reasoning for `prune: {up_to: K}` (pipeline.choose.prune_or_bits)."""
     if not isinstance(v.prune, UpToPrune):
         return ""
-    tag = ctx.prune_choice_tag(v)
-    return json.loads(ctx.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
+    tag = run.prune_choice_tag(v)
+    return json.loads(run.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
 
 
-def _budget_choices(ctx: RunContext, v: VariantPlan, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
+def _budget_choices(run: RunContext, v: VariantPlan, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
     """Every tensor's type for the budget; recipe rules still win for the tensors they name. The
     choice is refined by measuring it in memory on the unpruned base (pruned layers removed in
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
-    sens = load_sensitivity(ctx.sensitivity_json_path)
-    info = ctx.model_info
+    sens = load_sensitivity(run.sensitivity_json_path)
+    info = run.model_info
     budget = v.budget
-    kept = kept_types(ctx.base_path, v.ftype, v.type_of("output_type"))
-    lay = layout(info, layers, ctx.base_path, kept)
+    kept = kept_types(run.base_path, v.ftype, v.type_of("output_type"))
+    lay = layout(info, layers, run.base_path, kept)
     # removing layers was weighed against bits at the unpruned model's bytes: the budget stays that
-    sized = layout(info, (), ctx.base_path, kept) if isinstance(v.prune, UpToPrune) else lay
+    sized = layout(info, (), run.base_path, kept) if isinstance(v.prune, UpToPrune) else lay
     want = budget_bytes(budget, sized, runtime_bytes) if not isinstance(budget, KldBudget) else None
     fixed = lay.fixed
     by_name = {t.name: t for t in info.tensors}
@@ -274,12 +322,12 @@ def _budget_choices(ctx: RunContext, v: VariantPlan, layers, rule_choices, imatr
     rounds = v.refine_rounds
     where, label = budget.where, budget.text()
     if isinstance(budget, KldBudget):
-        chosen = _kld_target_choice(ctx, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
+        chosen = _kld_target_choice(run, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
     elif rounds == 0:
         chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
                               budget_label=label)
     else:
-        with probe_for(ctx, PROBE_CHUNKS, imatrix=imatrix_input(ctx) if imatrix else None) as probe:
+        with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None) as probe:
             chosen = choose_types(sens, want, fixed, probe=probe, drop=layers, exclude={n: c.type for n, c in rule_choices.items()},
                                   rounds=rounds, where=where, budget_label=label, echo=print)
             say_reuse(probe, f"quantize {v.name}")

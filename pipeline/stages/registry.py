@@ -15,7 +15,7 @@ from pipeline.run.layout import RunContext, results_root
 from pipeline.run.runner import Step
 from pipeline.stages import convert, imatrix, prune, quantize, report, score, sensitivity, statistics
 
-# name -> the module whose steps(ctx) declares that stage's steps; every step's `stage` is its name.
+# name -> the module whose steps(run) declares that stage's steps; every step's `stage` is its name.
 STAGES = {
     "convert": convert,
     "imatrix": imatrix,
@@ -36,25 +36,25 @@ def open_run(recipe_path: str | Path, results: str | Path | None = None, check_m
     build without a GPU backend; running it is refused."""
     recipe = load_recipe(recipe_path)
     folder = Path(results) if results else results_root() / recipe.name
-    ctx = RunContext(recipe, folder)
+    run = RunContext(recipe, folder)
     if check_gpu:
         check_offload(recipe.model.n_gpu_layers, recipe.where("model", "n_gpu_layers").rstrip(": "))
     if check_model:
-        check_recipe_against_model(recipe, ctx.model_info)
-    return ctx
+        check_recipe_against_model(recipe, run.model_info)
+    return run
 
 
-def build_steps(ctx: RunContext, variants: tuple[str, ...] = ()) -> list[Step]:
+def build_steps(run: RunContext, variants: tuple[str, ...] = ()) -> list[Step]:
     steps = []
     for name, module in STAGES.items():
-        declared = module.steps(ctx)
+        declared = module.steps(run)
         assert all(s.stage == name for s in declared), f"stage {name} declared a step of another stage"
         steps += declared
     keys = [s.key for s in steps]
     assert len(keys) == len(set(keys)), "step keys must be unique"
     if not variants:
         return steps
-    known = {v.name for v in ctx.recipe.plans}
+    known = {v.name for v in run.recipe.plans}
     for name in variants:
         if name not in known:
             raise SqueezeError(f"--variant: unknown variant '{name}'{did_you_mean(name, known)} "
