@@ -26,7 +26,7 @@ from pipeline.report.tables import report_markdown, scored_variants
 from pipeline.run.ray_executor import RayExecutor
 from pipeline.run.runner import Interrupted, Runner, signals_interrupt
 from pipeline.stages.freshness import remember_recipe, require_fresh, run_context
-from pipeline.stages.publish import publish as publish_run
+from pipeline.publish.publish_run import publish as publish_run
 from pipeline.stages.registry import STAGE_ORDER, build_steps, check_stage, open_run
 
 

@@ -26,13 +26,14 @@ MAY_IMPORT = {
     "recipe": {"formats"},
     "sources": {"build", "engine", "formats"},
     "run": {"recipe", "sources", "formats", "engine"},
-    "publish": {"sources"},  # uploads through the hub session sources/ opens
+    # `squeeze publish`: a finished run (is it current? its card, its files) uploaded through the hub
+    # session sources/ opens
+    "publish": {"stages", "report", "run", "recipe", "sources", "formats"},
     "measure": {"engine", "formats"},
     "choose": {"measure", "engine", "formats"},
     "cost": {"choose", "measure", "run", "recipe", "sources", "build", "formats", "engine"},
     "report": {"choose", "measure", "run", "recipe", "sources", "formats", "engine"},
-    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "publish", "build", "formats",
-               "engine"},
+    "stages": {"cost", "choose", "measure", "report", "run", "recipe", "sources", "build", "formats", "engine"},
     "cli": {"stages", "cost", "choose", "measure", "report", "run", "recipe", "sources", "publish", "build", "formats",
             "engine"},
     "__main__": {"cli"},

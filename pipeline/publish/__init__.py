@@ -1,2 +1,3 @@
-"""Publishing what a run made: uploading its files to a Hugging Face model repo (the hub
-session itself, endpoint and token, is pipeline.sources.hub)."""
+"""`squeeze publish`: what a finished run puts on a Hugging Face model repo (publish_run.py, which
+asks the stages whether the run is current) and the upload itself (hub_upload.py, through the hub
+session pipeline.sources.hub opens). Only the CLI uses it."""

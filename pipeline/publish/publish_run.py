@@ -22,8 +22,8 @@ from pipeline.errors import SqueezeError
 from pipeline.report.card import write_card
 from pipeline.report.tables import report_markdown
 from pipeline.run.layout import RunContext
-from pipeline.run.manifest import Manifest
 from pipeline.publish.hub_upload import LocalFile, Published, check_repo_id, publish_files
+from pipeline.run.manifest import Manifest
 from pipeline.stages import report
 from pipeline.stages.freshness import Freshness, freshness, require_fresh
 
