@@ -241,3 +241,41 @@ def test_device_copy_path_reads_the_same_activations_as_the_host_view(source_ggu
         hook.check()
     assert hook.compared >= 7 * model.n_layer  # q, k, v, o, gate, up, down of every block
     assert hook.max_diff == 0.0
+
+
+# ---- the input's full second moment (error-compensated rounding) -------------------------------
+
+@pytest.mark.slow
+def test_second_moments_share_an_input_and_their_diagonal_is_the_imatrix(base_f16, calibration_sample, tmp_path):
+    """H = sum x x^T per distinct input: q/k/v share one, gate/up one, attn_output and ffn_down
+    their own; its diagonal is the imatrix's sum of squares; a killed pass resumes to the same H."""
+    tokens = calibration_tokens(base_f16, [calibration_sample])
+    checkpoint = tmp_path / "imatrix.checkpoint.npz"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_one(done):
+        if done == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        collect(base_f16, tokens, 128, 2, checkpoint=checkpoint, on_batch=stop_after_one, n_seq=1,
+                second_moments=True)
+    resumed, extra = collect(base_f16, tokens, 128, 2, checkpoint=checkpoint, n_seq=1, second_moments=True)
+    assert extra["resumed_from_chunk"] == 1
+    whole, _ = collect(base_f16, tokens, 128, 2, n_seq=1, second_moments=True)
+    of = whole.moment_of
+    assert of["blk.3.attn_k.weight"] == of["blk.3.attn_v.weight"] == of["blk.3.attn_q.weight"]
+    assert of["blk.3.ffn_up.weight"] == of["blk.3.ffn_gate.weight"] != of["blk.3.attn_q.weight"]
+    assert len({of["blk.3.attn_output.weight"], of["blk.3.ffn_down.weight"], of["blk.3.attn_q.weight"],
+                of["blk.3.ffn_up.weight"]}) == 4
+    assert set(of) == set(whole.sums)  # every dense weight of the blocks
+    for name in whole.sums:
+        h = whole.second_moment(name)
+        np.testing.assert_allclose(np.diag(h), whole.sums[name][0], rtol=2e-5, err_msg=name)
+        assert np.allclose(h, h.T)
+        np.testing.assert_array_equal(resumed.second_moment(name), h, err_msg=name)
+    # a checkpoint without the moments is not resumed by a pass that wants them
+    assert load_checkpoint(checkpoint, fingerprint(base_f16, tokens[:256], 128, 1, second_moments=True)) is not None
+    assert load_checkpoint(checkpoint, fingerprint(base_f16, tokens[:256], 128, 1)) is None

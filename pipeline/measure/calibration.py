@@ -6,7 +6,11 @@ through llama.cpp's `cb_eval` hook, collecting two things at once:
   activations and the number of rows (tokens) that went in;
 * per block, the cosine similarity between the hidden state entering it and leaving it (mean
   over tokens; ShortGPT's Block Influence is 1 minus that), from the graph nodes llama.cpp names
-  `inp_embd` / `inp_scaled` (input of block 0) and `l_out-<il>` (output of block il).
+  `inp_embd` / `inp_scaled` (input of block 0) and `l_out-<il>` (output of block il);
+* when asked (error-compensated rounding, pipeline.choose.gptq_rounding), the full second moment
+  H = sum x x^T of every distinct input of a dense `blk.*` matrix, in float64: attn_q/k/v read one
+  input and share one H, ffn_gate/up another; attn_output and ffn_down have their own. Its
+  diagonal is the imatrix's sum of squares.
 
 The chunks are laid out as llama-imatrix lays them out (n_batch 2048 / ctx sequences per decode,
 first token of each chunk replaced by BOS), so the numbers agree with the CLI's.
@@ -46,13 +50,23 @@ class Collected:
     cos_sum: np.ndarray | None = None  # per block: sum over tokens of cos(input, output)
     cos_tokens: np.ndarray | None = None
     chunks_done: int = 0
+    # H per distinct input, keyed by the first weight that reads it; every weight -> its key
+    moments: dict[str, np.ndarray] = field(default_factory=dict)
+    moment_of: dict[str, str] = field(default_factory=dict)
+
+    def second_moment(self, weight: str) -> np.ndarray:
+        """H = sum x x^T over the inputs `weight` saw (float64, n_in x n_in)."""
+        return self.moments[self.moment_of[weight]]
 
 
 class Collector(EvalHook):
     """The cb_eval observer of the calibration pass (see pipeline.engine.eval_hook)."""
 
-    def __init__(self, n_layer: int, totals: Collected, stop_after_last_block: bool = True):
+    def __init__(self, n_layer: int, totals: Collected, stop_after_last_block: bool = True,
+                 second_moments: bool = False):
         super().__init__()
+        self.second_moments = second_moments
+        self._moment_keys: dict[int, str] = {}  # input node -> the first weight that read it (this graph)
         self.g = ggml()
         self.n_layer = n_layer
         self.totals = totals
@@ -94,9 +108,11 @@ class Collector(EvalHook):
         if name in self._inputs:
             self._prev = hidden.copy()
             self._sq_cache.clear()  # a new graph (ubatch) starts: node addresses are reused
+            self._moment_keys.clear()
             return True
         il = self._outputs[name]
         self._sq_cache.clear()
+        self._moment_keys.clear()
         prev = self._prev
         if prev is not None and prev.shape == hidden.shape:
             dot = np.einsum("ij,ij->i", prev, hidden, dtype=np.float64)
@@ -137,6 +153,22 @@ class Collector(EvalHook):
             self._sq_cache[key] = (before, flat.copy())
         n_rows = int(src1.ne[1] * src1.ne[2] * src1.ne[3])
         self.totals.counts[name] += n_rows // n_mat
+        if self.second_moments and n_mat == 1:
+            self._second_moment(name, src1, ne0)
+
+    def _second_moment(self, name: str, src1: GgmlTensor, ne0: int) -> None:
+        key = address(src1)
+        first = self._moment_keys.get(key)
+        if first is not None:  # q/k/v, gate/up: the input another weight of this graph has added
+            self.totals.moment_of.setdefault(name, first)
+            return
+        first = self.totals.moment_of.setdefault(name, name)
+        self._moment_keys[key] = first
+        x = self.g.array(src1).reshape(-1, ne0).astype(np.float64)
+        h = self.totals.moments.get(first)
+        if h is None:
+            h = self.totals.moments[first] = np.zeros((ne0, ne0))
+        h += x.T @ x
 
     def _mul_mat_id(self, t: GgmlTensor) -> None:
         # ids: (n_tokens, n_expert_used) expert numbers; src1: (n_tokens, n_expert_used or 1, cols)
@@ -187,11 +219,11 @@ def chunk_tokens(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None)
     return out
 
 
-def fingerprint(model_path: Path, tokens: np.ndarray, n_ctx: int, n_seq: int) -> str:
+def fingerprint(model_path: Path, tokens: np.ndarray, n_ctx: int, n_seq: int, second_moments: bool = False) -> str:
     """What a checkpoint must have been made from to be resumed."""
     st = Path(model_path).stat()
     h = hashlib.sha256(f"{Path(model_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{n_ctx}|{n_seq}|"
-                       f"{engine_version()}|{__version__}|".encode())
+                       f"{engine_version()}|{__version__}|{'moments|' if second_moments else ''}".encode())
     h.update(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
     return h.hexdigest()
 
@@ -202,6 +234,10 @@ def save_checkpoint(path: Path, totals: Collected, fp: str) -> None:
     for name in totals.sums:
         arrays[f"sum:{name}"] = totals.sums[name]
         arrays[f"count:{name}"] = totals.counts[name]
+    for name, h in totals.moments.items():
+        arrays[f"moment:{name}"] = h
+    for name, first in totals.moment_of.items():
+        arrays[f"moment_of:{name}"] = np.array(first)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -219,6 +255,10 @@ def load_checkpoint(path: Path, fp: str) -> Collected | None:
                     name = key[4:]
                     totals.sums[name] = z[key].copy()
                     totals.counts[name] = z[f"count:{name}"].copy()
+                elif key.startswith("moment:"):
+                    totals.moments[key[7:]] = z[key].copy()
+                elif key.startswith("moment_of:"):
+                    totals.moment_of[key[10:]] = str(z[key])
             return totals
     except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile):
         return None  # a damaged checkpoint: the pass starts over
@@ -230,16 +270,17 @@ _BATCH_TOKENS = 2048  # llama-imatrix's default n_batch: it packs n_batch / ctx 
 def collect(model_path: Path, tokens: np.ndarray, n_ctx: int, n_chunks: int, *, threads: int | None = None,
             checkpoint: Path | None = None, on_batch: Callable[[int], None] | None = None,
             n_seq: int | None = None, progress_desc: str = "imatrix",
-            n_gpu_layers: int = 0) -> tuple[Collected, dict]:
+            n_gpu_layers: int = 0, second_moments: bool = False) -> tuple[Collected, dict]:
     """Run the pass over the first `n_chunks` chunks of `tokens`; resume from `checkpoint` when it
     holds an interrupted pass over the same model and tokens, and save it after every decode.
 
     `on_batch(chunks_done)` is called after each saved checkpoint (tests interrupt there).
-    With layers offloaded, the hook copies each observed node out of device memory."""
+    With layers offloaded, the hook copies each observed node out of device memory.
+    `second_moments`: also every dense input's H (Collected.second_moment)."""
     n_seq = n_seq or max(1, _BATCH_TOKENS // n_ctx)
     with Model(model_path, n_gpu_layers) as model:
         chunks = chunk_tokens(tokens, n_ctx, n_chunks, model.bos if model.add_bos else None)
-        fp = fingerprint(model_path, tokens[:n_chunks * n_ctx], n_ctx, n_seq)
+        fp = fingerprint(model_path, tokens[:n_chunks * n_ctx], n_ctx, n_seq, second_moments)
         totals = load_checkpoint(checkpoint, fp) if checkpoint and checkpoint.exists() else None
         if totals is None or totals.chunks_done > n_chunks or totals.chunks_done % n_seq:
             totals = Collected()
@@ -247,7 +288,7 @@ def collect(model_path: Path, tokens: np.ndarray, n_ctx: int, n_chunks: int, *, 
         if resumed_from:
             print(f"{progress_desc}: resuming after chunk {resumed_from} of {n_chunks} ({checkpoint.name})",
                   file=sys.stderr)
-        collector = Collector(model.n_layer, totals)
+        collector = Collector(model.n_layer, totals, second_moments=second_moments)
         start = time.monotonic()
         with Context(model, n_ctx, n_seq, threads, cb_eval=collector.callback) as lctx, \
                 bar(n_chunks, progress_desc, unit="chunk") as progress:

@@ -1,0 +1,94 @@
+"""Error-compensated rounding (GPTQ) into llama.cpp's own types: the same scales llama.cpp picks,
+other indices on their grid.
+
+llama.cpp rounds every block on its own, weighted by the imatrix (the diagonal of the input's
+second moment). GPTQ rounds a matrix's input columns in order and pushes each column's rounding
+error onto the columns not rounded yet, through the Cholesky factor of the damped inverse of the
+full second moment H = sum x x^T, so the output error ||(W - Q) X|| is what it minimises, not
+each value's own error.
+
+Here, for each block of columns (32 or 256 wide, the type's block), the block's scales come from
+llama.cpp's own quantizer (ggml_quantize_chunk, with the imatrix) on the block's current,
+error-updated weights; then each column is rounded onto that block's grid
+(pipeline.formats.block_grid) and its error fed forward. The bytes are llama.cpp's block with new
+indices: the same type and size, loaded by stock llama.cpp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.engine.ggml_quant import quantize_rows, row_bytes
+from pipeline.errors import SqueezeError
+from pipeline.formats import block_grid, ggml_types
+
+# Added to H's diagonal, as a share of its mean, before inverting (the GPTQ paper's 1 %): keeps
+# the factor finite where inputs are nearly collinear.
+DAMP = 0.01
+
+
+def supports(qtype: str) -> bool:
+    """Whether `qtype` is rounded here; other types (the i-quants) keep llama.cpp's rounding."""
+    return qtype.upper() in block_grid.SUPPORTED
+
+
+def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead): the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the columns
+    no input ever reached (diag 0), which are rounded without feedback."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    try:
+        lower = np.linalg.cholesky(h)
+        inv = np.linalg.inv(lower)
+        u = np.linalg.cholesky(inv.T @ inv).T  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError as exc:
+        raise SqueezeError(f"the input second moment is not positive definite even damped ({exc})") from None
+    return u, dead
+
+
+def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np.ndarray | None = None,
+              damp: float = DAMP) -> np.ndarray:
+    """`weights` (n_rows, n) rounded into `qtype` with error feedback through H (n, n): the
+    (n_rows, row_bytes) uint8 rows llama.cpp's file holds. `column_weights`: the tensor's imatrix
+    entry, which llama.cpp's quantizer picks the block scales with."""
+    qtype = qtype.upper()
+    if not supports(qtype):
+        raise SqueezeError(f"{qtype}: no error-compensated rounding (supported: {', '.join(block_grid.SUPPORTED)})")
+    w = np.array(weights, dtype=np.float64)
+    n_rows, n = w.shape
+    if h.shape != (n, n):
+        raise SqueezeError(f"an input second moment of {h.shape} for rows of {n}")
+    size = ggml_types.block_size(ggml_types.tensor_type(qtype))
+    if n % size:
+        raise SqueezeError(f"rows of {n} values do not divide into {qtype} blocks of {size}")
+    u, dead = inverse_factor(h, damp)
+    w[:, dead] = 0.0
+    per_block = row_bytes(qtype, size)
+    out = np.empty((n_rows, n // size, per_block), dtype=np.uint8)
+    imp = None if column_weights is None else np.asarray(column_weights, dtype=np.float32)
+    for b, b0 in enumerate(range(0, n, size)):
+        b1 = b0 + size
+        raw = quantize_rows(w[:, b0:b1].astype(np.float32), qtype, None if imp is None else imp[b0:b1])
+        grid = block_grid.decode(raw, qtype, size)
+        index = np.empty((n_rows, size), dtype=np.int16)
+        err = np.empty((n_rows, size), dtype=np.float64)
+        for j in range(size):
+            c = b0 + j
+            k = grid.nearest(w[:, c:c + 1], slice(j, j + 1))[:, 0]
+            q = grid.scale[:, j].astype(np.float64) * k + grid.offset[:, j]
+            index[:, j] = k
+            e = (w[:, c] - q) / u[c, c]
+            err[:, j] = e
+            w[:, c + 1:b1] -= np.outer(e, u[c, c + 1:b1])  # within the block now; beyond it once, below
+        if b1 < n:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+        out[:, b] = block_grid.encode(raw, qtype, size, index).reshape(n_rows, per_block)
+    return out.reshape(n_rows, -1)
+
+
+def output_error(weights: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
+    """||(W - Q) X||^2 summed over the calibration tokens: trace((W - Q) H (W - Q)^T)."""
+    d = np.asarray(weights, dtype=np.float64) - np.asarray(values, dtype=np.float64)
+    return float(np.einsum("ij,jk,ik->", d, np.asarray(h, dtype=np.float64), d))
