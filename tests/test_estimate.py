@@ -9,6 +9,7 @@ import math
 import textwrap
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -462,3 +463,13 @@ def test_a_new_stage_is_priced_from_the_work_it_declares(tiny_recipe, tmp_path, 
     assert extra.memory_bytes >= rates.process_rss_bytes + (300 << 20)  # and the quantized-tensor cache
     out = CliRunner().invoke(main, ["plan", str(tiny_recipe), "--results", str(tmp_path / "r"), "--estimate"])
     assert out.exit_code == 0 and any(line.strip().startswith("extra ") for line in out.output.splitlines())
+
+
+def test_the_process_memory_the_estimate_adds_is_a_fresh_runs_not_the_callers():
+    """A caller holding half a GiB (a test session, a benchmark script) does not inflate what
+    every step of the estimate adds for squeeze's own process."""
+    held = np.ones(512 << 17, dtype=np.float64)  # 512 MiB resident here
+    held[::4096] += 1  # touched: resident, not just reserved
+    fresh = rates_module.baseline_rss_bytes()
+    assert 20 << 20 < fresh < 400 << 20, fresh
+    assert rates_module._rss_bytes() > fresh + (400 << 20)  # this process does hold it

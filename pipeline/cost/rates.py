@@ -41,6 +41,8 @@ import math
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,8 +63,9 @@ from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
-# Of the cached record; bump when the probe measures differently (6: load as CPU time, scaling in rounds).
-RATES_FORMAT = 7
+# Of the cached record; bump when the benchmark measures differently (6: load as CPU time, scaling
+# in rounds; 8: the process's own memory from a fresh interpreter, not from the caller).
+RATES_FORMAT = 8
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -377,6 +380,23 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# What a `squeeze run` process has loaded before its first model: the CLI, every stage, the engine.
+_BASELINE_CODE = ("import pipeline.cli, pipeline.stages.registry; from pipeline.engine.backend import init_backend; "
+                  "init_backend(); from pipeline.cost.rates import _rss_bytes; print(_rss_bytes())")
+
+
+def baseline_rss_bytes() -> int:
+    """squeeze's own resident memory before any model is loaded, read in a fresh interpreter: the
+    process that asks for the rates may hold models and arrays of its own (a test session, a
+    benchmark script), which say nothing of a run's. (Measured in the process that asked, the
+    1B-to-126M scale runs were over-predicted by that process's 1.7 GiB.)"""
+    try:
+        done = subprocess.run([sys.executable, "-c", _BASELINE_CODE], capture_output=True, text=True, timeout=300)
+        return int(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return _rss_bytes()
+
+
 def _dequantize_rates(rng: np.random.Generator) -> dict:
     out = {}
     n_values = 1 << 20
@@ -536,7 +556,7 @@ def benchmark(threads: int | None = None, retry: bool = False) -> Rates:
     start = time.perf_counter()
     threads = threads or default_threads()
     load_before, cpu_before = _loadavg(), cpu_seconds()
-    rss = _rss_bytes()
+    rss = baseline_rss_bytes()
     folder = cache_dir("probe")
     digest = hashlib.sha256(json.dumps(BENCH_DIMS, sort_keys=True).encode()).hexdigest()[:10]
     f16 = folder / f"probe-{digest}-f16.gguf"
