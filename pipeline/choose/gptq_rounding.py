@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.engine.assemble import Rounder
 from pipeline.engine.ggml_quant import quantize_rows, row_bytes
 from pipeline.errors import SqueezeError
 from pipeline.formats import block_grid, ggml_types
+from pipeline.formats.moments_file import Moments
 
 # Added to H's diagonal, as a share of its mean, before inverting (the GPTQ paper's 1 %): keeps
 # the factor finite where inputs are nearly collinear.
@@ -39,20 +41,22 @@ def inverse_factor(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.nd
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    # With J the order reversed, J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so
+    # H^-1 = (R^-1)^T R^-1 and U = R^-1 = J M^-1 J: one factorisation and one triangular inverse.
     try:
-        lower = np.linalg.cholesky(h)
-        inv = np.linalg.inv(lower)
-        u = np.linalg.cholesky(inv.T @ inv).T  # upper: H^-1 = U^T U
+        m = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError as exc:
         raise SqueezeError(f"the input second moment is not positive definite even damped ({exc})") from None
-    return u, dead
+    u = np.linalg.inv(m)[::-1, ::-1]
+    return np.ascontiguousarray(np.triu(u)), dead
 
 
 def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np.ndarray | None = None,
-              damp: float = DAMP) -> np.ndarray:
+              damp: float = DAMP, factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """`weights` (n_rows, n) rounded into `qtype` with error feedback through H (n, n): the
     (n_rows, row_bytes) uint8 rows llama.cpp's file holds. `column_weights`: the tensor's imatrix
-    entry, which llama.cpp's quantizer picks the block scales with."""
+    entry, which llama.cpp's quantizer picks the block scales with; `factor`: inverse_factor(h)
+    when the caller has it already (the weights that read one input share it)."""
     qtype = qtype.upper()
     if not supports(qtype):
         raise SqueezeError(f"{qtype}: no error-compensated rounding (supported: {', '.join(block_grid.SUPPORTED)})")
@@ -63,7 +67,7 @@ def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np
     size = ggml_types.block_size(ggml_types.tensor_type(qtype))
     if n % size:
         raise SqueezeError(f"rows of {n} values do not divide into {qtype} blocks of {size}")
-    u, dead = inverse_factor(h, damp)
+    u, dead = factor if factor is not None else inverse_factor(h, damp)
     w[:, dead] = 0.0
     per_block = row_bytes(qtype, size)
     out = np.empty((n_rows, n // size, per_block), dtype=np.uint8)
@@ -86,6 +90,32 @@ def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np
             w[:, b1:] -= err @ u[b0:b1, b1:]
         out[:, b] = block_grid.encode(raw, qtype, size, index).reshape(n_rows, per_block)
     return out.reshape(n_rows, -1)
+
+
+class GptqRounder(Rounder):
+    """Rounds every dense block matrix whose input's second moment the calibration pass measured,
+    in a type with a grid here; the rest (i-quants, 3-D expert tensors, the embedding and output)
+    keeps llama.cpp's rounding. `how` records which rounding each tensor got, and why."""
+
+    def __init__(self, moments: Moments, identity: str):
+        self.moments, self.identity = moments, f"gptq:{identity}"
+        self.how: dict[str, str] = {}
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per input: q/k/v share one
+
+    def round(self, name, values, shape, qtype, column_weights):
+        h = self.moments.of_weight(name)
+        if h is None or len(shape) != 2:
+            self.how[name] = "llama.cpp's (no input second moment measured)"
+            return None
+        if not supports(qtype):
+            self.how[name] = f"llama.cpp's ({qtype} has no grid here)"
+            return None
+        self.how[name] = "gptq"
+        key = self.moments.of[name]
+        if key not in self._factors:
+            self._factors[key] = inverse_factor(h)
+        return gptq_rows(np.asarray(values, dtype=np.float32).reshape(shape[1], shape[0]), qtype, h,
+                         column_weights, factor=self._factors[key]).reshape(-1)
 
 
 def output_error(weights: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:

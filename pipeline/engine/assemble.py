@@ -55,6 +55,18 @@ class PrunedFrom:
                 {n: n if layer_of(n) is None else with_layer(n, original[layer_of(n)]) for n in names})
 
 
+class Rounder:
+    """Rounding other than llama.cpp's for some tensors: `round(name, values, shape, qtype, column
+    weights)` gives the tensor's bytes in `qtype`, or None to keep llama.cpp's rounding; `identity`
+    keys what it makes in the quantized-tensor cache apart from llama.cpp's."""
+
+    identity: str = "-"
+
+    def round(self, name: str, values: np.ndarray, shape: tuple[int, ...], qtype: str,
+              column_weights: np.ndarray | None) -> np.ndarray | None:
+        raise NotImplementedError
+
+
 @dataclass
 class Assembled:
     tensors: int
@@ -104,10 +116,11 @@ def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None = None,
                   cache: QuantizedCache | None = None, pruned_from: PrunedFrom | None = None,
-                  **flags) -> Assembled:
+                  rounder: Rounder | None = None, **flags) -> Assembled:
     """Write `dst` as quantize_file(src, dst, ftype, imatrix_path=..., **flags) would, from the
     cache's quantized tensors where it holds them (`pruned_from`: where a pruned source's tensors
-    came from, so the pairs quantized from the unpruned base count too)."""
+    came from, so the pairs quantized from the unpruned base count too). `rounder`: other values on
+    llama.cpp's grid for the tensors it takes (error-compensated rounding); same types and sizes."""
     src, cache = Path(src), cache or shared_cache()
     qp = quantize_params(ftype, imatrix_path=imatrix_path, **flags)
     planned = planned_types(src, qp)
@@ -145,9 +158,12 @@ def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
 
         def make() -> np.ndarray:
             made.append(True)
-            return quantized_bytes(tensor_values(src, e), e.shape, new.name, weights)
+            values = tensor_values(src, e)
+            rounded = rounder.round(original[name], values, e.shape, new.name, weights) if rounder else None
+            return rounded if rounded is not None else quantized_bytes(values, e.shape, new.name, weights)
 
-        data = cache.get_or_quantize(source_id, original[name], new.name, imatrix_id, make)
+        rounding_id = f"|{rounder.identity}" if rounder else ""
+        data = cache.get_or_quantize(source_id, original[name], new.name, imatrix_id + rounding_id, make)
         counts["quantized" if made else "reused"] += 1
         return data
 

@@ -232,12 +232,35 @@ def validate(recipe: Recipe) -> None:
             _check_prune(v.prune, base + ("prune",), w)
         _check_budget(v, base, w)
         _check_prune_budget(recipe.variant(v.name))
+        _check_rounding(recipe, recipe.variant(v.name))
         names.add(v.name)
     _check_score(recipe.score, w)
     ref = recipe.report.reference
     if ref is not None and ref not in names:
         raise SqueezeError(f"{w('report', 'reference')}unknown variant '{ref}'{did_you_mean(ref, names)}")
     _check_published(recipe, w)
+
+
+ROUNDINGS = {"llama": "llama.cpp's own rounding", "gptq": "error-compensated with the calibration text's input "
+             "second moments"}
+
+
+def _check_rounding(recipe: Recipe, plan) -> None:
+    r = plan.rounding
+    where = recipe.where(*r.key)
+    if r.type not in ROUNDINGS:
+        raise SqueezeError(f"{where}expected one of: " + ", ".join(f"{k} ({v})" for k, v in ROUNDINGS.items())
+                           + f"; got {r.type!r}{did_you_mean(r.type, ROUNDINGS)}")
+    if r.type == "llama":
+        return
+    cal = recipe.calibration
+    if cal is None or cal.imatrix:
+        raise SqueezeError(f"{where}gptq rounds with the second moments of squeeze's own calibration pass: give "
+                           "variant " + plan.name + " a `calibration:` section with datasets (not an imatrix file)")
+    if plan.budget is not None:
+        raise SqueezeError(f"{where}gptq under a budget ({plan.budget.key}) is not available yet: the budget's "
+                           f"choices are measured with llama.cpp's rounding; give variant {plan.name} its types by "
+                           "ftype and rules, or drop the budget")
 
 
 def _check_prune_budget(plan) -> None:

