@@ -56,7 +56,7 @@ def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16
 
 
 @pytest.mark.parametrize("variant, expected", [
-    ("{ftype: Q4_K_M, rounding: gptqq}", "variants.a.rounding: expected one of: llama (llama.cpp's own rounding), "
+    ("{ftype: Q4_K_M, rounding: gptqq}", "variants.a.rounding: expected one of: llama.cpp (its own rounding), "
                                           "gptq (error-compensated"),
     ("{ftype: Q4_K_M, rounding: gptq, target_bpw: 4.5}", "variants.a.rounding: gptq under a budget (target_bpw)"),
 ])

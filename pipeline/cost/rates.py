@@ -388,8 +388,8 @@ _BASELINE_CODE = ("import pipeline.cli, pipeline.stages.registry; from pipeline.
 def baseline_rss_bytes() -> int:
     """squeeze's own resident memory before any model is loaded, read in a fresh interpreter: the
     process that asks for the rates may hold models and arrays of its own (a test session, a
-    benchmark script), which say nothing of a run's. (Measured in the process that asked, the
-    1B-to-126M scale runs were over-predicted by that process's 1.7 GiB.)"""
+    benchmark script), which say nothing of a run's. (Measured in the process that asked, every
+    size of a scale benchmark was over-predicted by that process's 1.7 GiB.)"""
     try:
         done = subprocess.run([sys.executable, "-c", _BASELINE_CODE], capture_output=True, text=True, timeout=300)
         return int(done.stdout.split()[-1])

@@ -241,7 +241,7 @@ def validate(recipe: Recipe) -> None:
     _check_published(recipe, w)
 
 
-ROUNDINGS = {"llama": "llama.cpp's own rounding", "gptq": "error-compensated with the calibration text's input "
+ROUNDINGS = {"llama.cpp": "its own rounding", "gptq": "error-compensated with the calibration text's input "
              "second moments"}
 
 
@@ -251,7 +251,7 @@ def _check_rounding(recipe: Recipe, plan) -> None:
     if r.type not in ROUNDINGS:
         raise SqueezeError(f"{where}expected one of: " + ", ".join(f"{k} ({v})" for k, v in ROUNDINGS.items())
                            + f"; got {r.type!r}{did_you_mean(r.type, ROUNDINGS)}")
-    if r.type == "llama":
+    if r.type == "llama.cpp":
         return
     cal = recipe.calibration
     if cal is None or cal.imatrix:

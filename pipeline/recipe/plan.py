@@ -164,7 +164,7 @@ class VariantPlan:
     prune: Prune
     budget: Budget | None
     refine_rounds: int  # measuring rounds of a budgeted choice (select.refine_rounds)
-    rounding: KeyedType  # "llama" or "gptq", and the key that says so
+    rounding: KeyedType  # "llama.cpp" or "gptq", and the key that says so
     # the recipe values the variant's file is made from, named by their keys (the manifest's params)
     values: dict = field(compare=False, hash=False)
     locate: Callable[..., str] = field(compare=False, hash=False, repr=False)
@@ -247,6 +247,6 @@ def _values(recipe: Recipe, v: VariantSpec, prune: Prune, budget: Budget | None,
         out[f"{name}.prune_up_to"] = prune.k
     if budget is not None:
         out[f"{name}.{budget.key}"] = plain(budget.value)
-    if rounding != "llama":  # only when asked: files made with llama.cpp's rounding stay up to date
+    if rounding != "llama.cpp":  # only when asked: files made with llama.cpp's rounding stay up to date
         out[f"{name}.rounding"] = rounding
     return out

@@ -98,10 +98,10 @@ class SelectSpec:
     # Under a budget: rounds of measuring the chosen mix in memory and allocating again with the
     # corrected predictions (pipeline.choose.measured_allocation); 0 trusts the sensitivity map.
     refine_rounds: int = 2
-    # How each value is rounded onto its type's grid: llama.cpp's own, block by block ("llama"), or
+    # How each value is rounded onto its type's grid: llama.cpp's own, block by block ("llama.cpp"), or
     # error-compensated with the calibration text's input second moments ("gptq",
     # pipeline.choose.gptq_rounding), with llama.cpp's scales either way.
-    rounding: str = "llama"
+    rounding: str = "llama.cpp"
 
 
 @dataclass(frozen=True)
