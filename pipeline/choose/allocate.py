@@ -216,7 +216,7 @@ def _start_choice(items, free, rows, start, where) -> list[int] | None:
 def explain_markdown(alloc: Allocation, title: str, measured_note: str = "", history: list[dict] | None = None) -> str:
     """How the mix was found (method, price, bound, frozen tensors, rounds of measured refinement)
     and every tensor's type and why: its predicted KLD at the chosen type, and what the next
-    smaller and next larger type would cost or save per MiB, against the cut-off price."""
+    smaller and next larger type would lose or gain per MiB, against the cut-off price."""
     lines = [f"## {title}", ""]
     lines.append(f"Budget {alloc.budget_bytes / MiB:.2f} MiB; chosen file {alloc.total_bytes / MiB:.2f} MiB "
                  f"({alloc.fixed_bytes / MiB:.2f} MiB of it is metadata and 1-D tensors). Predicted mean KLD "
@@ -324,7 +324,7 @@ def _why(alloc: Allocation, t: str) -> str:
         why.append("best measured type")
     if i > 0:
         down = opts[i - 1]
-        why.append(f"{down.type} would cost {knapsack.slope(down, o) * MiB:.3g} KLD/MiB saved")
+        why.append(f"{down.type} would lose {knapsack.slope(down, o) * MiB:.3g} KLD/MiB saved")
     else:
         why.append("smallest type its rows allow")
     return "; ".join(why)

@@ -51,7 +51,7 @@ KIND_PREFIX = "kind:"  # (None, "kind:ffn_down"): that kind at the low type in e
 
 def kind_units(info: ModelInfo) -> list[tuple[None, str]]:
     """One probe per tensor kind of the blocks' attention and MLP (attn_q ... ffn_down, and an
-    MoE's ffn_*_exps and ffn_*_shexp): how much KLD a unit of that kind's weight error costs,
+    MoE's ffn_*_exps and ffn_*_shexp): how much KLD a unit of that kind's weight error loses,
     compared across kinds, so routed experts, shared experts and attention each get their own."""
     present = {kind_of(t.name) for t in info.quantizable() if layer_of(t.name) is not None}
     return [(None, KIND_PREFIX + k) for k in ATTN_KINDS + FFN_KINDS if k in present]

@@ -159,7 +159,7 @@ def polish(items, choice: list[int], capacity: int, max_moves: int | None = None
 
 
 def _best_move(items, choice, left):
-    ups, downs, steps = [], [(0, 0.0, ())], []  # downs: (bytes freed, KLD cost, ((item, to), ...))
+    ups, downs, steps = [], [(0, 0.0, ())], []  # downs: (bytes freed, KLD lost, ((item, to), ...))
     for i, opts in enumerate(items):
         cur = opts[choice[i]]
         for j, o in enumerate(opts):
@@ -178,14 +178,14 @@ def _best_move(items, choice, left):
     extras = [u[0] for u in ups]
     scale = abs(total(items, choice)) or 1.0
     best, best_net = None, 1e-12 * scale  # ignore float noise: a move must save something real
-    for freed, cost, moved in downs:
+    for freed, loss, moved in downs:
         k = bisect_right(extras, left + freed) - 1
         if k < 0:
             continue
         busy = {d for d, _ in moved}
         u = next((u for u in best_ups[k] if u[2] not in busy), None)
-        if u is not None and u[1] - cost > best_net:
-            best, best_net = (u[2], u[3], moved), u[1] - cost
+        if u is not None and u[1] - loss > best_net:
+            best, best_net = (u[2], u[3], moved), u[1] - loss
     return best
 
 

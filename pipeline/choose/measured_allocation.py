@@ -5,7 +5,7 @@ The first allocation uses the sensitivity map's alphas alone. Each round then bu
 mix in the loaded base (no file), measures its KLD on the calibration chunks, and measures the
 groups that carry most of the predicted KLD alone at their chosen types; the corrected
 predictions allocate again. A variant whose layers are pruned is measured with those layers
-removed in memory too, so its prediction includes what the pruning costs together with the bits.
+removed in memory too, so its prediction includes the loss of the pruning together with the bits'.
 """
 
 from __future__ import annotations

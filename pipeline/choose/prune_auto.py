@@ -1,4 +1,4 @@
-"""`prune: {auto: K}`: pick the K layers whose removal costs least, measured.
+"""`prune: {auto: K}`: pick the K layers whose removal loses least, measured.
 
 Every candidate set is measured, not guessed: a probe (pipeline.choose.memory_probe) removes the
 layers from the model it holds in memory and gives the mean KLD against the base on calibration

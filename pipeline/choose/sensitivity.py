@@ -1,4 +1,4 @@
-"""What each layer and tensor costs: measured KL divergence, and the cheap proxies beside it.
+"""What each layer and tensor loses: measured KL divergence, and the cheap proxies beside it.
 
 Three measurements, all on a few chunks of calibration text (the choices made from them are
 then judged on the held-out scoring set):
@@ -153,7 +153,7 @@ def proxy_correlations(rows: list[LayerRow]) -> dict[str, float]:
 
 def kind_gains(errors: list[TensorError], kind_kld: dict[str, GroupKLD]) -> dict[str, float]:
     """KLD per unit of weight error of each tensor kind, from the probes of that kind at the low
-    type in every layer. The weight error is each matrix's own output error; what it costs in KLD
+    type in every layer. The weight error is each matrix's own output error; what it loses in KLD
     depends on where the output goes (a down projection writes straight into the residual stream),
     so within a layer's group the kinds weigh differently, and one alpha per group would let the
     allocator starve the expensive kind."""
