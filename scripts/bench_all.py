@@ -69,7 +69,6 @@ AWAITING_RERUN = {
     "convert.json": "made before records carried their commit and load",
     "default-recipe.json": "written by hand; bench_estimate.py --name default-recipe writes it now",
     "auto-recipe.json": "made before records carried their commit and targets",
-    "scale.json": "rows from different commits, one predicted after its run; peak memory under-predicted",
 }
 
 
