@@ -115,21 +115,26 @@ def test_layers_csv_has_every_block_over_every_token(squeeze_imatrix):
     assert min(r.block_influence for r in rows) < 0.05
 
 
+class Interrupted(Exception):
+    pass
+
+
+def stop_at(chunks: int):
+    """An on_batch hook that kills the pass once `chunks` chunks are checkpointed."""
+    def stop(done):
+        if done == chunks:
+            raise Interrupted
+    return stop
+
+
 @pytest.mark.slow
 def test_interrupted_pass_resumes_from_last_checkpoint(base_f16, calibration_sample, tmp_path):
     tokens = calibration_tokens(base_f16, [calibration_sample])
     checkpoint = tmp_path / "imatrix.checkpoint.npz"
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_two(done):
-        if done == 2:
-            raise Interrupted
-
     # one 128-token chunk per decode, so a checkpoint is saved after every chunk
     with pytest.raises(Interrupted):
-        collect(base_f16, tokens, 128, 3, checkpoint=checkpoint, on_batch=stop_after_two, n_seq=1)
+        collect(base_f16, tokens, 128, 3, checkpoint=checkpoint, on_batch=stop_at(2), n_seq=1)
     assert checkpoint.exists()
     resumed, extra = collect(base_f16, tokens, 128, 3, checkpoint=checkpoint, n_seq=1)
     assert extra["resumed_from_chunk"] == 2
@@ -252,15 +257,8 @@ def test_second_moments_share_an_input_and_their_diagonal_is_the_imatrix(base_f1
     tokens = calibration_tokens(base_f16, [calibration_sample])
     checkpoint = tmp_path / "imatrix.checkpoint.npz"
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_one(done):
-        if done == 1:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        collect(base_f16, tokens, 128, 2, checkpoint=checkpoint, on_batch=stop_after_one, n_seq=1,
+        collect(base_f16, tokens, 128, 2, checkpoint=checkpoint, on_batch=stop_at(1), n_seq=1,
                 second_moments=True)
     resumed, extra = collect(base_f16, tokens, 128, 2, checkpoint=checkpoint, n_seq=1, second_moments=True)
     assert extra["resumed_from_chunk"] == 1

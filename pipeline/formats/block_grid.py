@@ -76,9 +76,10 @@ def _q3k_scales(packed: np.ndarray) -> np.ndarray:
     return words.view(np.uint8).reshape(-1, 16).astype(np.int32) - 32
 
 
-# Each type's layout: (block size, bytes per block).
-_LAYOUT = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-           "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210)}
+# Each type's layout: (block size, bytes per block, index levels).
+_LAYOUT = {"Q8_0": (32, 34, 256), "Q4_0": (32, 18, 16), "Q4_1": (32, 20, 16), "Q5_0": (32, 22, 32),
+           "Q5_1": (32, 24, 32), "Q2_K": (QK_K, 84, 4), "Q3_K": (QK_K, 110, 8), "Q4_K": (QK_K, 144, 16),
+           "Q5_K": (QK_K, 176, 32), "Q6_K": (QK_K, 210, 64)}
 SUPPORTED = tuple(_LAYOUT)
 
 
@@ -119,7 +120,7 @@ def _positions(qtype: str):
 def _blocks(raw: np.ndarray, qtype: str, n_per_row: int) -> np.ndarray:
     if qtype not in _LAYOUT:
         raise SqueezeError(f"{qtype}: no block grid (supported: {', '.join(SUPPORTED)})")
-    size, nbytes = _LAYOUT[qtype]
+    size, nbytes, _ = _LAYOUT[qtype]
     if n_per_row % size:
         raise SqueezeError(f"rows of {n_per_row} values do not divide into {qtype} blocks of {size}")
     return np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
@@ -177,8 +178,7 @@ def decode(raw: np.ndarray, qtype: str, n_per_row: int) -> Grid:
     blocks = _blocks(raw, qtype, n_per_row)
     scale, offset = _scales(blocks, qtype)
     shape = (-1, n_per_row)
-    levels = {"Q8_0": 256, "Q4_0": 16, "Q4_1": 16, "Q5_0": 32, "Q5_1": 32, "Q2_K": 4, "Q3_K": 8, "Q4_K": 16,
-              "Q5_K": 32, "Q6_K": 64}[qtype]
+    levels = _LAYOUT[qtype][2]
     index = _indices(blocks, qtype)
     if qtype == "Q8_0":  # int8 codes: index 0..255 stands for q - 128
         index = (index ^ 0x80)
