@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# The quantized-tensor cache keys each tensor by the file it came from (and its type): tensors
+# quantized from a pruned base are kept beside the base's own, so records name their source.
+BASE = "base"
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model a pass runs: the base or a variant, as the cost model needs it."""
@@ -82,6 +87,7 @@ class Roundtrip:
 
     types: dict = field(hash=False)  # tensor name -> type
     times: float = 1.0
+    source: str = BASE  # the file they are read from, as the cache keys them
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class Quantize:
 
     types: dict = field(hash=False)
     fastest: bool = False
+    source: str = BASE  # the file quantized: the base, or a pruned base's name
 
 
 @dataclass(frozen=True)

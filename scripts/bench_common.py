@@ -53,6 +53,16 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def commit() -> str:
+    return _git("rev-parse", "--short=12", "HEAD") or "unknown"
+
+
+def uncommitted_changes() -> bool:
+    """Whether tracked files differ from the commit, the records themselves aside: a benchmark that
+    writes its record after each row would otherwise call its own later rows uncommitted."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results/bench"))
+
+
 def provenance(threads: int | None) -> dict:
     """What every record carries: the commit it was made by (and whether the tree had changes
     beside it), when, on what machine, with how many threads, and the other work the machine did
@@ -63,8 +73,8 @@ def provenance(threads: int | None) -> dict:
     other = None
     if now is not None and _STARTED[1] is not None:
         other = round(other_cpus(now[0] - _STARTED[1][0], now[1] - _STARTED[1][1], wall), 2)
-    return {"commit": _git("rev-parse", "--short=12", "HEAD") or "unknown",
-            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    return {"commit": commit(),
+            "uncommitted_changes": uncommitted_changes(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "threads": threads,

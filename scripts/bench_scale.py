@@ -23,9 +23,10 @@ prediction and seconds per billion parameters; and the 1B figure per parameter a
 one (linear scaling: ratio 1.0).
 
 Writes results/bench/scale.json and scale.md after every size (a partial run leaves the sizes it
-measured; rows are never kept from an earlier file, so every row is of one commit). Run it on a quiet
+measured; rows are kept from an earlier file only with --resume and only when that same commit wrote it,
+so every row is of one commit; each row has its own date and load). Run it on a quiet
 machine, nothing else heavy beside it.
-Usage: python scripts/bench_scale.py [--sizes llama-thin,gemma3-270m,gemma3-1b,llama-wide] [--keep]
+Usage: python scripts/bench_scale.py [--sizes llama-thin,gemma3-270m,gemma3-1b,llama-wide] [--keep] [--resume]
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_common import (MEMORY_TARGET_TEXT, OUT, log, memory_error, portable, run_child, verdict, write_json,
-                          write_text)
+from bench_common import (MEMORY_TARGET_TEXT, OUT, commit, log, memory_error, portable, run_child,
+                          uncommitted_changes, verdict, write_json, write_text)
 from bench_estimate import compare, load_average, pct
 from scale_models import scale_model
 
-from pipeline.cost.rates import cpu_name, machine_rates
+from pipeline.cost.rates import cpu_name, cpu_seconds, machine_rates, other_cpus
 from pipeline.cost.run_estimate import estimate_run
 from pipeline.engine.backend import engine_versions
 from pipeline.formats.gguf_index import read_index
@@ -105,10 +106,12 @@ def _by_stage(costs) -> dict[str, float]:
 def measure(name: str, tmp: Path) -> dict:
     source, recipe_path, results, estimate, rates = predict(name, tmp / name)
     argv = [sys.executable, "-m", "pipeline", "run", str(recipe_path), "--results", str(results)]
-    load_before = load_average()
+    load_before, busy_before = load_average(), cpu_seconds()
     log(f"{name}: predicted {estimate.seconds:.0f} s; running {subprocess.list2cmdline(argv)}")
     wall, rss, _ = run_child(argv, tmp / name / "run.log")
-    load_after = load_average()
+    load_after, busy_after = load_average(), cpu_seconds()
+    other = (round(other_cpus(busy_after[0] - busy_before[0], busy_after[1] - busy_before[1], wall), 2)
+             if busy_before and busy_after else None)
     manifest = json.loads((results / "manifest.json").read_text())
     stages, _, _ = compare(estimate.costs, manifest, results)
     for stage, s in stages.items():
@@ -125,7 +128,9 @@ def measure(name: str, tmp: Path) -> dict:
             "threads": rates.key.get("threads"), "measured_s": round(steps_s, 1), "wall_s": round(wall, 1),
             "predicted_s": round(estimate.seconds, 1), "time_error_pct": pct(estimate.seconds, steps_s),
             "peak_rss_bytes": rss, "predicted_peak_memory_bytes": estimate.peak_memory,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": {"before": load_before, "after": load_after},
+            "other_cpus": other,  # /proc/stat busy time beside the run, per wall second, over this row
             "command": subprocess.list2cmdline(["squeeze", "run", f"scale-{name}.yaml"]),
             "predicted_when": "before the run", "stages": stages}
 
@@ -187,11 +192,29 @@ def markdown(r: dict) -> str:
     return "\n".join(md)
 
 
+def resumed_rows(path: Path) -> dict:
+    """The rows of the record at `path`, when it was written by the checked-out commit with no
+    change beside it, and the tree is clean now; otherwise the benchmark stops, saying why."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    here = commit()
+    if old.get("commit") != here or old.get("uncommitted_changes") or uncommitted_changes():
+        sys.exit(f"--resume: {path} was written by {old.get('commit')} (uncommitted changes: "
+                 f"{old.get('uncommitted_changes')}); this checkout is {here} (uncommitted changes: "
+                 f"{uncommitted_changes()}); rows are kept only from this same commit on a clean tree")
+    log(f"--resume: keeping {', '.join(old['rows'])} from {path.name} ({here})")
+    return old["rows"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--keep", action="store_true", help="keep the temporary results folders")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of the existing record when this same commit wrote it on a clean tree, "
+                         "and run the other sizes (the four sizes take longer than one sitting)")
     args = ap.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -199,8 +222,10 @@ def main() -> None:
         sys.exit(f"--sizes: unknown {', '.join(unknown)}; one of {', '.join(SIZES)}")
     out_json = args.out / "scale.json"
     # Every row of a record comes from one commit, each predicted before its run by that commit's
-    # code: rows are never carried over from an earlier file, nor predicted again after a run.
-    rows = {}
+    # code: rows are never predicted again after a run, and carried over from an earlier file only
+    # with --resume, when that file was written by this very commit on a clean tree.
+    rows = resumed_rows(out_json) if args.resume else {}
+    sizes = [s for s in sizes if s not in rows]
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-scale-"))
     try:
         for name in sizes:

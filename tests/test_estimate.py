@@ -19,7 +19,8 @@ from pipeline.cost.estimate import Pricer, Shape, shape_from_size
 from pipeline.cost.gpu_rates import GPUS, gpu
 from pipeline.cost.rates import (Rates, amdahl_speedup, bad_rates, cached_rates, is_busy, machine_rates, other_cpus,
                                  other_load, parallel_fraction, rates_key, rates_path, write_bench_model)
-from pipeline.cost.run_estimate import estimate_run, parse_count
+from pipeline.cost import estimate as est
+from pipeline.cost.run_estimate import _Pricing, estimate_run, model_shape, parse_count
 from pipeline.stages.quantize import REFINE_GROUP_FRACTION
 from pipeline.engine.backend import supports_gpu_offload
 from pipeline.engine.quantize import quantize_file
@@ -27,7 +28,9 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.model_info import TensorInfo
 from pipeline.fsutil import read_text, write_json_atomic
 from pipeline.sources.datasets import resolve_dataset
+from pipeline.stages.estimate import largest_probe, probe_resident
 from pipeline.stages.registry import build_steps, open_run
+from pipeline.work import Quantize, Roundtrip
 
 TINY = {"n_embd": 256, "n_ff": 768, "n_layers": 4, "n_head": 4, "n_head_kv": 2, "n_vocab": 4096}
 
@@ -473,3 +476,33 @@ def test_the_process_memory_the_estimate_adds_is_a_fresh_runs_not_the_callers():
     fresh = rates_module.baseline_rss_bytes()
     assert 20 << 20 < fresh < 400 << 20, fresh
     assert rates_module._rss_bytes() > fresh + (400 << 20)  # this process does hold it
+
+
+def test_the_cache_keeps_a_pruned_bases_tensors_beside_the_bases(tiny_recipe, tmp_path):
+    """The quantized-tensor cache keys a tensor by its file: the same types quantized from a pruned
+    base are held a second time, and counted in every later step's memory."""
+    run = open_run(tiny_recipe, tmp_path / "r")
+    shape = model_shape(run)
+    pricing = _Pricing(shape, machine_rates(run.threads), None)
+    types = {t.name: "Q4_K" for t in shape.tensors if len(t.shape) == 2}
+    pricing.seconds(Quantize(types))
+    once = pricing.cache_bytes
+    assert once == sum(est.tensor_nbytes("Q4_K", t.shape) for t in shape.tensors if t.name in types)
+    pricing.seconds(Roundtrip(types))  # the same pairs from the same file: already held
+    assert pricing.cache_bytes == once
+    pricing.seconds(Quantize(types, source="base-f16-pruned"))
+    assert pricing.cache_bytes == 2 * once
+
+
+def test_a_probe_holds_the_original_bytes_of_what_it_changed(tiny_recipe, tmp_path):
+    """While a probe's change is applied, the overwritten tensors' original bytes are kept to
+    restore them: a whole-mix probe holds about the base's weights a second time."""
+    run = open_run(tiny_recipe, tmp_path / "r")
+    shape = model_shape(run)
+    weights = [t.name for t in shape.tensors if len(t.shape) == 2]
+    none, whole = probe_resident(shape, run), probe_resident(shape, run, weights)
+    saved = sum(est.tensor_nbytes("F16", t.shape) for t in shape.tensors if t.name in weights)
+    assert whole.extra - none.extra >= saved
+    # the sensitivity map's largest probe: one kind in every layer, or the embedding alone
+    largest = largest_probe(shape, {n: "Q2_K" for n in weights})
+    assert 0 < len(largest) < len(weights)

@@ -136,15 +136,16 @@ class _Pricing:
         # The process's cache of quantized tensors (pipeline.engine.quantized_tensors) keeps every
         # (tensor, type) pair a probe or an assembled file made, up to its limit, for the rest of
         # the run: what it holds counts in every later step's resident memory.
-        self.cached: dict[tuple[str, str], int] = {}
+        self.cached: dict[tuple[str, str, str], int] = {}
         self.cache_limit = default_limit()
 
-    def keep_quantized(self, types: dict[str, str]) -> None:
-        """The pairs a step quantizes through the shared cache, as the cache will hold them."""
+    def keep_quantized(self, types: dict[str, str], source: str) -> None:
+        """The (source, tensor, type) triples a step quantizes through the shared cache, as the
+        cache will hold them: a pruned base's tensors are kept beside the base's."""
         by_name = self.tensors_by_name
         for n, ty in types.items():
             if n in by_name and ty not in UNQUANTIZED:
-                self.cached.setdefault((n, ty), est.tensor_nbytes(ty, by_name[n].shape))
+                self.cached.setdefault((source, n, ty), est.tensor_nbytes(ty, by_name[n].shape))
 
     @property
     def cache_bytes(self) -> int:
@@ -177,14 +178,14 @@ class _Pricing:
             return p.hook(w.tokens, self.shape.hooked_values_per_token())
         if isinstance(w, Roundtrip):
             by_name = self.tensors_by_name
-            self.keep_quantized(w.types)
+            self.keep_quantized(w.types, w.source)
             return w.times * sum(p.roundtrip(est.n_values(by_name[n].shape), ty) for n, ty in w.types.items()
                                  if n in by_name and ty not in UNQUANTIZED)
         if isinstance(w, RoundtripWeights):
             return p.roundtrip(w.weights, w.type)
         if isinstance(w, Quantize):
             seconds = p.quantize(self.shape, {n: "Q8_0" for n in w.types} if w.fastest else w.types)
-            self.keep_quantized(w.types)  # assembled from cached pairs (engine/assemble.py)
+            self.keep_quantized(w.types, w.source)  # assembled from cached pairs (engine/assemble.py)
             return seconds
         if isinstance(w, Dequantize):
             return p.dequantize(w.tensors)

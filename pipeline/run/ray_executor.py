@@ -29,6 +29,7 @@ from pipeline.errors import SqueezeError
 from pipeline.fsutil import remove_partials
 from pipeline.progress import serial_map
 from pipeline.run.dag import Dag
+from pipeline.run.heap import release_freed_memory
 from pipeline.run.peak_memory import StepPeak
 from pipeline.run.runner import Runner, Step, StepIO, forced_stages
 
@@ -65,6 +66,8 @@ def run_step(step: Step, cwd: str, options: dict) -> dict:
     except BaseException:
         io.discard()
         raise
+    finally:
+        release_freed_memory()  # the worker runs later steps too
     return {"temps": io.temps, "extra": extra, "seconds": time.monotonic() - start, "peak_rss_bytes": peak.bytes}
 
 

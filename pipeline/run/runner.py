@@ -25,6 +25,7 @@ from pipeline.errors import DamagedFile, SqueezeError
 from pipeline.fsutil import PARTIAL_MARK, partial_name, remove_partials
 from pipeline.progress import serial_map
 from pipeline.run.dag import Dag
+from pipeline.run.heap import release_freed_memory
 from pipeline.run.manifest import Manifest, StepRecord, params_diff, same_file
 from pipeline.run.peak_memory import StepPeak
 
@@ -318,6 +319,8 @@ class Runner:
         except BaseException:
             io.discard()
             raise
+        finally:
+            release_freed_memory()  # what the step freed is not carried into the next one
         self.record(step, extra, time.monotonic() - start, peak.bytes)
 
     def begin(self, step: Step) -> None:

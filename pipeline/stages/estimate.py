@@ -11,7 +11,7 @@ from pipeline.choose.groups import group_of
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Shape
-from pipeline.cost.run_estimate import model_shape
+from pipeline.cost.run_estimate import UNQUANTIZED, model_shape
 from pipeline.errors import SqueezeError
 from pipeline.formats.tensor_names import layer_of
 from pipeline.fsutil import ensure_free_space
@@ -94,12 +94,45 @@ def probe_measurements(shape: Shape, run: RunContext, n_probes: int, chunks: int
     return [Forward(n_probes * tokens, shape.flops_per_token(), quantized, n_probes * outputs), Kld(n_probes * scored)]
 
 
-def probe_resident(shape: Shape, run: RunContext) -> Resident:
-    """In-memory probes: the base loaded writable, a context over the probe chunks, and numpy's
-    copy of the logits it reads (the rows from each chunk's middle on) while their KLD is taken."""
+def probe_resident(shape: Shape, run: RunContext, changed=()) -> Resident:
+    """In-memory probes: the base loaded writable, a context over the probe chunks; and, while the
+    largest change a probe makes is applied (`changed`: its tensors' names), the original bytes of
+    every tensor it overwrote, kept to restore them (pipeline.engine.weights). Beside those, one at
+    a time: the float32 values of the largest changed tensor while it is quantized, or numpy's
+    copy of the logits (the rows from each chunk's middle on) while their KLD is taken."""
     _, scored, _ = chunk_counts(PROBE_CHUNKS, 512)
+    saved, quantizing = probe_change_bytes(shape, run, changed)
     return Resident(base_model(shape, run), PROBE_CHUNKS * 512, PROBE_CHUNKS * 512,
-                    est.logits_bytes(scored, shape.n_vocab))
+                    saved + max(quantizing, est.logits_bytes(scored, shape.n_vocab)))
+
+
+def probe_change_bytes(shape: Shape, run: RunContext, changed) -> tuple[int, int]:
+    """(the original bytes a probe changing the tensors `changed` keeps to restore them, the
+    float32 values of the largest of them while it is being quantized)."""
+    base_type = run.recipe.model.base_type.upper()
+    by_name = {t.name: t for t in shape.tensors}
+    tensors = [by_name[n] for n in changed if n in by_name]
+    saved = sum(est.tensor_nbytes(base_type, t.shape) for t in tensors)
+    return saved, 4 * max((est.n_values(t.shape) for t in tensors), default=0)
+
+
+def quantized_in(types: dict[str, str]) -> list[str]:
+    """The tensors a mix changes: those at a quantized type."""
+    return [n for n, ty in types.items() if ty not in UNQUANTIZED]
+
+
+def largest_probe(shape: Shape, types: dict[str, str]) -> list[str]:
+    """Of the sensitivity probes over `types` (every tensor of a kind in all layers, a layer's
+    attention or MLP, each tensor outside the blocks), the tensors of the one changing the most
+    values: which probe that is depends on the shapes, so each is a candidate."""
+    sets: dict[str, list[str]] = {}
+    for name in types:
+        layer = layer_of(name)
+        sets.setdefault(f"kind {name.split('.', 2)[-1]}" if layer is not None else name, []).append(name)
+        if layer is not None:
+            sets.setdefault(f"group {group_of(name)}", []).append(name)
+    values = {t.name: est.n_values(t.shape) for t in shape.tensors}
+    return max(sets.values(), key=lambda names: sum(values.get(n, 0) for n in names), default=[])
 
 
 # ---- what the writing stages check the disk for -------------------------------------------------

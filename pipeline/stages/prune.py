@@ -28,12 +28,13 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.prune import check_prune_set, prune_gguf, remap_imatrix
+from pipeline.formats.tensor_names import RESIDUAL_OUT_KINDS, kind_of, layer_of
 from pipeline.recipe.plan import Prune, SearchedPrune, UpToPrune, VariantPlan
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.cost import estimate as est
 from pipeline.stages.estimate import (check_room, dropped_layers, predicted_base_bytes, probe_measurements,
-                                      probe_resident, probe_session, variant_types)
+                                      probe_resident, probe_session, quantized_in, variant_types)
 from pipeline.work import Memory, Note, Roundtrip, Write
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
@@ -116,13 +117,17 @@ def _work(run: RunContext, shape, tag: str, v: VariantPlan) -> list:
         tries -= shape.n_layers  # the sensitivity map measured the single layers
     work += probe_session(shape, run, tries, PROBE_CHUNKS)
     note = f"{k} layers picked from up to {tries} KLD probes"
+    changed = [t.name for t in shape.tensors if layer_of(t.name) in set(drop) and kind_of(t.name) in RESIDUAL_OUT_KINDS]
     if isinstance(v.prune, UpToPrune):
         mixes = k + 1
+        types = variant_types(shape, run, v)
         work += probe_measurements(shape, run, mixes, PROBE_CHUNKS, quantized=True)
-        work.append(Roundtrip(variant_types(shape, run, v), times=mixes))
+        work.append(Roundtrip(types, times=mixes))
+        changed = quantized_in(types)  # a whole mix at once
         tries += mixes
         note = f"{k} layers picked from up to {tries - mixes} KLD probes; {mixes} whole mixes measured"
-    return work + [Write(run.prune_choice_path(tag), 1500 + 40 * tries), probe_resident(shape, run), Note(note)]
+    return work + [Write(run.prune_choice_path(tag), 1500 + 40 * tries), probe_resident(shape, run, changed),
+                   Note(note)]
 
 
 def _action(run: RunContext, tag: str, what: Prune, v: VariantPlan, imatrix: Path | None):

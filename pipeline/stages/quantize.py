@@ -35,11 +35,11 @@ from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.estimate import (check_room, dropped_layers, predicted_variant_bytes, probe_resident, probe_session,
-                                      quantizable, variant_model, variant_types)
+                                      quantizable, quantized_in, variant_model, variant_types)
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.units import MiB
-from pipeline.work import Memory, Note, Quantize, Roundtrip, Write
+from pipeline.work import BASE, Memory, Note, Quantize, Roundtrip, Write
 
 # A memory target: tries at choosing, quantizing and loading the file before giving up, and bytes
 # taken off beyond the overshoot each time (llama.cpp rounds buffers up).
@@ -114,7 +114,8 @@ def _work(run: RunContext, shape, v: VariantPlan) -> list:
     refined = v.budget is not None and v.refine_rounds > 0
     explicit = resolve_types(v, run.model_info) if shape.exact else {}
     source_bytes = est.base_file_bytes(shape, run.recipe.model.base_type.upper(), drop)
-    work = [Quantize(types, fastest=refined), Write(run.variant_path(v.name), variant_model(shape, run, v).bytes),
+    source = run.prune_tag(v) or BASE  # a pruned variant is quantized from its pruned base
+    work = [Quantize(types, fastest=refined, source=source), Write(run.variant_path(v.name), variant_model(shape, run, v).bytes),
             Write(run.tensor_types_path(v.name), 60 + 30 * len(explicit)),
             Memory(3 * 4 * shape.largest_tensor_values + source_bytes), Note(v.ftype)]
     if refined:
@@ -144,7 +145,8 @@ def _refinement_work(shape, run: RunContext, v: VariantPlan, types: dict[str, st
     probes = rounds + (rounds - 1) * per_round
     return (probe_session(shape, run, probes, PROBE_CHUNKS, quantized=True)
             + [Roundtrip(types), Roundtrip(types, times=(rounds - 1) * REFINE_GROUP_FRACTION),
-               probe_resident(shape, run), Note(f"refinement: {probes} in-memory KLD probes")])
+               probe_resident(shape, run, quantized_in(types)),
+               Note(f"refinement: {probes} in-memory KLD probes")])
 
 
 def target_note(chosen: TargetChoice) -> str:

@@ -42,7 +42,8 @@ from pipeline.recipe.plan import KldBudget
 from pipeline.run.layout import BASE, RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.stages.estimate import base_model, chunk_counts, probe_session, quantizable, variant_model
+from pipeline.stages.estimate import (base_model, chunk_counts, probe_change_bytes, probe_session, quantizable,
+                                      variant_model)
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.stages.probes import probe_for, probe_params
 from pipeline.work import Decode, Forward, Kld, Load, ModelRef, Note, Resident, Roundtrip, Sketch, Write
@@ -156,7 +157,8 @@ def _transfer_work(run: RunContext, shape) -> list:
     reference = {t.name: low_type_for(t.shape, REFERENCE_TYPE, REFERENCE_FALLBACK) for t in quantizable(shape)}
     return probe_session(shape, run, 2, PROBE_CHUNKS, quantized=True) + [
         Forward(3 * tokens, shape.flops_per_token(), True, 3 * outputs), Kld(3 * scored), Roundtrip(reference),
-        Resident(base_model(shape, run), n_seq * s.ctx, n_seq * s.ctx), Write(run.text_transfer_path, 600),
+        Resident(base_model(shape, run), n_seq * s.ctx, n_seq * s.ctx, sum(probe_change_bytes(shape, run, reference))),
+        Write(run.text_transfer_path, 600),
         Note(f"4 probes: 2 on {PROBE_CHUNKS} calibration chunks, 2 on {FACTOR_CHUNKS} x {s.ctx} held-out scoring "
              "chunks")]
 

@@ -19,7 +19,7 @@ from pipeline.report.sensitivity import save_sensitivity
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.stages.estimate import probe_resident, probe_session, quantizable
+from pipeline.stages.estimate import largest_probe, probe_resident, probe_session, quantizable
 from pipeline.stages.probes import probe_for, probe_params, say_reuse
 from pipeline.work import Note, Roundtrip, RoundtripWeights
 
@@ -76,6 +76,6 @@ def _work(run: RunContext, shape) -> list:
         weights = mats * len(sampled_rows(int(t.shape[1]), row_limit(t.name, mats))) * int(t.shape[0])
         sampled += weights
         work += [RoundtripWeights(weights, ty) for ty in CANDIDATE_TYPES if fits(t.shape, ty)]
-    return work + [probe_resident(shape, run),
+    return work + [probe_resident(shape, run, largest_probe(shape, low)),
                    Note(f"{n_probes} in-memory KLD probes; weight errors for {len(CANDIDATE_TYPES)} types "
                         f"on {sampled / 1e6:.0f}M sampled weights")]
