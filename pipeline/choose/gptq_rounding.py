@@ -95,23 +95,23 @@ def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np
 class GptqRounder(Rounder):
     """Rounds every dense block matrix whose input's second moment the calibration pass measured,
     in a type with a grid here; the rest (i-quants, 3-D expert tensors, the embedding and output)
-    keeps llama.cpp's rounding. `how` records which rounding each tensor got, and why."""
+    keeps llama.cpp's rounding, and `describe` says which each tensor gets, and why."""
 
     def __init__(self, moments: Moments, identity: str):
         self.moments, self.identity = moments, f"gptq:{identity}"
-        self.how: dict[str, str] = {}
         self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per input: q/k/v share one
 
-    def round(self, name, values, shape, qtype, column_weights):
-        h = self.moments.of_weight(name)
-        if h is None or len(shape) != 2:
-            self.how[name] = "llama.cpp's (no input second moment measured)"
-            return None
+    def describe(self, name, shape, qtype):
+        if self.moments.of_weight(name) is None or len(shape) != 2:
+            return "llama.cpp's (no input second moment measured)"
         if not supports(qtype):
-            self.how[name] = f"llama.cpp's ({qtype} has no grid here)"
+            return f"llama.cpp's ({qtype} has no grid here)"
+        return "gptq"
+
+    def round(self, name, values, shape, qtype, column_weights):
+        if self.describe(name, shape, qtype) != "gptq":
             return None
-        self.how[name] = "gptq"
-        key = self.moments.of[name]
+        h, key = self.moments.of_weight(name), self.moments.of[name]
         if key not in self._factors:
             self._factors[key] = inverse_factor(h)
         return gptq_rows(np.asarray(values, dtype=np.float32).reshape(shape[1], shape[0]), qtype, h,

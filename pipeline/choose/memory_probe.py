@@ -2,7 +2,8 @@
 
 A probe is a change to the base: some tensors at other types (their values become what ggml's
 quantize then dequantize make of them, with the imatrix, exactly what a quantized file would
-hold), and some layers removed. A layer is removed by zeroing the tensors that write into the
+hold; or, with a `rounder`, what the variant's error-compensated rounding makes), and some layers
+removed. A layer is removed by zeroing the tensors that write into the
 residual stream (attention output and FFN down projections, and their biases): the block then
 adds nothing, and every later layer keeps its index, its attention kind and its RoPE base, which
 is what a correctly pruned file keeps too (pipeline.formats.prune). The KLD against the cached
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engine.assemble import Rounder
 from pipeline.engine.backend import engine_version
 from pipeline.engine.context import Context
 from pipeline.engine.model import Model
@@ -57,9 +59,12 @@ class MemoryProbe:
 
     def __init__(self, base: Path, text: str, ctx: int, chunks: int, threads: int | None = None,
                  cache: Path | None = None, n_gpu_layers: int = 0, imatrix_path: Path | None = None,
-                 memo: Path | None = None, skip_chunks: int = 0):
-        """`skip_chunks`: the chunks start after that many of `text` (held out from what they score)."""
+                 memo: Path | None = None, skip_chunks: int = 0, rounder: Rounder | None = None):
+        """`skip_chunks`: the chunks start after that many of `text` (held out from what they score).
+        `rounder`: how a tensor's values are rounded onto its type's grid where it does not keep
+        llama.cpp's own (pipeline.choose.gptq_rounding), as the variant's file will have them."""
         self.base_path = Path(base)
+        self.rounder = rounder
         self.memo = ProbeMemo(memo) if memo is not None else None
         self._identity = None
         self.measured = 0  # probes evaluated by this object (memo hits are not)
@@ -168,9 +173,16 @@ class MemoryProbe:
         weights = self.weights
         cache = shared_cache()  # the assembler writes the variant's file from the same bytes
         source, imatrix = file_identity(self.base_path), file_identity(self.imatrix_path)
+        rounder = self.rounder
+        made_with = imatrix + (f"|{rounder.identity}" if rounder else "")  # as the assembler keys them
+
+        def make(name: str, qtype: str) -> np.ndarray:
+            values, shape, columns = weights.original(name), weights.shape(name), self.column_weights(name)
+            rounded = rounder.round(name, values, shape, qtype, columns) if rounder else None
+            return rounded if rounded is not None else quantized_bytes(values, shape, qtype, columns)
+
         for name, qtype in (types or {}).items():
-            data = cache.get_or_quantize(source, name, qtype, imatrix, lambda: quantized_bytes(
-                weights.original(name), weights.shape(name), qtype, self.column_weights(name)))
+            data = cache.get_or_quantize(source, name, qtype, made_with, lambda: make(name, qtype))
             weights.write_quantized(name, qtype, data)
         for layer in removed:
             for name in self.residual_outputs(layer):
@@ -192,6 +204,8 @@ class MemoryProbe:
                 h.update(b"-|")
             h.update(np.ascontiguousarray(self.base["tokens"]).tobytes())
             h.update(f"|{self.ctx}|{engine_version()}".encode())
+            if self.rounder is not None:  # llama.cpp's rounding keeps the identities it always had
+                h.update(f"|{self.rounder.identity}".encode())
             self._identity = h.hexdigest()[:32]
         return self._identity
 

@@ -18,7 +18,7 @@ name (the model loader's weight_name_comparer); data padded to the alignment.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -57,10 +57,15 @@ class PrunedFrom:
 
 class Rounder:
     """Rounding other than llama.cpp's for some tensors: `round(name, values, shape, qtype, column
-    weights)` gives the tensor's bytes in `qtype`, or None to keep llama.cpp's rounding; `identity`
-    keys what it makes in the quantized-tensor cache apart from llama.cpp's."""
+    weights)` gives the tensor's bytes in `qtype`, or None to keep llama.cpp's rounding;
+    `describe(name, shape, qtype)` says which of the two the tensor gets (also when its bytes come
+    from the cache); `identity` keys what it makes in the quantized-tensor cache apart from
+    llama.cpp's."""
 
     identity: str = "-"
+
+    def describe(self, name: str, shape: tuple[int, ...], qtype: str) -> str:
+        raise NotImplementedError
 
     def round(self, name: str, values: np.ndarray, shape: tuple[int, ...], qtype: str,
               column_weights: np.ndarray | None) -> np.ndarray | None:
@@ -73,6 +78,7 @@ class Assembled:
     quantized: int  # pairs quantized here
     reused: int  # pairs the cache already held
     copied: int  # tensors kept in their source type
+    rounding: dict = field(default_factory=dict)  # tensor -> its rounding, with a Rounder
 
 
 def loader_order(name: str) -> tuple[int, str]:
@@ -139,7 +145,7 @@ def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
     source_id, imatrix_id, original = file_identity(src), file_identity(imatrix_path), {n: n for n in index}
     if pruned_from is not None and (pruned_from.imatrix is None) == (imatrix_path is None):
         source_id, imatrix_id, original = pruned_from.keys(index)
-    plan, counts = [], {"quantized": 0, "reused": 0, "copied": 0}
+    plan, counts, rounding = [], {"quantized": 0, "reused": 0, "copied": 0}, {}
     for name in names:
         e = index[name]
         new = gguf.GGMLQuantizationType[types[name]]
@@ -163,12 +169,14 @@ def assemble_file(src: Path, dst: Path, ftype: str, *, imatrix_path: Path | None
             return rounded if rounded is not None else quantized_bytes(values, e.shape, new.name, weights)
 
         rounding_id = f"|{rounder.identity}" if rounder else ""
+        if rounder:
+            rounding[name] = rounder.describe(original[name], e.shape, new.name)
         data = cache.get_or_quantize(source_id, original[name], new.name, imatrix_id + rounding_id, make)
         counts["quantized" if made else "reused"] += 1
         return data
 
     write_gguf_tensors(dst, metadata, plan, produce, alignment)
-    return Assembled(len(plan), **counts)
+    return Assembled(len(plan), **counts, rounding=rounding)
 
 
 def _needs_imatrix(name: str, qtype: str, ftype: str) -> bool:

@@ -22,9 +22,13 @@ LOAD_MODE_NONE = 0
 
 
 class Model:
-    def __init__(self, path: Path, n_gpu_layers: int = 0, writable: bool = False):
+    def __init__(self, path: Path, n_gpu_layers: int = 0, writable: bool = False, repack: bool = True):
         """`writable`: read the weights into buffers of their own instead of mapping the file
-        read-only, so they can be overwritten in place (pipeline.engine.weights)."""
+        read-only, so they can be overwritten in place (pipeline.engine.weights). `repack`: let
+        llama.cpp's CPU backend repack quantized weights into its interleaved layouts, as its tools
+        do by default (--no-repack turns it off); those kernels round differently, so a file
+        scored without it is what an in-place probe of the same bytes measures (see
+        results/bench/README.md)."""
         init_backend()
         path = Path(path)
         if not path.is_file():
@@ -33,6 +37,8 @@ class Model:
         params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
         if writable:
             params.load_mode = LOAD_MODE_NONE
+        if not repack:
+            params.use_extra_bufts = False
         clear_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:

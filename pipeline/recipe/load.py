@@ -257,10 +257,6 @@ def _check_rounding(recipe: Recipe, plan) -> None:
     if cal is None or cal.imatrix:
         raise SqueezeError(f"{where}gptq rounds with the second moments of squeeze's own calibration pass: give "
                            "variant " + plan.name + " a `calibration:` section with datasets (not an imatrix file)")
-    if plan.budget is not None:
-        raise SqueezeError(f"{where}gptq under a budget ({plan.budget.key}) is not available yet: the budget's "
-                           f"choices are measured with llama.cpp's rounding; give variant {plan.name} its types by "
-                           "ftype and rules, or drop the budget")
 
 
 def _check_prune_budget(plan) -> None:

@@ -37,7 +37,7 @@ from pipeline.stages.estimate import (check_room, dropped_layers, predicted_base
                                       probe_resident, probe_session, quantized_in, variant_types)
 from pipeline.work import Memory, Note, Roundtrip, Write
 from pipeline.stages.imatrix import calibration_writes_layers, imatrix_input
-from pipeline.stages.probes import probe_for, probe_params, say_reuse
+from pipeline.stages.probes import probe_for, probe_params, rounder_for, say_reuse
 from pipeline.stages.quantize import budget_bytes
 
 
@@ -84,6 +84,8 @@ def steps(run: RunContext) -> list[Step]:
             if isinstance(what, UpToPrune):
                 params = {**params, "prune.up_to": k, **v.values,
                           **run.recipe.values("select.refine_rounds")}
+                if v.rounding.type == "gptq":  # its whole mixes are measured rounded so
+                    inputs.append(run.moments_path)
                 produces = (f"pruned/{run.pruned_base_path(tag).name} (0 to {k} layers removed, whichever measures "
                             f"lower than spending the same bytes on bits under {v.name}'s budget; "
                             f"pruned/{run.prune_choice_path(tag).name} says which and why)")
@@ -180,6 +182,31 @@ def _prune_or_bits(run: RunContext, v: VariantPlan, choice: PruneChoice, probe) 
     sleb = choice.methods.get("sleb")
     picked = [s["picked"] for s in sleb.steps] if sleb is not None else []
     sets = [()] + [tuple(sorted(picked[:i])) for i in range(1, choice.k)] + [tuple(choice.layers)]
+    # the mixes are rounded as the variant's file will be; the removals alone quantize nothing
+    rounder = rounder_for(run, v)
+    mixes = probe if rounder is None else probe_for(run, PROBE_CHUNKS, imatrix=probe.imatrix_path, rounder=rounder)
+    try:
+        candidates = _prune_or_bits_candidates(run, v, sets, probe, mixes, sens, want, kept)
+    finally:
+        if mixes is not probe:
+            mixes.close()
+    best, markdown = choose_prune_or_bits(candidates)
+    print(f"prune or bits ({v.name}): {best.label}"
+          + (f" {list(best.removed_layers)}" if best.removed_layers else "") + f", KLD {best.deciding_kld:.4f}")
+    return {"layers": list(best.removed_layers), "search_layers": choice.layers,
+            "prune_or_bits": {"markdown": markdown, "budget_bytes": want, "candidates": [
+                {"label": c.label, "layers": list(c.removed_layers), "prune_kld": c.prune_kld,
+                 "predicted_quant_kld": c.quant_kld if c.allocation is not None else None,
+                 "measured_kld": c.measured_kld, "bytes": c.allocation.total_bytes if c.allocation else None}
+                for c in candidates]}}
+
+
+def _prune_or_bits_candidates(run: RunContext, v: VariantPlan, sets, probe, mixes, sens, want: int,
+                              kept) -> list[PruneCandidate]:
+    """Each set of removed layers with the types for the same bytes allocated around it: the
+    removal alone measured on `probe`, the whole mix on `mixes` (the same probe, or one rounding as
+    the variant does)."""
+    info, base = run.model_info, run.base_path
     candidates = []
     for removed in dict.fromkeys(sets):
         label = "keep every layer" if not removed else f"remove {len(removed)} layer{'s' * (len(removed) > 1)}"
@@ -190,14 +217,6 @@ def _prune_or_bits(run: RunContext, v: VariantPlan, choice: PruneChoice, probe) 
         except SqueezeError:
             candidates.append(PruneCandidate(label, removed, prune_kld, None))
             continue
-        together = probe.kld(chosen.allocation.types, removed=list(removed))
+        together = mixes.kld(chosen.allocation.types, removed=list(removed))
         candidates.append(PruneCandidate(label, removed, prune_kld, chosen.allocation, together))
-    best, markdown = choose_prune_or_bits(candidates)
-    print(f"prune or bits ({v.name}): {best.label}"
-          + (f" {list(best.removed_layers)}" if best.removed_layers else "") + f", KLD {best.deciding_kld:.4f}")
-    return {"layers": list(best.removed_layers), "search_layers": choice.layers,
-            "prune_or_bits": {"markdown": markdown, "budget_bytes": want, "candidates": [
-                {"label": c.label, "layers": list(c.removed_layers), "prune_kld": c.prune_kld,
-                 "predicted_quant_kld": c.quant_kld if c.allocation is not None else None,
-                 "measured_kld": c.measured_kld, "bytes": c.allocation.total_bytes if c.allocation else None}
-                for c in candidates]}}
+    return candidates

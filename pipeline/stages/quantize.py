@@ -17,16 +17,13 @@ from pipeline.choose.measured_allocation import GROUP_SHARE, TargetChoice, choos
 from pipeline.choose.memory_budget import check_fits, file_budget, kv_lower_bound, margin_bytes, memory_bytes
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
-from pipeline.choose.gptq_rounding import GptqRounder
 from pipeline.choose.text_transfer import class_shares
 from pipeline.cost import estimate as est
 from pipeline.engine.assemble import PrunedFrom, assemble_file
 from pipeline.engine.backend import engine_versions
-from pipeline.engine.quantized_tensors import file_identity
 from pipeline.engine.runtime_memory import runtime_memory
 from pipeline.errors import SqueezeError
 from pipeline.formats.gguf_index import read_metadata
-from pipeline.formats.moments_file import read_moments
 from pipeline.formats.tensor_names import TOKEN_EMBD, exact_pattern, layer_of
 from pipeline.recipe.rules import Choice, overrides_for_llama, resolve_types, tensor_type_file_lines
 from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, KldBudget, MemoryBudget, SizeBudget, UpToPrune,
@@ -37,7 +34,7 @@ from pipeline.sources.model_source import parse_source, source_gguf
 from pipeline.stages.estimate import (check_room, dropped_layers, predicted_variant_bytes, probe_resident, probe_session,
                                       quantizable, quantized_in, variant_model, variant_types)
 from pipeline.stages.imatrix import imatrix_input
-from pipeline.stages.probes import probe_for, probe_params, say_reuse
+from pipeline.stages.probes import probe_for, probe_params, rounder_for, say_reuse
 from pipeline.units import MiB
 from pipeline.work import BASE, Memory, Note, Quantize, Roundtrip, Write
 
@@ -91,14 +88,16 @@ def steps(run: RunContext) -> list[Step]:
     return out
 
 
-def _kld_target_choice(run: RunContext, sens, target: float, fixed: int, layers, rule_choices, imatrix, where: str):
+def _kld_target_choice(run: RunContext, v: VariantPlan, sens, target: float, fixed: int, layers, rule_choices, imatrix,
+                       where: str):
     """The smallest mix meeting a KLD target, measured in memory (a map-only prediction when the
     recipe trusts the map: select.refine_rounds 0)."""
     exclude = {n: c.type for n, c in rule_choices.items()}
     rounds = run.recipe.select.refine_rounds
     if rounds == 0:
         return choose_types_for_kld(sens, target, fixed, drop=layers, exclude=exclude, rounds=0, where=where)
-    with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None) as probe:
+    with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None,
+                   rounder=rounder_for(run, v)) as probe:
         chosen = choose_types_for_kld(sens, target, fixed, probe=probe, drop=layers, exclude=exclude, rounds=rounds,
                                       where=where, echo=print)
         say_reuse(probe, "quantize")
@@ -118,6 +117,8 @@ def _work(run: RunContext, shape, v: VariantPlan) -> list:
     work = [Quantize(types, fastest=refined, source=source), Write(run.variant_path(v.name), variant_model(shape, run, v).bytes),
             Write(run.tensor_types_path(v.name), 60 + 30 * len(explicit)),
             Memory(3 * 4 * shape.largest_tensor_values + source_bytes), Note(v.ftype)]
+    if v.rounding.type == "gptq":
+        work.append(Note("rounding: gptq, its time not priced yet"))
     if refined:
         work += _refinement_work(shape, run, v, {n: ty for n, ty in types.items() if layer_of(n) not in set(drop)})
     return work
@@ -292,15 +293,13 @@ def _quantize(run: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
     # the file llama_model_quantize writes, from the tensors this run already quantized (the
     # refinement's last mix, earlier variants) where it has them (pipeline.engine.assemble)
     pruned_from = PrunedFrom(run.base_path, imatrix_input(run) if imatrix else None, tuple(layers)) if layers else None
-    rounder = None
-    if v.rounding.type == "gptq":
-        rounder = GptqRounder(read_moments(run.moments_path), file_identity(run.moments_path))
+    rounder = rounder_for(run, v)
     made = assemble_file(src, io.out(run.variant_path(v.name)), v.ftype,
                          imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
                          output_type=v.type_of("output_type"), token_embedding_type=token_embd_type,
                          threads=run.threads, pruned_from=pruned_from, rounder=rounder)
     if rounder is not None:
-        extra["rounding"] = dict(sorted(rounder.how.items()))
+        extra["rounding"] = dict(sorted(made.rounding.items()))
     return {**extra, "pruned_layers": list(layers), "tensors_quantized": made.quantized,
             "tensors_reused": made.reused, "tensors_copied": made.copied,
             "explicit_types": {c.tensor: [c.type, c.why] for c in choices.values()}}
@@ -334,12 +333,13 @@ def _budget_choices(run: RunContext, v: VariantPlan, layers, rule_choices, imatr
     rounds = v.refine_rounds
     where, label = budget.where, budget.text()
     if isinstance(budget, KldBudget):
-        chosen = _kld_target_choice(run, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
+        chosen = _kld_target_choice(run, v, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
     elif rounds == 0:
         chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
                               budget_label=label)
     else:
-        with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None) as probe:
+        with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None,
+                       rounder=rounder_for(run, v)) as probe:
             chosen = choose_types(sens, want, fixed, probe=probe, drop=layers, exclude={n: c.type for n, c in rule_choices.items()},
                                   rounds=rounds, where=where, budget_label=label, echo=print)
             say_reuse(probe, f"quantize {v.name}")
