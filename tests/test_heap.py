@@ -8,24 +8,32 @@ import pytest
 
 from pipeline.run.heap import _malloc_trim
 
-# A child fills ~300 MiB of heap with 100 kB buffers (below glibc's mmap threshold, so they live
-# in the heap), frees all but every 50th (which pins the heap's top), and prints its resident MiB
-# before and after release_freed_memory().
-_CHILD = textwrap.dedent("""
+# What both children run first: `fragment()` fills ~300 MiB of heap with 100 kB buffers (below
+# glibc's mmap threshold, so they live in the heap) and frees all but every 50th (kept in
+# `pinned`, they pin the heap's top); `resident()` is the process's resident MiB.
+_FRAGMENT = textwrap.dedent("""
     import ctypes
-    from pipeline.run.heap import release_freed_memory
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    pinned = []
     def resident():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
-    blocks = [libc.malloc(100_000) for _ in range(3000)]
-    for b in blocks:
-        libc.memset(b, 1, 100_000)
-    for i, b in enumerate(blocks):
-        if i % 50:
-            libc.free(b)
+    def fragment():
+        blocks = [libc.malloc(100_000) for _ in range(3000)]
+        for b in blocks:
+            libc.memset(b, 1, 100_000)
+        pinned.extend(blocks[::50])
+        for i, b in enumerate(blocks):
+            if i % 50:
+                libc.free(b)
+""")
+
+# Resident MiB before and after release_freed_memory().
+_CHILD = _FRAGMENT + textwrap.dedent("""
+    from pipeline.run.heap import release_freed_memory
+    fragment()
     before = resident()
     release_freed_memory()
     print(before, resident())
@@ -39,32 +47,21 @@ def test_memory_a_step_freed_is_handed_back_to_the_system():
     assert before - after > 200, f"resident {before} MiB before, {after} MiB after release_freed_memory"
 
 
-# Two steps under the runner in a child: the first fragments the heap as above, the second writes
-# the process's resident MiB when it starts.
-_RUN = textwrap.dedent("""
-    import ctypes, sys
+# Two steps under the runner: the first fragments the heap and writes the resident MiB at its end,
+# the second writes it when it starts.
+_RUN = _FRAGMENT + textwrap.dedent("""
+    import sys
     from pathlib import Path
     from pipeline.run.runner import Runner, Step
     folder = Path(sys.argv[1])
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    pinned = []
-    def fragment(io):
-        blocks = [libc.malloc(100_000) for _ in range(3000)]
-        for b in blocks:
-            libc.memset(b, 1, 100_000)
-        pinned.extend(blocks[::50])
-        for i, b in enumerate(blocks):
-            if i % 50:
-                libc.free(b)
-        io.out(folder / "a.txt").write_text(str(int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20))
-    def measure(io):
-        io.out(folder / "b.txt").write_text(str(int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20))
+    def first(io):
+        fragment()
+        io.out(folder / "a.txt").write_text(str(resident()))
+    def second(io):
+        io.out(folder / "b.txt").write_text(str(resident()))
     (folder / "in.txt").write_text("x")
-    steps = [Step("a", "convert", {}, [folder / "in.txt"], [folder / "a.txt"], fragment),
-             Step("b", "imatrix", {}, [folder / "a.txt"], [folder / "b.txt"], measure)]
+    steps = [Step("a", "convert", {}, [folder / "in.txt"], [folder / "a.txt"], first),
+             Step("b", "imatrix", {}, [folder / "a.txt"], [folder / "b.txt"], second)]
     Runner(folder, echo=lambda line: None).run(steps)
 """)
 

@@ -42,7 +42,7 @@ from pipeline.engine.quantized_tensors import file_identity, quantized_bytes, sh
 from pipeline.engine.weights import ModelWeights
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix
-from pipeline.formats.tensor_names import RESIDUAL_OUT_KINDS, kind_of, layer_of
+from pipeline.formats.tensor_names import residual_outputs
 from pipeline.fsutil import atomic_path
 from pipeline.measure import perplexity
 
@@ -162,7 +162,7 @@ class MemoryProbe:
 
     def residual_outputs(self, layer: int) -> list[str]:
         """The tensors of `layer` that write into the residual stream."""
-        names = [n for n in self.weights.names if layer_of(n) == layer and kind_of(n) in RESIDUAL_OUT_KINDS]
+        names = residual_outputs(self.weights.names, (layer,))
         if not names:
             raise SqueezeError(f"{self.base_path.name}: layer {layer} has no attention output or FFN down "
                                "projection to zero; it cannot be removed in memory")

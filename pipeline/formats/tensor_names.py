@@ -70,6 +70,13 @@ def kind_of(name: str) -> str:
     return parse(name).kind
 
 
+def residual_outputs(names, layers) -> list[str]:
+    """The tensors among `names` of the blocks `layers` that write into the residual stream (what
+    removing a layer in memory zeroes)."""
+    layers = set(layers)
+    return [n for n in names if layer_of(n) in layers and kind_of(n) in RESIDUAL_OUT_KINDS]
+
+
 def with_layer(name: str, layer: int) -> str:
     """The same tensor in another block: `blk.3.ffn_down.weight` -> `blk.<layer>.ffn_down.weight`."""
     return BLOCK_PREFIX.sub(f"blk.{layer}.", name, count=1)

@@ -13,7 +13,7 @@ from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Shape
 from pipeline.cost.run_estimate import UNQUANTIZED, model_shape
 from pipeline.errors import SqueezeError
-from pipeline.formats.tensor_names import layer_of
+from pipeline.formats.tensor_names import kind_of, layer_of
 from pipeline.fsutil import ensure_free_space
 from pipeline.recipe.plan import BitsBudget, SearchedPrune, SizeBudget, VariantPlan
 from pipeline.recipe.rules import resolve_types
@@ -128,7 +128,7 @@ def largest_probe(shape: Shape, types: dict[str, str]) -> list[str]:
     sets: dict[str, list[str]] = {}
     for name in types:
         layer = layer_of(name)
-        sets.setdefault(f"kind {name.split('.', 2)[-1]}" if layer is not None else name, []).append(name)
+        sets.setdefault(f"kind {kind_of(name)}" if layer is not None else name, []).append(name)
         if layer is not None:
             sets.setdefault(f"group {group_of(name)}", []).append(name)
     values = {t.name: est.n_values(t.shape) for t in shape.tensors}

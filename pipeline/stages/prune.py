@@ -28,7 +28,7 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import read_imatrix, write_imatrix
 from pipeline.formats.layers_csv import block_influence
 from pipeline.formats.prune import check_prune_set, prune_gguf, remap_imatrix
-from pipeline.formats.tensor_names import RESIDUAL_OUT_KINDS, kind_of, layer_of
+from pipeline.formats.tensor_names import residual_outputs
 from pipeline.recipe.plan import Prune, SearchedPrune, UpToPrune, VariantPlan
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
@@ -119,7 +119,7 @@ def _work(run: RunContext, shape, tag: str, v: VariantPlan) -> list:
         tries -= shape.n_layers  # the sensitivity map measured the single layers
     work += probe_session(shape, run, tries, PROBE_CHUNKS)
     note = f"{k} layers picked from up to {tries} KLD probes"
-    changed = [t.name for t in shape.tensors if layer_of(t.name) in set(drop) and kind_of(t.name) in RESIDUAL_OUT_KINDS]
+    changed = residual_outputs((t.name for t in shape.tensors), drop)  # removals only
     if isinstance(v.prune, UpToPrune):
         mixes = k + 1
         types = variant_types(shape, run, v)

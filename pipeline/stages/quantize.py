@@ -19,7 +19,7 @@ from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.choose.sensitivity import load_sensitivity
 from pipeline.choose.text_transfer import class_shares
 from pipeline.cost import estimate as est
-from pipeline.engine.assemble import PrunedFrom, assemble_file
+from pipeline.engine.assemble import PrunedFrom, Rounder, assemble_file
 from pipeline.engine.backend import engine_versions
 from pipeline.engine.runtime_memory import runtime_memory
 from pipeline.errors import SqueezeError
@@ -88,16 +88,15 @@ def steps(run: RunContext) -> list[Step]:
     return out
 
 
-def _kld_target_choice(run: RunContext, v: VariantPlan, sens, target: float, fixed: int, layers, rule_choices, imatrix,
-                       where: str):
+def _kld_target_choice(run: RunContext, rounder: Rounder | None, sens, target: float, fixed: int, layers, rule_choices,
+                       imatrix, where: str):
     """The smallest mix meeting a KLD target, measured in memory (a map-only prediction when the
     recipe trusts the map: select.refine_rounds 0)."""
     exclude = {n: c.type for n, c in rule_choices.items()}
     rounds = run.recipe.select.refine_rounds
     if rounds == 0:
         return choose_types_for_kld(sens, target, fixed, drop=layers, exclude=exclude, rounds=0, where=where)
-    with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None,
-                   rounder=rounder_for(run, v)) as probe:
+    with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None, rounder=rounder) as probe:
         chosen = choose_types_for_kld(sens, target, fixed, probe=probe, drop=layers, exclude=exclude, rounds=rounds,
                                       where=where, echo=print)
         say_reuse(probe, "quantize")
@@ -257,8 +256,9 @@ def _quantize(run: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
     choices = resolve_types(v, run.model_info)
     extra = {}
     token_embd_type = v.type_of("token_embedding_type")
+    rounder = rounder_for(run, v)  # one for the refinement's probes and the file: the moments read once
     if budget is not None:
-        choices, chosen = _budget_choices(run, v, layers, choices, imatrix, runtime_bytes)
+        choices, chosen = _budget_choices(run, v, layers, choices, imatrix, rounder, runtime_bytes)
         alloc = chosen.allocation
         token_embd_type = choices.pop(TOKEN_EMBD).type if TOKEN_EMBD in choices else token_embd_type
         extra = {"predicted_kld": chosen.predicted_kld, "predicted_bytes": alloc.total_bytes,
@@ -293,7 +293,6 @@ def _quantize(run: RunContext, v: VariantPlan, src: Path, imatrix, io, runtime_b
     # the file llama_model_quantize writes, from the tensors this run already quantized (the
     # refinement's last mix, earlier variants) where it has them (pipeline.engine.assemble)
     pruned_from = PrunedFrom(run.base_path, imatrix_input(run) if imatrix else None, tuple(layers)) if layers else None
-    rounder = rounder_for(run, v)
     made = assemble_file(src, io.out(run.variant_path(v.name)), v.ftype,
                          imatrix_path=imatrix, overrides=overrides_for_llama(choices, layers),
                          output_type=v.type_of("output_type"), token_embedding_type=token_embd_type,
@@ -313,7 +312,8 @@ def _prune_or_bits_note(run: RunContext, v: VariantPlan) -> str:
     return json.loads(run.prune_choice_path(tag).read_text()).get("prune_or_bits", {}).get("markdown", "")
 
 
-def _budget_choices(run: RunContext, v: VariantPlan, layers, rule_choices, imatrix, runtime_bytes: int | None = None):
+def _budget_choices(run: RunContext, v: VariantPlan, layers, rule_choices, imatrix, rounder: Rounder | None,
+                    runtime_bytes: int | None = None):
     """Every tensor's type for the budget; recipe rules still win for the tensors they name. The
     choice is refined by measuring it in memory on the unpruned base (pruned layers removed in
     memory) with the imatrix of the whole model, as the sensitivity map was measured."""
@@ -333,13 +333,13 @@ def _budget_choices(run: RunContext, v: VariantPlan, layers, rule_choices, imatr
     rounds = v.refine_rounds
     where, label = budget.where, budget.text()
     if isinstance(budget, KldBudget):
-        chosen = _kld_target_choice(run, v, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
+        chosen = _kld_target_choice(run, rounder, sens, budget.kld, fixed, layers, rule_choices, imatrix, where)
     elif rounds == 0:
         chosen = choose_types(sens, want, fixed, drop=layers, exclude={n: c.type for n, c in rule_choices.items()}, where=where,
                               budget_label=label)
     else:
         with probe_for(run, PROBE_CHUNKS, imatrix=imatrix_input(run) if imatrix else None,
-                       rounder=rounder_for(run, v)) as probe:
+                       rounder=rounder) as probe:
             chosen = choose_types(sens, want, fixed, probe=probe, drop=layers, exclude={n: c.type for n, c in rule_choices.items()},
                                   rounds=rounds, where=where, budget_label=label, echo=print)
             say_reuse(probe, f"quantize {v.name}")
