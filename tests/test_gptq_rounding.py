@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.choose.gptq_rounding import gptq_rows, output_error, supports
+from pipeline.choose.gptq_rounding import gptq_rows, inverse_factor, lower_inverse, output_error, supports
 from pipeline.engine.ggml_quant import dequantize_rows, quantize_rows
 from pipeline.errors import SqueezeError
 from pipeline.formats.block_grid import SUPPORTED, decode, encode
@@ -60,3 +60,21 @@ def test_a_type_without_a_grid_is_refused_in_one_line(correlated):
         gptq_rows(w, "IQ4_XS", h, imp)
     with pytest.raises(SqueezeError, match="second moment of"):
         gptq_rows(w, "Q4_K", h[:256, :256], imp)
+
+
+@pytest.mark.parametrize("n", [5, 300, 1031])
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse(n):
+    """lower_inverse halves the matrix (sizes that are no power of two included); U^T U must be
+    (H + damp)^-1, with U upper, and a column no input reached is marked dead."""
+    rng = np.random.default_rng(n)
+    m = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
+    assert np.allclose(lower_inverse(m) @ m, np.eye(n), atol=1e-10)
+    x = rng.standard_normal((2 * n, n))
+    x[:, 1] = 0.0
+    h = x.T @ x
+    u, dead = inverse_factor(h)
+    assert np.array_equal(u, np.triu(u)) and dead.tolist() == [i == 1 for i in range(n)]
+    damped = h.copy()
+    damped[1, 1] = 1.0
+    damped[np.diag_indices(n)] += 0.01 * np.mean(np.diag(damped))
+    assert np.allclose(u.T @ u, np.linalg.inv(damped), rtol=1e-8, atol=1e-12)
