@@ -81,6 +81,22 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class Dense:
+    """numpy matrix products (float64) of `flops` floating-point operations: the second moments'
+    x^T x, GPTQ's inverse factors and its error feedback past each block."""
+
+    flops: float
+
+
+@dataclass(frozen=True)
+class GptqColumns:
+    """Values GPTQ rounds one input column at a time (pipeline.choose.gptq_rounding): the block's
+    scales from ggml, the grid search and the feedback inside each block."""
+
+    values: float
+
+
+@dataclass(frozen=True)
 class Roundtrip:
     """Tensors quantized in memory (ggml_quantize_chunk) at these types, `times` over (a share of
     them when below 1); kept in the run's quantized-tensor cache."""

@@ -43,6 +43,7 @@ BENCHES = (
     Bench("prune", ("python", "scripts/bench_prune.py"), ("prune.json", "prune.md"), 30),
     Bench("allocate", ("python", "scripts/bench_allocate.py"), ("allocate.json", "allocate.md", "variants/*"), 60),
     Bench("targets", ("python", "scripts/bench_targets.py"), ("targets.json", "targets.md"), 25),
+    Bench("rounding", ("python", "scripts/bench_rounding.py"), ("rounding.json", "rounding.md"), 40),
     Bench("probe-kernels", ("python", "scripts/bench_probe_kernels.py"), ("probe-kernels.json", "probe-kernels.md"), 10),
     Bench("card-method", ("python", "scripts/bench_card_method.py"), ("card-method.json", "card-method.md"), 25),
     Bench("convert", ("python", "scripts/bench_convert.py"), ("convert.json",), 15),

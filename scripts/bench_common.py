@@ -233,6 +233,28 @@ def calibration(base: Path, chunks: int = 20, ctx: int = 512, threads: int | Non
     return im_path, layers_path
 
 
+def moments(base: Path, chunks: int, ctx: int = 512, threads: int | None = None, *, work: Path = WORK) -> Path:
+    """The calibration inputs' second moments (moments-c<chunks>.npz) from `chunks` chunks of
+    groups_merged, kept in `work` like `calibration`'s imatrix (the same chunks, the same text)."""
+    from pipeline.formats.moments_file import write_moments
+    from pipeline.measure import calibration as activations
+
+    text = dataset("groups_merged")
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"moments-c{chunks}.npz"
+    made_from = MadeFrom({"model": Path(base), "text": text}, engine_versions(), {"ctx": ctx, "chunks": chunks})
+
+    def build() -> None:
+        log(f"second moments: {chunks} chunks of {ctx}")
+        totals, _ = activations.collect(base, activations.calibration_tokens(base, [text]), ctx, chunks,
+                                        threads=threads, second_moments=True)
+        with atomic_path(path) as tmp:
+            write_moments(tmp, totals.moments, totals.moment_of)
+
+    cached(path, made_from, build, _rebuilding(path.name))
+    return path
+
+
 def probe(base: Path, name: str, ctx: int, chunks: int, threads: int | None = None, *, work: Path = WORK):
     """A KLD probe on `chunks` chunks of `ctx` tokens of dataset `name`; its base distribution is
     kept in `work`, keyed like `calibration`."""

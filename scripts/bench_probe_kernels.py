@@ -27,20 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (OUT, WORK, dataset, dithered_base, log, provenance, verdict, write_json,  # noqa: E402
-                          write_text)
+from bench_common import (OUT, WORK, dataset, dithered_base, log, moments, provenance, verdict,  # noqa: E402
+                          write_json, write_text)
 
-from pipeline.cache import MadeFrom, cached  # noqa: E402
 from pipeline.choose.file_probes import KLDProbe  # noqa: E402
 from pipeline.choose.gptq_rounding import GptqRounder  # noqa: E402
 from pipeline.choose.memory_probe import PROBE_CHUNKS, MemoryProbe  # noqa: E402
 from pipeline.engine.assemble import assemble_file  # noqa: E402
-from pipeline.engine.backend import engine_versions  # noqa: E402
 from pipeline.engine.quantized_tensors import file_identity  # noqa: E402
 from pipeline.formats.gguf_index import read_index  # noqa: E402
-from pipeline.formats.moments_file import read_moments, write_moments  # noqa: E402
+from pipeline.formats.moments_file import read_moments  # noqa: E402
 from pipeline.fsutil import atomic_path, read_text  # noqa: E402
-from pipeline.measure.calibration import calibration_tokens, collect  # noqa: E402
 
 THREADS = 2
 CTX, MOMENT_CHUNKS = 512, 8
@@ -48,26 +45,9 @@ FTYPES = ("Q4_K_M", "Q3_K_M")
 TOLERANCE = 0.01
 
 
-def moments(base: Path) -> Path:
-    """The calibration inputs' second moments (moments.npz), kept in results/bench/work."""
-    text = dataset("groups_merged")
-    path = WORK / f"moments-c{MOMENT_CHUNKS}.npz"
-    made_from = MadeFrom({"model": base, "text": text}, engine_versions(), {"ctx": CTX, "chunks": MOMENT_CHUNKS})
-
-    def build() -> None:
-        log(f"second moments: {MOMENT_CHUNKS} chunks of {CTX}")
-        totals, _ = collect(base, calibration_tokens(base, [text]), CTX, MOMENT_CHUNKS, threads=THREADS,
-                            second_moments=True)
-        with atomic_path(path) as tmp:
-            write_moments(tmp, totals.moments, totals.moment_of)
-
-    cached(path, made_from, build, lambda why: log(f"{path.name}: rebuilding ({why})"))
-    return path
-
-
 def main() -> None:
     base = dithered_base()
-    moments_path = moments(base.path)
+    moments_path = moments(base.path, MOMENT_CHUNKS, CTX, THREADS)
     text = read_text(dataset("groups_merged"))
     files = WORK / "probe-kernels"
     files.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,9 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.model_info import TensorInfo
 from pipeline.fsutil import read_text, write_json_atomic
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.stages.estimate import largest_probe, probe_resident
+from pipeline.stages.estimate import gptq_work, largest_probe, moment_inputs, moments_work, probe_resident
 from pipeline.stages.registry import build_steps, open_run
-from pipeline.work import Quantize, Roundtrip
+from pipeline.work import Dense, GptqColumns, Quantize, Roundtrip
 
 TINY = {"n_embd": 256, "n_ff": 768, "n_layers": 4, "n_head": 4, "n_head_kv": 2, "n_vocab": 4096}
 
@@ -181,7 +181,8 @@ def _rates(**over) -> Rates:
                   quantize_weights_per_s={"Q8_0": 1e8, "legacy": 5e7, "K": 2e7},
                   dequantize_values_per_s={"F16": 1e9, "Q8_0": 5e8}, write_bytes_per_s=1e9, hook_values_per_s=1e9,
                   sketch_s_per_entry=2e-9, kld_s_per_entry=1e-9, process_rss_bytes=1 << 28, load_s=0.5,
-                  roundtrip_weights_per_s={"Q4_K": 1e7, "Q8_0": 1e8, "IQ2_S": 2e6},
+                  roundtrip_weights_per_s={"Q4_K": 1e7, "Q8_0": 1e8, "IQ2_S": 2e6}, dense_flops=2e10,
+                  gptq_s_per_value=2e-8,
                   scaling={"pp": {"seconds_1": 2.0, "seconds_2": 1.1, "parallel_fraction": 0.9},
                            "tg": {"seconds_1": 1.0, "seconds_2": 0.8, "parallel_fraction": 0.4},
                            "quantize": {"seconds_1": 2.0, "seconds_2": 1.0, "parallel_fraction": 1.0},
@@ -506,3 +507,29 @@ def test_a_probe_holds_the_original_bytes_of_what_it_changed(tiny_recipe, tmp_pa
     # the sensitivity map's largest probe: one kind in every layer, or the embedding alone
     largest = largest_probe(shape, {n: "Q2_K" for n in weights})
     assert 0 < len(largest) < len(weights)
+
+
+def test_gptq_is_priced_by_its_columns_and_its_matrix_products():
+    """Error-compensated rounding: per distinct input one factor (4/3 n^3), per tensor its columns
+    and the feedback past each block (rows x n x (n - block)); the calibration pass's x^T x
+    2 x tokens x n^2 per input. i-quants keep llama.cpp's rounding and cost nothing here."""
+    shape = shape_from_size("llama", 2, 50_000_000, 32000)
+    blocks = {t.name: t.shape for t in shape.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    inputs = moment_inputs(shape)
+    assert len(inputs) == 4 * 2  # q/k/v share one, gate/up one; attn_output and ffn_down their own
+    assert inputs["blk.1.attn_q"] == shape.n_embd and inputs["blk.1.ffn_down"] == 3 * shape.n_embd
+    work, peak = gptq_work(shape, {n: "Q4_K" for n in blocks})
+    columns, dense = work
+    assert isinstance(columns, GptqColumns) and isinstance(dense, Dense)
+    assert columns.values == sum(n * rows for n, rows in blocks.values())
+    assert dense.flops == pytest.approx(sum(rows * n * (n - 256) for n, rows in blocks.values())
+                                        + sum(4 / 3 * n ** 3 for n in inputs.values()))
+    n_ff = 3 * shape.n_embd
+    assert peak == 4 * n_ff ** 2 + 8 * n_ff ** 2 + 16 * n_ff ** 2 + 16 * shape.n_embd * n_ff
+    assert gptq_work(shape, {n: "IQ4_XS" for n in blocks}) == ([], 0)
+    assert gptq_work(shape, {n: "Q4_K" for n in blocks}, times=2.5)[0][1].flops == pytest.approx(2.5 * dense.flops)
+    pricer = Pricer(_rates())
+    assert pricer.dense(dense.flops) == pytest.approx(dense.flops / 2e10)
+    assert pricer.gptq_columns(columns.values) == pytest.approx(columns.values * 2e-8)
+    (moments,) = moments_work(shape, 1000)
+    assert moments.flops == 2.0 * 1000 * sum(n * n for n in inputs.values())

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.choose.gptq_rounding import gptq_rows, inverse_factor, lower_inverse, output_error, supports
+from pipeline.choose.gptq_rounding import gptq_rows, inverse_factor, lower_inverse, supports
 from pipeline.engine.ggml_quant import dequantize_rows, quantize_rows
 from pipeline.errors import SqueezeError
 from pipeline.formats.block_grid import SUPPORTED, decode, encode
+from pipeline.measure.rounding_gain import output_error
 
 N = 512  # two K-quant super-blocks, sixteen 32-blocks per row
 

@@ -15,6 +15,7 @@ from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.errors import SqueezeError
 from pipeline.formats.moments_file import read_moments
 from pipeline.fsutil import read_text
+from pipeline.measure.rounding_gain import output_error_by_kind
 from pipeline.recipe.load import load_recipe
 from pipeline.run.runner import Runner
 from pipeline.stages.probes import rounder_for
@@ -33,9 +34,11 @@ score: {{dataset: "{text}", ctx: 128, chunks: 2}}
 
 
 @pytest.mark.slow
-def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16, calibration_sample, write_recipe,
-                                                                        tmp_path):
-    path = write_recipe(RECIPE.format(base=base_f16, text=calibration_sample))
+def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_dithered, calibration_sample,
+                                                                        write_recipe, tmp_path):
+    """On the dithered base: on the plain one llama.cpp's rounding lands back on the source grid."""
+    base = base_dithered
+    path = write_recipe(RECIPE.format(base=base, text=calibration_sample))
     run = open_run(path, tmp_path / "results")
     steps = [s for s in build_steps(run) if s.stage in ("convert", "imatrix", "quantize", "score")]
     assert run.moments_path in next(s for s in steps if s.key == "imatrix").outputs
@@ -54,6 +57,10 @@ def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16
                          None) is None
     assert rounder.describe("blk.0.ffn_down.weight", (h.shape[0], 640), "IQ4_XS") == \
         "llama.cpp's (IQ4_XS has no grid here)"
+    # on the calibration text the moments came from, every kind's output error falls (in-sample)
+    by_kind = output_error_by_kind(base, {"llama.cpp": stock, "gptq": ours}, rounder.moments)
+    assert {"attn_q", "attn_output", "ffn_up", "ffn_down"} <= set(by_kind)
+    assert all(e["gptq"] < e["llama.cpp"] for e in by_kind.values()), by_kind
     scores = {v: json.loads(run.score_path(v).read_text()) for v in ("Q4_K_M", "Q4_K_M-gptq")}
     assert all(0 < s["mean_kld"] < 1 for s in scores.values())  # llama.cpp loaded and evaluated it
     print(f"\nKLD on the calibration text: llama.cpp's rounding {scores['Q4_K_M']['mean_kld']:.5f}, "
@@ -62,14 +69,14 @@ def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_f16
     # same CPU kernels: llama.cpp's repacked ones (its default for a file) round differently
     text = read_text(calibration_sample)
     types = {n: t for n, t in gguf_tensor_types(ours).items() if t not in ("F32", "F16")}
-    with MemoryProbe(base_f16, text, 128, 2, imatrix_path=run.imatrix_path,
+    with MemoryProbe(base, text, 128, 2, imatrix_path=run.imatrix_path,
                      rounder=rounder_for(run, run.recipe.variant("Q4_K_M-gptq"))) as probe:
         in_memory = probe.kld(types)
-    from_file = KLDProbe(base_f16, text, 128, 2, repack=False).kld(ours)
+    from_file = KLDProbe(base, text, 128, 2, repack=False).kld(ours)
     assert in_memory == pytest.approx(from_file, rel=0.01)
-    with MemoryProbe(base_f16, text, 128, 2, imatrix_path=run.imatrix_path) as plain:
+    with MemoryProbe(base, text, 128, 2, imatrix_path=run.imatrix_path) as plain:
         assert plain.kld(types) != pytest.approx(from_file, rel=1e-3)  # the rounding is what the probe measured
-    repacked = KLDProbe(base_f16, text, 128, 2).kld(ours)
+    repacked = KLDProbe(base, text, 128, 2).kld(ours)
     print(f"gptq file: probe {in_memory:.5f}, file {from_file:.5f} (repacking off), {repacked:.5f} (llama.cpp's "
           "default)")
 

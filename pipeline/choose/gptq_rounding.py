@@ -120,10 +120,12 @@ class GptqRounder(Rounder):
 
     def __init__(self, moments: Moments, identity: str):
         self.moments, self.identity = moments, f"gptq:{identity}"
-        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per input: q/k/v share one
+        # per input, the last two: q/k/v share one and gate/up one, and a file's tensors come
+        # layer by layer (a 12B model's factors together would not fit in memory)
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def describe(self, name, shape, qtype):
-        if self.moments.of_weight(name) is None or len(shape) != 2:
+        if name not in self.moments.of or len(shape) != 2:
             return "llama.cpp's (no input second moment measured)"
         if not supports(qtype):
             return f"llama.cpp's ({qtype} has no grid here)"
@@ -132,14 +134,14 @@ class GptqRounder(Rounder):
     def round(self, name, values, shape, qtype, column_weights):
         if self.describe(name, shape, qtype) != "gptq":
             return None
-        h, key = self.moments.of_weight(name), self.moments.of[name]
-        if key not in self._factors:
-            self._factors[key] = inverse_factor(h)
+        key = self.moments.of[name]
+        h = self.moments.h(key)
+        factor = self._factors.pop(key, None)
+        if factor is None:
+            factor = inverse_factor(h)
+        self._factors[key] = factor  # most recent last
+        while len(self._factors) > 2:
+            self._factors.pop(next(iter(self._factors)))
         return gptq_rows(np.asarray(values, dtype=np.float32).reshape(shape[1], shape[0]), qtype, h,
-                         column_weights, factor=self._factors[key]).reshape(-1)
+                         column_weights, factor=factor).reshape(-1)
 
-
-def output_error(weights: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
-    """||(W - Q) X||^2 summed over the calibration tokens: trace((W - Q) H (W - Q)^T)."""
-    d = np.asarray(weights, dtype=np.float64) - np.asarray(values, dtype=np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(h, dtype=np.float64), d))

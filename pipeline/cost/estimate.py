@@ -407,6 +407,13 @@ class Pricer:
     def write(self, n_bytes: float) -> float:
         return n_bytes / self.rates.write_bytes_per_s
 
+    def dense(self, flops: float) -> float:
+        """numpy's float64 matrix products, at the threads it was measured with."""
+        return flops / self.rates.dense_flops
+
+    def gptq_columns(self, values: float) -> float:
+        return values * self.rates.gptq_s_per_value
+
     def dequantize(self, tensors) -> float:
         """Seconds for gguf-py to dequantize these tensors (types it was not measured on: the slowest)."""
         rates = self.rates.dequantize_values_per_s

@@ -50,6 +50,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from pipeline.choose.gptq_rounding import gptq_rows, inverse_factor
 from pipeline.choose.groups import CANDIDATE_TYPES
 from pipeline.engine.backend import default_threads, engine_versions
 from pipeline.build.build_flags import flags_id
@@ -64,8 +65,9 @@ from pipeline.fsutil import atomic_path, cache_dir, write_json_atomic
 from pipeline.measure import calibration, perplexity, speed
 
 # Of the cached record; bump when the benchmark measures differently (6: load as CPU time, scaling
-# in rounds; 8: the process's own memory from a fresh interpreter, not from the caller).
-RATES_FORMAT = 8
+# in rounds; 8: the process's own memory from a fresh interpreter, not from the caller; 9: numpy's
+# matrix products and GPTQ's column rounding).
+RATES_FORMAT = 9
 
 # The synthetic probe model: wide enough that matrix products dominate, small enough to build in
 # a few seconds (about 49M parameters, 98 MB in F16).
@@ -109,6 +111,12 @@ class Rates:
     output_flops: float = 0.0
     # {"before": [1, 5, 15 min], "after": [...], "nproc", "threads", "other", "other_cpus", "busy", "tries"}
     load: dict = field(default_factory=dict)
+    # FLOP/s of numpy's float64 matrix products (its BLAS, at its own threads): the second
+    # moments' x^T x and GPTQ's factors and feedback
+    dense_flops: float = 0.0
+    # seconds per value GPTQ rounds column by column in 256-wide blocks (its largest: the
+    # feedback inside a block grows with the block), the products past each block not included
+    gptq_s_per_value: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -190,7 +198,7 @@ def bad_rates(data: dict) -> list[str]:
     busy or broken probe leaves, and what no estimate may be made from."""
     bad = []
     for name in ("pp_flops_f16", "pp_flops_quant", "output_flops", "tg_bytes_per_s", "write_bytes_per_s",
-                 "hook_values_per_s", "sketch_s_per_entry", "kld_s_per_entry"):
+                 "hook_values_per_s", "sketch_s_per_entry", "kld_s_per_entry", "dense_flops", "gptq_s_per_value"):
         v = data.get(name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             bad.append(name)
@@ -543,6 +551,21 @@ def measure_scaling(model: Model) -> dict:
             for kind in seconds[1]}
 
 
+DENSE_ROWS, DENSE_COLS = 2048, 1024  # x^T x of 2048 tokens of a 1024-wide input
+GPTQ_ROWS, GPTQ_COLS = 512, 256  # one 256-wide K-quant block of columns: no products past it
+
+
+def _dense_rates(rng: np.random.Generator) -> tuple[float, float]:
+    """(FLOP/s of numpy's float64 x^T x, seconds per value of GPTQ's column rounding)."""
+    x = rng.standard_normal((DENSE_ROWS, DENSE_COLS))
+    dense = 2.0 * DENSE_ROWS * DENSE_COLS ** 2 / max(_best_of(3, lambda: x.T @ x), 1e-9)
+    h = x[:, :GPTQ_COLS].T @ x[:, :GPTQ_COLS]
+    factor = inverse_factor(h)
+    w = rng.standard_normal((GPTQ_ROWS, GPTQ_COLS), dtype=np.float32)
+    seconds = _best_of(2, lambda: gptq_rows(w, "Q4_K", h, factor=factor))
+    return dense, seconds / (GPTQ_ROWS * GPTQ_COLS)
+
+
 def _roundtrip_rates(rng: np.random.Generator) -> dict[str, float]:
     """Weights/s of a quantize-and-back in memory for each candidate type (at every core, with
     column weights): the i-quants search grids and are several times slower than the K-quants."""
@@ -626,6 +649,7 @@ def benchmark(threads: int | None = None, retry: bool = False) -> Rates:
     rng = np.random.default_rng(0)
     deq = _dequantize_rates(rng)
     roundtrip = _roundtrip_rates(rng)
+    dense, gptq = _dense_rates(rng)
     write = _write_rate(folder)
     header = _header_cost(folder, deq, write)
     load_after, cpu_after = _loadavg(), cpu_seconds()
@@ -646,7 +670,7 @@ def benchmark(threads: int | None = None, retry: bool = False) -> Rates:
         write_bytes_per_s=write, hook_values_per_s=hook_rate, sketch_s_per_entry=sketch, kld_s_per_entry=kld,
         process_rss_bytes=rss, load_s=load_s, header_s_per_token=header,
         probe_seconds=round(time.perf_counter() - start, 1), measured=time.strftime("%Y-%m-%d %H:%M:%S"),
-        roundtrip_weights_per_s=roundtrip, scaling=scaling, load=load,
+        roundtrip_weights_per_s=roundtrip, scaling=scaling, load=load, dense_flops=dense, gptq_s_per_value=gptq,
         notes={"probe_model": {**BENCH_DIMS, "params": n_params, "quant": BENCH_QUANT, "quant_bytes": qbytes},
                "pp_tokens": BENCH_PP, "tg_tokens": BENCH_TG, "ctx": BENCH_CTX, "chunks": BENCH_CHUNKS,
                "header_vocab": HEADER_VOCAB})

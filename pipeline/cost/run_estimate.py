@@ -24,8 +24,8 @@ from pipeline.recipe.plan import AutoPrune
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
-from pipeline.work import (Decode, Dequantize, Fixed, Forward, Hook, Kld, Load, Memory, Note, Quantize, Resident,
-                           Roundtrip, RoundtripWeights, Sketch, VocabHeader, Write)
+from pipeline.work import (Decode, Dense, Dequantize, Fixed, Forward, GptqColumns, Hook, Kld, Load, Memory, Note,
+                           Quantize, Resident, Roundtrip, RoundtripWeights, Sketch, VocabHeader, Write)
 
 # Small outputs: typical sizes measured on the default recipe (results/bench/estimate.json).
 SMALL_FILE_BYTES = {".json": 1800, ".csv": 700, ".md": 6000, ".png": 45000, ".txt": 550, ".npz": 0}
@@ -193,6 +193,10 @@ class _Pricing:
             return self.header_s_per_token * w.tokens
         if isinstance(w, Write):
             return p.write(w.bytes) if w.timed else 0.0
+        if isinstance(w, Dense):
+            return p.dense(w.flops)
+        if isinstance(w, GptqColumns):
+            return p.gptq_columns(w.values)
         if isinstance(w, Fixed):
             return w.seconds
         if isinstance(w, (Resident, Memory, Note)):

@@ -5,7 +5,6 @@ of the input each weight reads (attn_q/k/v share one, ffn_gate/up one)."""
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,32 @@ import numpy as np
 from pipeline.errors import SqueezeError
 
 
-@dataclass
 class Moments:
-    h: dict[str, np.ndarray]  # key -> H
-    of: dict[str, str]  # weight name -> key
+    """The file's moments, each H read when first asked for and the last `keep` kept: a large
+    model's do not fit in memory together (Gemma 3 12B's ffn_down input alone is 0.94 GB), and
+    GPTQ reads them tensor by tensor in the file's order."""
+
+    def __init__(self, path: Path, of: dict[str, str], keys: set[str], keep: int = 2):
+        self.path, self.of, self.keys, self.keep = Path(path), of, keys, keep
+        self._recent: dict[str, np.ndarray] = {}
 
     def of_weight(self, name: str) -> np.ndarray | None:
         key = self.of.get(name)
-        return None if key is None else self.h[key]
+        return None if key is None else self.h(key)
+
+    def h(self, key: str) -> np.ndarray:
+        if key in self._recent:
+            self._recent[key] = self._recent.pop(key)  # most recent last
+            return self._recent[key]
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                value = z[f"H:{key}"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise SqueezeError(f"{self.path}: H for {key} unreadable ({exc}); rerun the imatrix step") from None
+        self._recent[key] = value
+        while len(self._recent) > self.keep:
+            self._recent.pop(next(iter(self._recent)))
+        return value
 
 
 def write_moments(path: Path, h: dict[str, np.ndarray], of: dict[str, str]) -> None:
@@ -31,13 +48,14 @@ def write_moments(path: Path, h: dict[str, np.ndarray], of: dict[str, str]) -> N
 
 
 def read_moments(path: Path) -> Moments:
+    """The file's index (which input each weight reads); the matrices are read as asked for."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            h = {k[2:]: z[k] for k in z.files if k.startswith("H:")}
+            keys = {k[2:] for k in z.files if k.startswith("H:")}
             of = {k[3:]: str(z[k]) for k in z.files if k.startswith("of:")}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SqueezeError(f"{path}: not a second-moments file ({exc}); rerun the imatrix step") from None
-    missing = sorted(set(of.values()) - set(h))
+    missing = sorted(set(of.values()) - keys)
     if missing:
         raise SqueezeError(f"{path}: no H for {missing[0]}, which {len(missing)} weight inputs name")
-    return Moments(h, of)
+    return Moments(path, of, keys)

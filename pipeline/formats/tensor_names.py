@@ -77,6 +77,21 @@ def residual_outputs(names, layers) -> list[str]:
     return [n for n in names if layer_of(n) in layers and kind_of(n) in RESIDUAL_OUT_KINDS]
 
 
+# Block weights that read one input (attention's q/k/v, the MLP's gate and up) share its second
+# moment (pipeline.measure.calibration keys it by the first of them the graph reaches).
+_SHARES_INPUT_WITH = {_kind(_T.ATTN_K): _kind(_T.ATTN_Q), _kind(_T.ATTN_V): _kind(_T.ATTN_Q),
+                      _kind(_T.FFN_UP): _kind(_T.FFN_GATE), _kind(_T.FFN_UP_SHEXP): _kind(_T.FFN_GATE_SHEXP)}
+
+
+def input_of(name: str) -> str | None:
+    """The input a block weight reads, named after the first weight that reads it
+    ("blk.3.attn_q" for blk.3.attn_v.weight); None outside the blocks."""
+    p = parse(name)
+    if p.layer is None:
+        return None
+    return f"blk.{p.layer}.{_SHARES_INPUT_WITH.get(p.kind, p.kind)}"
+
+
 def with_layer(name: str, layer: int) -> str:
     """The same tensor in another block: `blk.3.ffn_down.weight` -> `blk.<layer>.ffn_down.weight`."""
     return BLOCK_PREFIX.sub(f"blk.{layer}.", name, count=1)

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.choose.gptq_rounding import supports as gptq_supports
 from pipeline.choose.groups import group_of
 from pipeline.choose.memory_probe import PROBE_CHUNKS
 from pipeline.cost import estimate as est
 from pipeline.cost.estimate import Shape
 from pipeline.cost.run_estimate import UNQUANTIZED, model_shape
 from pipeline.errors import SqueezeError
-from pipeline.formats.tensor_names import kind_of, layer_of
+from pipeline.formats import ggml_types
+from pipeline.formats.tensor_names import input_of, kind_of, layer_of
 from pipeline.fsutil import ensure_free_space
 from pipeline.recipe.plan import BitsBudget, SearchedPrune, SizeBudget, VariantPlan
 from pipeline.recipe.rules import resolve_types
 from pipeline.run.layout import RunContext
-from pipeline.work import Forward, Kld, Load, ModelRef, Resident, Sketch
+from pipeline.work import Dense, Forward, GptqColumns, Kld, Load, ModelRef, Resident, Sketch
 
 
 # ---- the models a run's steps evaluate ---------------------------------------------------------
@@ -133,6 +135,47 @@ def largest_probe(shape: Shape, types: dict[str, str]) -> list[str]:
             sets.setdefault(f"group {group_of(name)}", []).append(name)
     values = {t.name: est.n_values(t.shape) for t in shape.tensors}
     return max(sets.values(), key=lambda names: sum(values.get(n, 0) for n in names), default=[])
+
+
+# ---- error-compensated rounding (pipeline.choose.gptq_rounding) -------------------------------
+
+def moment_inputs(shape: Shape) -> dict[str, int]:
+    """The distinct inputs of the blocks' 2-D weights, by the name the calibration pass keys
+    their second moment with, and their widths."""
+    return {input_of(t.name): int(t.shape[0]) for t in shape.tensors
+            if input_of(t.name) is not None and t.shape and len(t.shape) == 2}
+
+
+def moments_work(shape: Shape, tokens: float) -> list:
+    """The calibration pass summing x^T x (float64) for every distinct input over `tokens`."""
+    widths = moment_inputs(shape).values()
+    return [Dense(2.0 * tokens * sum(n * n for n in widths))]
+
+
+def gptq_work(shape: Shape, types: dict[str, str], times: float = 1.0) -> tuple[list, int]:
+    """Rounding `types` with GPTQ where it rounds (2-D block weights at a type with a grid; the
+    rest keeps llama.cpp's rounding, priced with the file): per distinct input its factor (a
+    Cholesky and a triangular inverse, about 4/3 n^3 FLOPs); per tensor its columns rounded in
+    blocks, then the feedback past each block, 2 x rows x block x the columns after it, about
+    rows x n x (n - block) in all. With it, the bytes held beside the step's own at the peak: the
+    largest input's H (float32) and its float64 copy, the two factors kept, and the tensor's
+    float64 values twice. `times`: the rounding done that many times over (refinement rounds)."""
+    by_name = {t.name: t for t in shape.tensors}
+    inputs, values, flops, peak = {}, 0.0, 0.0, 0
+    for name, ty in types.items():
+        t = by_name.get(name)
+        if t is None or input_of(name) is None or not t.shape or len(t.shape) != 2 or not gptq_supports(ty):
+            continue
+        n, rows = int(t.shape[0]), int(t.shape[1])
+        block = ggml_types.block_size(ggml_types.tensor_type(ty))
+        inputs[input_of(name)] = n
+        values += rows * n
+        flops += rows * n * max(n - block, 0)
+        peak = max(peak, 4 * n * n + 8 * n * n + 2 * 8 * n * n + 2 * 8 * rows * n)
+    if not inputs:
+        return [], 0
+    flops += sum(4 / 3 * n ** 3 for n in inputs.values())
+    return [GptqColumns(times * values), Dense(times * flops)], peak
 
 
 # ---- what the writing stages check the disk for -------------------------------------------------

@@ -16,12 +16,11 @@ from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.formats.layers_csv import write_layers_csv
 from pipeline.formats.moments_file import write_moments
-from pipeline.formats.tensor_names import layer_of
 from pipeline.measure.calibration import calibration_tokens, collect, layer_rows, to_imatrix
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.stages.estimate import base_model
+from pipeline.stages.estimate import base_model, moment_inputs, moments_work
 from pipeline.work import Forward, Hook, Load, Memory, Note, Resident, Write
 
 
@@ -80,25 +79,17 @@ def _work(run: RunContext, shape) -> list:
             Write(run.imatrix_path, est.imatrix_file_bytes(shape)), Write(run.layers_path, 40 + 32 * shape.n_layers),
             Note(f"{cal.chunks} x {cal.ctx} tokens through the base")]
     if wants_moments(run):
-        # float64 while collected, float32 on disk; the time of x^T x is not priced yet
+        # float64 while collected, float32 on disk
         n_bytes = moments_bytes(shape)
-        work += [Write(run.moments_path, n_bytes), Memory(2 * n_bytes),
-                 Note("input second moments collected (their time not priced yet)")]
+        work += [*moments_work(shape, tokens), Write(run.moments_path, n_bytes), Memory(2 * n_bytes),
+                 Note("input second moments collected")]
     return work
 
 
 def moments_bytes(shape) -> int:
     """The second moments' file: n_in^2 float32 per distinct input of a dense block matrix (q/k/v
     share one, gate/up one)."""
-    seen = set()
-    for t in shape.tensors:
-        i = layer_of(t.name)
-        if i is None or not t.shape or len(t.shape) != 2:
-            continue
-        kind = t.name.split(".")[2]
-        reads = {"attn_k": "attn_q", "attn_v": "attn_q", "ffn_up": "ffn_gate"}.get(kind, kind)
-        seen.add((i, reads, int(t.shape[0])))
-    return sum(4 * n * n + 64 for _, _, n in seen)
+    return sum(4 * n * n + 64 for n in moment_inputs(shape).values())
 
 
 def _calibrate(run: RunContext, files: list[Path], io) -> dict:

@@ -31,8 +31,8 @@ from pipeline.recipe.plan import (AutoPrune, BitsBudget, Budget, KldBudget, Memo
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.model_source import parse_source, source_gguf
-from pipeline.stages.estimate import (check_room, dropped_layers, predicted_variant_bytes, probe_resident, probe_session,
-                                      quantizable, quantized_in, variant_model, variant_types)
+from pipeline.stages.estimate import (check_room, dropped_layers, gptq_work, predicted_variant_bytes, probe_resident,
+                                      probe_session, quantizable, quantized_in, variant_model, variant_types)
 from pipeline.stages.imatrix import imatrix_input
 from pipeline.stages.probes import probe_for, probe_params, rounder_for, say_reuse
 from pipeline.units import MiB
@@ -113,13 +113,20 @@ def _work(run: RunContext, shape, v: VariantPlan) -> list:
     explicit = resolve_types(v, run.model_info) if shape.exact else {}
     source_bytes = est.base_file_bytes(shape, run.recipe.model.base_type.upper(), drop)
     source = run.prune_tag(v) or BASE  # a pruned variant is quantized from its pruned base
+    gptq, gptq_bytes = gptq_work(shape, types) if v.rounding.type == "gptq" else ([], 0)
     work = [Quantize(types, fastest=refined, source=source), Write(run.variant_path(v.name), variant_model(shape, run, v).bytes),
             Write(run.tensor_types_path(v.name), 60 + 30 * len(explicit)),
-            Memory(3 * 4 * shape.largest_tensor_values + source_bytes), Note(v.ftype)]
-    if v.rounding.type == "gptq":
-        work.append(Note("rounding: gptq, its time not priced yet"))
+            Memory(3 * 4 * shape.largest_tensor_values + source_bytes + gptq_bytes), Note(v.ftype)]
+    if gptq:
+        work.append(Note("rounding: gptq"))
     if refined:
-        work += _refinement_work(shape, run, v, {n: ty for n, ty in types.items() if layer_of(n) not in set(drop)})
+        kept = {n: ty for n, ty in types.items() if layer_of(n) not in set(drop)}
+        # the refinement's probes round as the file will (the first round the whole mix, later
+        # rounds the changed groups' share); the file is then assembled from what they rounded
+        times = 1 + (v.refine_rounds - 1) * REFINE_GROUP_FRACTION
+        work += _refinement_work(shape, run, v, kept) + (gptq_work(shape, kept, times)[0] if gptq else [])
+    else:
+        work += gptq
     return work
 
 
