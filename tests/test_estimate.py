@@ -517,13 +517,13 @@ def test_gptq_is_priced_by_its_columns_and_its_matrix_products():
     blocks = {t.name: t.shape for t in shape.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     inputs = moment_inputs(shape)
     assert len(inputs) == 4 * 2  # q/k/v share one, gate/up one; attn_output and ffn_down their own
-    assert inputs["blk.1.attn_q"] == shape.n_embd and inputs["blk.1.ffn_down"] == 3 * shape.n_embd
+    assert inputs["blk.1.attn_q"] == (shape.n_embd, 1) and inputs["blk.1.ffn_down"] == (3 * shape.n_embd, 1)
     work, peak = gptq_work(shape, {n: "Q4_K" for n in blocks})
     columns, dense = work
     assert isinstance(columns, GptqColumns) and isinstance(dense, Dense)
     assert columns.values == sum(n * rows for n, rows in blocks.values())
     assert dense.flops == pytest.approx(sum(rows * n * (n - 256) for n, rows in blocks.values())
-                                        + sum(4 / 3 * n ** 3 for n in inputs.values()))
+                                        + sum(4 / 3 * n ** 3 for n, _ in inputs.values()))
     n_ff = 3 * shape.n_embd
     assert peak == 4 * n_ff ** 2 + 8 * n_ff ** 2 + 16 * n_ff ** 2 + 16 * shape.n_embd * n_ff
     assert gptq_work(shape, {n: "IQ4_XS" for n in blocks}) == ([], 0)
@@ -532,4 +532,4 @@ def test_gptq_is_priced_by_its_columns_and_its_matrix_products():
     assert pricer.dense(dense.flops) == pytest.approx(dense.flops / 2e10)
     assert pricer.gptq_columns(columns.values) == pytest.approx(columns.values * 2e-8)
     (moments,) = moments_work(shape, 1000)
-    assert moments.flops == 2.0 * 1000 * sum(n * n for n in inputs.values())
+    assert moments.flops == 2.0 * 1000 * sum(n * n for n, _ in inputs.values())

@@ -5,6 +5,8 @@ and scores the file, every tensor's rounding is recorded, and `rounding` is chec
 from __future__ import annotations
 
 import json
+import subprocess
+import textwrap
 
 import numpy as np
 import pytest
@@ -20,7 +22,14 @@ from pipeline.recipe.load import load_recipe
 from pipeline.run.runner import Runner
 from pipeline.stages.probes import rounder_for
 from pipeline.stages.registry import build_steps, open_run
+from pipeline.engine.context import Context
+from pipeline.engine.model import Model
+from pipeline.measure import perplexity
+from pipeline.sources.datasets import resolve_dataset
 from tests.conftest import gguf_tensor_types
+from tests.test_score import _mismatches, exact_tolerance, parse_kld_statistics
+
+CLI_CTX, CLI_CHUNKS = 256, 2  # held-out wikitext-2: 254 scored tokens, the whole vocabulary each
 
 RECIPE = """
 version: 1
@@ -33,16 +42,23 @@ score: {{dataset: "{text}", ctx: 128, chunks: 2}}
 """
 
 
-@pytest.mark.slow
-def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_dithered, calibration_sample,
-                                                                        write_recipe, tmp_path):
-    """On the dithered base: on the plain one llama.cpp's rounding lands back on the source grid."""
-    base = base_dithered
-    path = write_recipe(RECIPE.format(base=base, text=calibration_sample))
-    run = open_run(path, tmp_path / "results")
+@pytest.fixture(scope="module")
+def gptq_run(base_dithered, calibration_sample, tmp_path_factory):
+    """Q4_K_M with llama.cpp's rounding and with gptq, on the dithered base (on the plain one
+    llama.cpp's rounding lands back on the source grid)."""
+    folder = tmp_path_factory.mktemp("gptq")
+    path = folder / "recipe.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(base=base_dithered, text=calibration_sample)).lstrip())
+    run = open_run(path, folder / "results")
     steps = [s for s in build_steps(run) if s.stage in ("convert", "imatrix", "quantize", "score")]
     assert run.moments_path in next(s for s in steps if s.key == "imatrix").outputs
     Runner(run.folder, echo=lambda m: None).run(steps)
+    return run
+
+
+@pytest.mark.slow
+def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(gptq_run, base_dithered, calibration_sample):
+    run, base = gptq_run, base_dithered
     stock, ours = run.variant_path("Q4_K_M"), run.variant_path("Q4_K_M-gptq")
     assert gguf_tensor_types(ours) == gguf_tensor_types(stock)
     assert ours.stat().st_size == stock.stat().st_size and ours.read_bytes() != stock.read_bytes()
@@ -79,6 +95,31 @@ def test_a_gptq_variant_has_llamas_types_and_bytes_and_loads_and_scores(base_dit
     repacked = KLDProbe(base, text, 128, 2).kld(ours)
     print(f"gptq file: probe {in_memory:.5f}, file {from_file:.5f} (repacking off), {repacked:.5f} (llama.cpp's "
           "default)")
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_llama_perplexity_scores_the_gptq_file_as_squeeze_does(gptq_run, base_dithered, llama_tools, tmp_path):
+    """Every figure of `llama-perplexity --kl-divergence` on the gptq file equals squeeze's own
+    scoring of it (the whole vocabulary kept per token), as tests/test_score.py checks stock files."""
+    ours_file, text = gptq_run.variant_path("Q4_K_M-gptq"), resolve_dataset("wikitext-2")
+    with Model(base_dithered) as model:
+        chunks = perplexity.make_chunks(model, read_text(text), CLI_CTX, CLI_CHUNKS)
+        with Context(model, CLI_CTX, perplexity.seqs_per_batch(CLI_CTX)) as c:
+            base = perplexity.base_distribution(model, c, chunks, k=model.n_vocab)
+    with Model(ours_file) as model, Context(model, CLI_CTX, perplexity.seqs_per_batch(CLI_CTX)) as c:
+        ours = perplexity.summarize(base, perplexity.score_against_base(model, c, base))
+    kld = tmp_path / "base.kld"
+    common = ["-f", str(text), "-c", str(CLI_CTX), "--chunks", str(CLI_CHUNKS)]
+    for args in (["-m", str(base_dithered), "--kl-divergence-base", str(kld)],
+                 ["-m", str(ours_file), "--kl-divergence-base", str(kld), "--kl-divergence"]):
+        out = subprocess.run([str(llama_tools / "llama-perplexity"), *args, *common], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+    theirs = parse_kld_statistics(out.stdout + out.stderr)
+    assert theirs and ours["tokens"] == CLI_CHUNKS * (CLI_CTX - 1 - CLI_CTX // 2)
+    bad = _mismatches(ours, theirs, lambda key: exact_tolerance(key, ours, ours["tokens"]))
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("variant, expected", [

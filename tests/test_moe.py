@@ -16,22 +16,27 @@ import numpy as np
 import pytest
 
 from pipeline.choose.file_probes import KLDProbe
+from pipeline.choose.gptq_rounding import GptqRounder
 from pipeline.choose.memory_probe import MemoryProbe
+from pipeline.engine.assemble import assemble_file
 from pipeline.engine.context import Context
 from pipeline.engine.layer_kinds import sliding_window_layers
 from pipeline.engine.model import Model
 from pipeline.engine.quantize import quantize_file
 from pipeline.formats.imatrix_file import check_against_model, read_imatrix, write_imatrix
 from pipeline.formats.model_info import read_model_info
+from pipeline.formats.moments_file import read_moments, write_moments
 from pipeline.formats.prune import prune_gguf, remap_imatrix
 from pipeline.fsutil import read_text
 from pipeline.measure import perplexity
 from pipeline.measure.calibration import calibration_tokens, collect, to_imatrix
+from pipeline.measure.rounding_gain import output_error_by_kind
 from pipeline.measure.statistics import tensor_statistics
 from pipeline.recipe.rules import overrides_for_llama, resolve_types
 from pipeline.sources.datasets import resolve_dataset
 from pipeline.sources.hf_convert import folder_model_info
 from pipeline.stages.registry import open_run
+from tests.conftest import gguf_tensor_types
 from tests.test_score import HALF_STEP, _mismatches, exact_tolerance, parse_kld_statistics
 from tests.test_statistics import TENSOR_COLUMNS, close_to_printed, parse_show_statistics
 from tests.tiny_models import FAMILIES, tiny_hf_folder, tiny_model
@@ -336,6 +341,37 @@ def test_pruning_a_layer(family, tiny, tmp_path):
     from_file = KLDProbe(run.path, text, 256, 2, cache=cache).kld(pruned)
     assert from_file > 0
     assert abs(in_memory - from_file) <= 0.01 * from_file, (in_memory, from_file)
+
+
+# ---- error-compensated rounding: each expert with its own second moment ------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MOE)
+def test_each_expert_keeps_its_own_second_moment_and_gptq_rounds_it(family, tiny, tmp_path):
+    """The calibration pass keeps every routed expert's H over the tokens routed to it (the
+    experts' gate and up share one; its diagonal is the expert's imatrix entry); gptq rounds each
+    expert with its own, into llama.cpp's types and bytes, and lowers the experts' output error
+    on that text (in-sample: what it minimises)."""
+    run = tiny(family)
+    totals, _ = collect(run.path, calibration_tokens(run.path, [run.text]), CTX, CHUNKS, second_moments=True)
+    of = totals.moment_of
+    assert of["blk.1.ffn_gate_exps.weight"] == of["blk.1.ffn_up_exps.weight"] != of["blk.1.ffn_down_exps.weight"]
+    for name in (f"blk.1.ffn_{kind}_exps.weight" for kind in ("gate", "up", "down")):
+        h = totals.second_moment(name)
+        assert h.shape == (_n_experts(family), totals.sums[name].shape[1], totals.sums[name].shape[1])
+        np.testing.assert_allclose(np.diagonal(h, axis1=1, axis2=2), totals.sums[name], rtol=2e-5, err_msg=name)
+    moments, imatrix = tmp_path / "moments.npz", tmp_path / "imatrix.gguf"
+    write_moments(moments, totals.moments, of)
+    write_imatrix(imatrix, to_imatrix(totals, CTX, [str(run.text)]))
+    stock, ours = tmp_path / "stock.gguf", tmp_path / "gptq.gguf"
+    quantize_file(run.path, stock, "Q4_K_M", imatrix_path=imatrix)
+    rounder = GptqRounder(read_moments(moments), "test")
+    made = assemble_file(run.path, ours, "Q4_K_M", imatrix_path=imatrix, rounder=rounder)
+    assert gguf_tensor_types(ours) == gguf_tensor_types(stock) and ours.stat().st_size == stock.stat().st_size
+    assert made.rounding["blk.1.ffn_down_exps.weight"] == made.rounding["blk.1.ffn_gate_exps.weight"] == "gptq"
+    by_kind = output_error_by_kind(run.path, {"llama.cpp": stock, "gptq": ours}, rounder.moments)
+    for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        assert by_kind[kind]["gptq"] < by_kind[kind]["llama.cpp"], (kind, by_kind[kind])
 
 
 # ---- scoring -------------------------------------------------------------------------------------

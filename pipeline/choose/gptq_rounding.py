@@ -82,11 +82,13 @@ def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np
     size = ggml_types.block_size(ggml_types.tensor_type(qtype))
     if n % size:
         raise SqueezeError(f"rows of {n} values do not divide into {qtype} blocks of {size}")
-    u, dead = factor if factor is not None else inverse_factor(h, damp)
+    # A column no input reached keeps its values, rounded without feedback (its row of U is
+    # diagonal): an expert no calibration token was routed to is rounded as llama.cpp would, not
+    # zeroed as GPTQ's reference does, since other text may well reach it.
+    u, _ = factor if factor is not None else inverse_factor(h, damp)
     # Columns are rows here (n, n_rows): the loop below reads and updates one column at a time,
     # and a contiguous one costs half what a strided one does.
     wt = np.array(w.T, dtype=np.float64, order="C")
-    wt[dead] = 0.0
     per_block = row_bytes(qtype, size)
     out = np.empty((n_rows, n // size, per_block), dtype=np.uint8)
     imp = None if column_weights is None else np.asarray(column_weights, dtype=np.float32)
@@ -114,9 +116,10 @@ def gptq_rows(weights: np.ndarray, qtype: str, h: np.ndarray, column_weights: np
 
 
 class GptqRounder(Rounder):
-    """Rounds every dense block matrix whose input's second moment the calibration pass measured,
-    in a type with a grid here; the rest (i-quants, 3-D expert tensors, the embedding and output)
-    keeps llama.cpp's rounding, and `describe` says which each tensor gets, and why."""
+    """Rounds every block matrix whose input's second moment the calibration pass measured, in a
+    type with a grid here: a dense weight with its input's H, a routed expert tensor expert by
+    expert with the H of the tokens routed to each. The rest (i-quants, the embedding and the
+    output) keeps llama.cpp's rounding, and `describe` says which each tensor gets, and why."""
 
     def __init__(self, moments: Moments, identity: str):
         self.moments, self.identity = moments, f"gptq:{identity}"
@@ -125,7 +128,7 @@ class GptqRounder(Rounder):
         self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def describe(self, name, shape, qtype):
-        if name not in self.moments.of or len(shape) != 2:
+        if name not in self.moments.of or len(shape) not in (2, 3):
             return "llama.cpp's (no input second moment measured)"
         if not supports(qtype):
             return f"llama.cpp's ({qtype} has no grid here)"
@@ -136,12 +139,20 @@ class GptqRounder(Rounder):
             return None
         key = self.moments.of[name]
         h = self.moments.h(key)
+        n = shape[0]
+        rows = np.asarray(values, dtype=np.float32).reshape(-1, n)
+        if len(shape) == 3:  # (n, rows per expert, experts): each expert its own H
+            n_expert = shape[2]
+            if h.shape != (n_expert, n, n):
+                raise SqueezeError(f"{name}: second moments of {h.shape} for {n_expert} experts of {n} inputs")
+            imp = None if column_weights is None else np.asarray(column_weights).reshape(n_expert, n)
+            per = rows.reshape(n_expert, shape[1], n)
+            return np.concatenate([gptq_rows(per[e], qtype, h[e], None if imp is None else imp[e]).reshape(-1)
+                                   for e in range(n_expert)])
         factor = self._factors.pop(key, None)
         if factor is None:
             factor = inverse_factor(h)
         self._factors[key] = factor  # most recent last
         while len(self._factors) > 2:
             self._factors.pop(next(iter(self._factors)))
-        return gptq_rows(np.asarray(values, dtype=np.float32).reshape(shape[1], shape[0]), qtype, h,
-                         column_weights, factor=factor).reshape(-1)
-
+        return gptq_rows(rows, qtype, h, column_weights, factor=factor).reshape(-1)

@@ -50,7 +50,8 @@ class Collected:
     cos_sum: np.ndarray | None = None  # per block: sum over tokens of cos(input, output)
     cos_tokens: np.ndarray | None = None
     chunks_done: int = 0
-    # H per distinct input, keyed by the first weight that reads it; every weight -> its key
+    # H per distinct input, keyed by the first weight that reads it (a routed expert tensor's: one
+    # per expert, (n_expert, n_in, n_in)); every weight -> its key
     moments: dict[str, np.ndarray] = field(default_factory=dict)
     moment_of: dict[str, str] = field(default_factory=dict)
 
@@ -156,14 +157,22 @@ class Collector(EvalHook):
         if self.second_moments and n_mat == 1:
             self._second_moment(name, src1, ne0)
 
-    def _second_moment(self, name: str, src1: GgmlTensor, ne0: int) -> None:
+    def _first_reader(self, name: str, src1: GgmlTensor) -> str | None:
+        """The key of the input `name` reads; None when another weight of this graph has added
+        this very input already (q/k/v, gate/up, the experts' gate/up)."""
         key = address(src1)
         first = self._moment_keys.get(key)
-        if first is not None:  # q/k/v, gate/up: the input another weight of this graph has added
+        if first is not None:
             self.totals.moment_of.setdefault(name, first)
-            return
+            return None
         first = self.totals.moment_of.setdefault(name, name)
         self._moment_keys[key] = first
+        return first
+
+    def _second_moment(self, name: str, src1: GgmlTensor, ne0: int) -> None:
+        first = self._first_reader(name, src1)
+        if first is None:
+            return
         x = self.g.array(src1).reshape(-1, ne0).astype(np.float64)
         h = self.totals.moments.get(first)
         if h is None:
@@ -194,6 +203,23 @@ class Collector(EvalHook):
             for row, ex in enumerate(ids[:, idx]):
                 accumulate_squares(sums[ex], rows[row:row + 1])
             counts += np.bincount(ids[:, idx], minlength=n_as)
+        if self.second_moments:
+            self._expert_moments(name, src1, x, ids, n_as, ne0)
+
+    def _expert_moments(self, name: str, src1: GgmlTensor, x: np.ndarray, ids: np.ndarray, n_as: int,
+                        ne0: int) -> None:
+        """Each routed expert's own H, over the tokens routed to it: (n_as, ne0, ne0)."""
+        first = self._first_reader(name, src1)
+        if first is None:
+            return
+        h = self.totals.moments.get(first)
+        if h is None:
+            h = self.totals.moments[first] = np.zeros((n_as, ne0, ne0))
+        for idx in range(ids.shape[1]):
+            rows = x[:, idx % x.shape[1], :].astype(np.float64)
+            for ex in np.unique(ids[:, idx]):
+                routed = rows[ids[:, idx] == ex]
+                h[ex] += routed.T @ routed
 
 
 def accumulate_squares(acc: np.ndarray, rows: np.ndarray) -> None:

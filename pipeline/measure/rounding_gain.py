@@ -21,21 +21,26 @@ UNQUANTIZED = ("F32", "F16", "BF16")
 
 
 def output_error(weights: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
-    """||(W - Q) X||^2 summed over the calibration tokens: trace((W - Q) H (W - Q)^T)."""
+    """||(W - Q) X||^2 summed over the calibration tokens: trace((W - Q) H (W - Q)^T); for routed
+    experts (H of shape (n_expert, n, n), the rows expert by expert) summed over the experts."""
+    h = np.asarray(h, dtype=np.float64)
     d = np.asarray(weights, dtype=np.float64) - np.asarray(values, dtype=np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(h, dtype=np.float64), d, optimize=True))
+    if h.ndim == 3:
+        d = d.reshape(h.shape[0], -1, h.shape[1])
+        return float(np.einsum("eij,ejk,eik->", d, h, d, optimize=True))
+    return float(np.einsum("ij,jk,ik->", d, h, d, optimize=True))
 
 
 def output_error_by_kind(base: Path, files: Mapping[str, Path], moments: Moments) -> dict[str, dict[str, float]]:
     """kind -> {label: summed output error} for every file in `files` (label -> path), over the
-    2-D tensors with a measured input second moment that every file holds quantized, at one type."""
+    block weights with a measured input second moment that every file holds quantized, at one type."""
     base_index = read_index(base)
     indexes = {label: read_index(path) for label, path in files.items()}
     out: dict[str, dict[str, float]] = {}
     for name, entry in base_index.items():
         h = moments.of_weight(name)
         held = [ix.get(name) for ix in indexes.values()]
-        if h is None or len(entry.shape) != 2 or any(e is None or e.type.name in UNQUANTIZED for e in held):
+        if h is None or len(entry.shape) not in (2, 3) or any(e is None or e.type.name in UNQUANTIZED for e in held):
             continue
         if len({e.type for e in held}) != 1:
             continue  # other types: not a comparison of rounding

@@ -139,42 +139,44 @@ def largest_probe(shape: Shape, types: dict[str, str]) -> list[str]:
 
 # ---- error-compensated rounding (pipeline.choose.gptq_rounding) -------------------------------
 
-def moment_inputs(shape: Shape) -> dict[str, int]:
-    """The distinct inputs of the blocks' 2-D weights, by the name the calibration pass keys
-    their second moment with, and their widths."""
-    return {input_of(t.name): int(t.shape[0]) for t in shape.tensors
-            if input_of(t.name) is not None and t.shape and len(t.shape) == 2}
+def moment_inputs(shape: Shape) -> dict[str, tuple[int, int]]:
+    """The distinct inputs of the blocks' weights, by the name the calibration pass keys their
+    second moment with: (width, matrices), one matrix for a dense input, one per routed expert."""
+    return {input_of(t.name): (int(t.shape[0]), int(t.shape[2]) if len(t.shape) == 3 else 1)
+            for t in shape.tensors if input_of(t.name) is not None and t.shape and len(t.shape) in (2, 3)}
 
 
 def moments_work(shape: Shape, tokens: float) -> list:
-    """The calibration pass summing x^T x (float64) for every distinct input over `tokens`."""
-    widths = moment_inputs(shape).values()
-    return [Dense(2.0 * tokens * sum(n * n for n in widths))]
+    """The calibration pass summing x^T x (float64) for every distinct input over `tokens` (an
+    expert's over the tokens routed to it: all of them together, at most)."""
+    return [Dense(2.0 * tokens * sum(n * n for n, _ in moment_inputs(shape).values()))]
 
 
 def gptq_work(shape: Shape, types: dict[str, str], times: float = 1.0) -> tuple[list, int]:
-    """Rounding `types` with GPTQ where it rounds (2-D block weights at a type with a grid; the
-    rest keeps llama.cpp's rounding, priced with the file): per distinct input its factor (a
-    Cholesky and a triangular inverse, about 4/3 n^3 FLOPs); per tensor its columns rounded in
+    """Rounding `types` with GPTQ where it rounds (block weights at a type with a grid; the rest
+    keeps llama.cpp's rounding, priced with the file): per distinct input (per expert) its factor
+    (a Cholesky and a triangular inverse, about 4/3 n^3 FLOPs); per matrix its columns rounded in
     blocks, then the feedback past each block, 2 x rows x block x the columns after it, about
     rows x n x (n - block) in all. With it, the bytes held beside the step's own at the peak: the
-    largest input's H (float32) and its float64 copy, the two factors kept, and the tensor's
-    float64 values twice. `times`: the rounding done that many times over (refinement rounds)."""
+    largest input's H (float32, every expert's) and its float64 copy, the two factors kept, and
+    the tensor's float64 values twice. `times`: the rounding done that many times over
+    (refinement rounds)."""
     by_name = {t.name: t for t in shape.tensors}
     inputs, values, flops, peak = {}, 0.0, 0.0, 0
     for name, ty in types.items():
         t = by_name.get(name)
-        if t is None or input_of(name) is None or not t.shape or len(t.shape) != 2 or not gptq_supports(ty):
+        if t is None or input_of(name) is None or not t.shape or len(t.shape) not in (2, 3) or not gptq_supports(ty):
             continue
         n, rows = int(t.shape[0]), int(t.shape[1])
+        matrices = int(t.shape[2]) if len(t.shape) == 3 else 1
         block = ggml_types.block_size(ggml_types.tensor_type(ty))
-        inputs[input_of(name)] = n
-        values += rows * n
-        flops += rows * n * max(n - block, 0)
-        peak = max(peak, 4 * n * n + 8 * n * n + 2 * 8 * n * n + 2 * 8 * rows * n)
+        inputs[input_of(name)] = (n, matrices)
+        values += matrices * rows * n
+        flops += matrices * rows * n * max(n - block, 0)
+        peak = max(peak, 4 * matrices * n * n + 8 * n * n + 2 * 8 * n * n + 2 * 8 * rows * n)
     if not inputs:
         return [], 0
-    flops += sum(4 / 3 * n ** 3 for n in inputs.values())
+    flops += sum(matrices * 4 / 3 * n ** 3 for n, matrices in inputs.values())
     return [GptqColumns(times * values), Dense(times * flops)], peak
 
 

@@ -87,9 +87,9 @@ def _work(run: RunContext, shape) -> list:
 
 
 def moments_bytes(shape) -> int:
-    """The second moments' file: n_in^2 float32 per distinct input of a dense block matrix (q/k/v
-    share one, gate/up one)."""
-    return sum(4 * n * n + 64 for n in moment_inputs(shape).values())
+    """The second moments' file: n_in^2 float32 per distinct input of a block matrix (q/k/v share
+    one, gate/up one; a routed expert tensor's input one per expert)."""
+    return sum(4 * matrices * n * n + 64 for n, matrices in moment_inputs(shape).values())
 
 
 def _calibrate(run: RunContext, files: list[Path], io) -> dict:
