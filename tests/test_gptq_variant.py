@@ -17,7 +17,10 @@ from pipeline.choose.memory_probe import MemoryProbe
 from pipeline.errors import SqueezeError
 from pipeline.formats.moments_file import read_moments
 from pipeline.fsutil import read_text
+from pipeline.measure import calibration
 from pipeline.measure.rounding_gain import output_error_by_kind
+from pipeline.cost.estimate import shape_from_info
+from pipeline.stages.estimate import moment_layer_bytes
 from pipeline.recipe.load import load_recipe
 from pipeline.run.runner import Runner
 from pipeline.stages.probes import rounder_for
@@ -52,7 +55,13 @@ def gptq_run(base_dithered, calibration_sample, tmp_path_factory):
     run = open_run(path, folder / "results")
     steps = [s for s in build_steps(run) if s.stage in ("convert", "imatrix", "quantize", "score")]
     assert run.moments_path in next(s for s in steps if s.key == "imatrix").outputs
-    Runner(run.folder, echo=lambda m: None).run(steps)
+    # the moments over three passes, six blocks each, as a model too large for one pass has them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibration, "MOMENTS_PASS_BYTES", 6 * moment_layer_bytes(shape_from_info(run.model_info))[0])
+        Runner(run.folder, echo=lambda m: None).run(steps)
+    manifest = json.loads((run.folder / "manifest.json").read_text())["steps"]
+    assert manifest["imatrix"]["extra"]["moment_passes"] == 3
+    assert not list(run.folder.glob("imatrix.checkpoint*"))
     return run
 
 

@@ -29,7 +29,7 @@ from pipeline.formats.moments_file import read_moments, write_moments
 from pipeline.formats.prune import prune_gguf, remap_imatrix
 from pipeline.fsutil import read_text
 from pipeline.measure import perplexity
-from pipeline.measure.calibration import calibration_tokens, collect, to_imatrix
+from pipeline.measure.calibration import calibration_tokens, collect, moment_groups, to_imatrix
 from pipeline.measure.rounding_gain import output_error_by_kind
 from pipeline.measure.statistics import tensor_statistics
 from pipeline.recipe.rules import overrides_for_llama, resolve_types
@@ -372,6 +372,29 @@ def test_each_expert_keeps_its_own_second_moment_and_gptq_rounds_it(family, tiny
     by_kind = output_error_by_kind(run.path, {"llama.cpp": stock, "gptq": ours}, rounder.moments)
     for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
         assert by_kind[kind]["gptq"] < by_kind[kind]["llama.cpp"], (kind, by_kind[kind])
+
+
+@pytest.mark.slow
+def test_moments_collected_a_few_blocks_per_pass_equal_one_pass(tiny):
+    """A model whose moments do not fit in memory at once collects them over several passes (the
+    later ones keep nothing but their blocks' H, and stop after their last block): the same H,
+    bit for bit, and the imatrix of the first pass unchanged."""
+    run = tiny("qwen3moe")
+    tokens = calibration_tokens(run.path, [run.text])
+    whole, _ = collect(run.path, tokens, CTX, 2, second_moments=True)
+    first, _ = collect(run.path, tokens, CTX, 2, second_moments=True, moment_layers=range(0, 1))
+    later, _ = collect(run.path, tokens, CTX, 2, moment_layers=range(1, N_LAYERS), moments_only=True)
+    assert not later.sums and set(first.sums) == set(whole.sums)
+    for name in whole.sums:
+        np.testing.assert_array_equal(first.sums[name], whole.sums[name], err_msg=name)
+    assert not set(first.moments) & set(later.moments)
+    assert {**first.moment_of, **later.moment_of} == whole.moment_of
+    together = {**first.moments, **later.moments}
+    assert set(together) == set(whole.moments)
+    for key, h in whole.moments.items():
+        np.testing.assert_array_equal(together[key], h, err_msg=key)
+    assert moment_groups([3, 3, 3], 6) == [range(0, 2), range(2, 3)]
+    assert moment_groups([10, 1, 1], 5) == [range(0, 1), range(1, 3)]  # a block larger than the budget: alone
 
 
 # ---- scoring -------------------------------------------------------------------------------------

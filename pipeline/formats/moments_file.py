@@ -40,11 +40,36 @@ class Moments:
         return value
 
 
+class MomentsWriter:
+    """Writes a moments file a few matrices at a time (an .npz, as np.savez lays it out): a
+    model's moments need not be in memory together."""
+
+    def __init__(self, path: Path):
+        self._zip = zipfile.ZipFile(path, "w", allowZip64=True)
+        self._of: dict[str, str] = {}
+
+    def add(self, h: dict[str, np.ndarray], of: dict[str, str]) -> None:
+        for key, value in h.items():
+            with self._zip.open(f"H:{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(value, dtype=np.float32))
+        self._of.update(of)
+
+    def close(self) -> None:
+        for name, key in self._of.items():
+            with self._zip.open(f"of:{name}.npy", "w") as f:
+                np.lib.format.write_array(f, np.array(key))
+        self._zip.close()
+
+    def __enter__(self) -> MomentsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_moments(path: Path, h: dict[str, np.ndarray], of: dict[str, str]) -> None:
-    arrays = {f"H:{k}": np.asarray(v, dtype=np.float32) for k, v in h.items()}
-    arrays.update({f"of:{name}": np.array(key) for name, key in of.items()})
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    with MomentsWriter(path) as w:
+        w.add(h, of)
 
 
 def read_moments(path: Path) -> Moments:

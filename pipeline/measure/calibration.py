@@ -36,6 +36,7 @@ from pipeline.engine.model import Model
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import Imatrix, ImatrixEntry
 from pipeline.formats.layers_csv import LayerSimilarity
+from pipeline.formats.tensor_names import layer_of
 from pipeline.fsutil import atomic_path, read_text
 from pipeline.progress import bar
 
@@ -64,9 +65,14 @@ class Collector(EvalHook):
     """The cb_eval observer of the calibration pass (see pipeline.engine.eval_hook)."""
 
     def __init__(self, n_layer: int, totals: Collected, stop_after_last_block: bool = True,
-                 second_moments: bool = False):
+                 second_moments: bool = False, moment_layers: range | None = None, moments_only: bool = False):
+        """`moment_layers`: the blocks whose inputs' second moments are kept (None: all);
+        `moments_only`: nothing else (no imatrix, no similarities), and the pass stops after the
+        last of those blocks (a later pass of a model whose moments do not fit in memory at once)."""
         super().__init__()
-        self.second_moments = second_moments
+        self.second_moments = second_moments or moments_only
+        self.moment_layers = range(n_layer) if moment_layers is None else moment_layers
+        self.moments_only = moments_only
         self._moment_keys: dict[int, str] = {}  # input node -> the first weight that read it (this graph)
         self.g = ggml()
         self.n_layer = n_layer
@@ -85,13 +91,14 @@ class Collector(EvalHook):
     def ask(self, t: GgmlTensor) -> bool:
         op = t.op
         if op == self.g.MUL_MAT_ID:
-            return True
+            return not self.moments_only or self._keeps_moment(weight_name(t.src[0].contents.name))
         if op == self.g.MUL_MAT:
             src1 = t.src[1].contents
             # tools/imatrix skips batches under 16 rows (token-by-token generation) and non-F32 inputs
             if src1.ne[1] < 16 or src1.type != GGML_TYPE_F32:
                 return False
-            return weight_name(t.src[0].contents.name).startswith("blk.")
+            name = weight_name(t.src[0].contents.name)
+            return name.startswith("blk.") and (not self.moments_only or self._keeps_moment(name))
         name = t.name
         return name in self._outputs or name in self._inputs
 
@@ -104,6 +111,10 @@ class Collector(EvalHook):
             self._mul_mat_id(t)
             return True
         name = t.name
+        if self.moments_only:  # a block ends: its inputs' addresses may be reused
+            self._moment_keys.clear()
+            il = self._outputs.get(name)
+            return il is None or il < self.moment_layers[-1]
         hidden = self.g.array(t)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, n_embd)
         if name in self._inputs:
@@ -124,11 +135,19 @@ class Collector(EvalHook):
         self._prev = hidden.copy()
         return not (self.stop_after_last_block and il == self.n_layer - 1)
 
+    def _keeps_moment(self, name: str) -> bool:
+        layer = layer_of(name)
+        return layer is not None and layer in self.moment_layers
+
     def _mul_mat(self, t: GgmlTensor) -> None:
         src0, src1 = t.src[0].contents, t.src[1].contents
         name = weight_name(src0.name)
         ne0 = int(src1.ne[0])
         n_mat = int(src0.ne[2] * src0.ne[3])
+        if self.moments_only:
+            if n_mat == 1:
+                self._second_moment(name, src1, ne0)
+            return
         sums = self.totals.sums.get(name)
         if sums is None:
             # one count per dense tensor, values for every matrix of a 3-D weight (as the CLI stores it)
@@ -154,7 +173,7 @@ class Collector(EvalHook):
             self._sq_cache[key] = (before, flat.copy())
         n_rows = int(src1.ne[1] * src1.ne[2] * src1.ne[3])
         self.totals.counts[name] += n_rows // n_mat
-        if self.second_moments and n_mat == 1:
+        if self.second_moments and n_mat == 1 and self._keeps_moment(name):
             self._second_moment(name, src1, ne0)
 
     def _first_reader(self, name: str, src1: GgmlTensor) -> str | None:
@@ -190,6 +209,9 @@ class Collector(EvalHook):
         ids = self.g.array(ids_t, dtype=np.int32)[0, 0]  # (n_tokens, n_ids)
         if ids.size and (ids.min() < 0 or ids.max() >= n_as):
             raise SqueezeError(f"{name}: expert id outside 0..{n_as - 1}")
+        if self.moments_only:
+            self._expert_moments(name, src1, x, ids, n_as, ne0)
+            return
         sums = self.totals.sums.get(name)
         if sums is None:
             sums = self.totals.sums[name] = np.zeros((n_as, ne0), dtype=np.float32)
@@ -203,7 +225,7 @@ class Collector(EvalHook):
             for row, ex in enumerate(ids[:, idx]):
                 accumulate_squares(sums[ex], rows[row:row + 1])
             counts += np.bincount(ids[:, idx], minlength=n_as)
-        if self.second_moments:
+        if self.second_moments and self._keeps_moment(name):
             self._expert_moments(name, src1, x, ids, n_as, ne0)
 
     def _expert_moments(self, name: str, src1: GgmlTensor, x: np.ndarray, ids: np.ndarray, n_as: int,
@@ -245,11 +267,16 @@ def chunk_tokens(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None)
     return out
 
 
-def fingerprint(model_path: Path, tokens: np.ndarray, n_ctx: int, n_seq: int, second_moments: bool = False) -> str:
+def fingerprint(model_path: Path, tokens: np.ndarray, n_ctx: int, n_seq: int, second_moments: bool = False,
+                moment_layers: range | None = None, moments_only: bool = False) -> str:
     """What a checkpoint must have been made from to be resumed."""
     st = Path(model_path).stat()
+    what = ""
+    if second_moments or moments_only:
+        what = "moments|" if moment_layers is None else f"moments {moment_layers.start}-{moment_layers.stop}|"
+        what += "only|" if moments_only else ""
     h = hashlib.sha256(f"{Path(model_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{n_ctx}|{n_seq}|"
-                       f"{engine_version()}|{__version__}|{'moments|' if second_moments else ''}".encode())
+                       f"{engine_version()}|{__version__}|{what}".encode())
     h.update(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
     return h.hexdigest()
 
@@ -290,23 +317,47 @@ def load_checkpoint(path: Path, fp: str) -> Collected | None:
         return None  # a damaged checkpoint: the pass starts over
 
 
+# The float64 second moments one calibration pass may hold: a model whose moments exceed it
+# (Gemma 3 1B's are 10.7 GB, 12B's 108 GB) collects them over several passes, a few blocks each,
+# the later passes stopping after their last block.
+MOMENTS_PASS_BYTES = 4 << 30
+
+
+def moment_groups(layer_bytes: list[int], budget: int | None = None) -> list[range]:
+    """Consecutive blocks whose moments (`layer_bytes[i]`: block i's, float64) fit `budget`
+    (MOMENTS_PASS_BYTES) per pass, at least one block each."""
+    budget = MOMENTS_PASS_BYTES if budget is None else budget
+    groups, start, held = [], 0, 0
+    for i, n in enumerate(layer_bytes):
+        if i > start and held + n > budget:
+            groups.append(range(start, i))
+            start, held = i, 0
+        held += n
+    if layer_bytes:
+        groups.append(range(start, len(layer_bytes)))
+    return groups
+
+
 _BATCH_TOKENS = 2048  # llama-imatrix's default n_batch: it packs n_batch / ctx chunks per decode
 
 
 def collect(model_path: Path, tokens: np.ndarray, n_ctx: int, n_chunks: int, *, threads: int | None = None,
             checkpoint: Path | None = None, on_batch: Callable[[int], None] | None = None,
             n_seq: int | None = None, progress_desc: str = "imatrix",
-            n_gpu_layers: int = 0, second_moments: bool = False) -> tuple[Collected, dict]:
+            n_gpu_layers: int = 0, second_moments: bool = False, moment_layers: range | None = None,
+            moments_only: bool = False) -> tuple[Collected, dict]:
     """Run the pass over the first `n_chunks` chunks of `tokens`; resume from `checkpoint` when it
     holds an interrupted pass over the same model and tokens, and save it after every decode.
 
     `on_batch(chunks_done)` is called after each saved checkpoint (tests interrupt there).
     With layers offloaded, the hook copies each observed node out of device memory.
-    `second_moments`: also every dense input's H (Collected.second_moment)."""
+    `second_moments`: also every block input's H (Collected.second_moment), of the blocks
+    `moment_layers` only when given; `moments_only`: those H and nothing else (Collector)."""
     n_seq = n_seq or max(1, _BATCH_TOKENS // n_ctx)
     with Model(model_path, n_gpu_layers) as model:
         chunks = chunk_tokens(tokens, n_ctx, n_chunks, model.bos if model.add_bos else None)
-        fp = fingerprint(model_path, tokens[:n_chunks * n_ctx], n_ctx, n_seq, second_moments)
+        fp = fingerprint(model_path, tokens[:n_chunks * n_ctx], n_ctx, n_seq, second_moments, moment_layers,
+                         moments_only)
         totals = load_checkpoint(checkpoint, fp) if checkpoint and checkpoint.exists() else None
         if totals is None or totals.chunks_done > n_chunks or totals.chunks_done % n_seq:
             totals = Collected()
@@ -314,7 +365,8 @@ def collect(model_path: Path, tokens: np.ndarray, n_ctx: int, n_chunks: int, *, 
         if resumed_from:
             print(f"{progress_desc}: resuming after chunk {resumed_from} of {n_chunks} ({checkpoint.name})",
                   file=sys.stderr)
-        collector = Collector(model.n_layer, totals, second_moments=second_moments)
+        collector = Collector(model.n_layer, totals, second_moments=second_moments, moment_layers=moment_layers,
+                              moments_only=moments_only)
         start = time.monotonic()
         with Context(model, n_ctx, n_seq, threads, cb_eval=collector.callback) as lctx, \
                 bar(n_chunks, progress_desc, unit="chunk") as progress:

@@ -146,6 +146,16 @@ def moment_inputs(shape: Shape) -> dict[str, tuple[int, int]]:
             for t in shape.tensors if input_of(t.name) is not None and t.shape and len(t.shape) in (2, 3)}
 
 
+def moment_layer_bytes(shape: Shape) -> list[int]:
+    """Each block's second moments in float64, as the calibration pass holds them."""
+    out = [0] * shape.n_layers
+    for key, (n, matrices) in moment_inputs(shape).items():
+        layer = layer_of(key + ".weight")
+        if layer is not None and layer < shape.n_layers:
+            out[layer] += 8 * matrices * n * n
+    return out
+
+
 def moments_work(shape: Shape, tokens: float) -> list:
     """The calibration pass summing x^T x (float64) for every distinct input over `tokens` (an
     expert's over the tokens routed to it: all of them together, at most)."""

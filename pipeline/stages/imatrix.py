@@ -15,12 +15,13 @@ from pipeline.engine.backend import engine_versions
 from pipeline.errors import SqueezeError
 from pipeline.formats.imatrix_file import write_imatrix
 from pipeline.formats.layers_csv import write_layers_csv
-from pipeline.formats.moments_file import write_moments
-from pipeline.measure.calibration import calibration_tokens, collect, layer_rows, to_imatrix
+from pipeline.formats.moments_file import MomentsWriter
+from pipeline.measure.calibration import calibration_tokens, collect, layer_rows, moment_groups, to_imatrix
 from pipeline.run.layout import RunContext
 from pipeline.run.runner import Step
 from pipeline.sources.datasets import resolve_dataset
-from pipeline.stages.estimate import base_model, moment_inputs, moments_work
+from pipeline.cost.estimate import shape_from_info
+from pipeline.stages.estimate import base_model, moment_inputs, moment_layer_bytes, moments_work
 from pipeline.work import Forward, Hook, Load, Memory, Note, Resident, Write
 
 
@@ -79,10 +80,15 @@ def _work(run: RunContext, shape) -> list:
             Write(run.imatrix_path, est.imatrix_file_bytes(shape)), Write(run.layers_path, 40 + 32 * shape.n_layers),
             Note(f"{cal.chunks} x {cal.ctx} tokens through the base")]
     if wants_moments(run):
-        # float64 while collected, float32 on disk
-        n_bytes = moments_bytes(shape)
-        work += [*moments_work(shape, tokens), Write(run.moments_path, n_bytes), Memory(2 * n_bytes),
-                 Note("input second moments collected")]
+        # float64 while collected (a few blocks per pass where they do not fit at once), float32
+        # on disk; a later pass runs the blocks up to its last one and keeps nothing else
+        n_bytes, per_layer = moments_bytes(shape), moment_layer_bytes(shape)
+        groups = moment_groups(per_layer)
+        for layers in groups[1:]:
+            work += [Load(), Forward(tokens, base.flops_per_token * (layers[-1] + 1) / shape.n_layers, False)]
+        held = max(sum(per_layer[i] for i in layers) for layers in groups)
+        work += [*moments_work(shape, tokens), Write(run.moments_path, n_bytes), Memory(held + held // 2),
+                 Note(f"input second moments collected in {len(groups)} pass{'es' if len(groups) > 1 else ''}")]
     return work
 
 
@@ -105,12 +111,25 @@ def _calibrate(run: RunContext, files: list[Path], io) -> dict:
         print(f"imatrix: the calibration text has {available} chunks of {cal.ctx} tokens, "
               f"not calibration.chunks = {cal.chunks}; using {available}", file=sys.stderr)
     checkpoint = run.folder / "imatrix.checkpoint.npz"
-    moments = wants_moments(run)
+    groups = moment_groups(moment_layer_bytes(shape_from_info(run.model_info))) if wants_moments(run) else []
     totals, extra = collect(run.base_path, tokens, cal.ctx, n_chunks, threads=run.threads, checkpoint=checkpoint,
-                            n_gpu_layers=run.recipe.model.n_gpu_layers, second_moments=moments)
+                            n_gpu_layers=run.recipe.model.n_gpu_layers, second_moments=bool(groups),
+                            moment_layers=groups[0] if groups else None)
     write_imatrix(io.out(run.imatrix_path), to_imatrix(totals, cal.ctx, list(cal.datasets)))
-    if moments:
-        write_moments(io.out(run.moments_path), totals.moments, totals.moment_of)
     write_layers_csv(io.out(run.layers_path), layer_rows(totals))
-    checkpoint.unlink(missing_ok=True)
+    parts = [checkpoint]
+    if groups:
+        with MomentsWriter(io.out(run.moments_path)) as writer:
+            writer.add(totals.moments, totals.moment_of)
+            totals.moments.clear()
+            # the later passes: each resumes from its own checkpoint, as the first does
+            for k, layers in enumerate(groups[1:], start=2):
+                parts.append(run.folder / f"imatrix.checkpoint.moments-{k}.npz")
+                part, _ = collect(run.base_path, tokens, cal.ctx, n_chunks, threads=run.threads, checkpoint=parts[-1],
+                                  n_gpu_layers=run.recipe.model.n_gpu_layers, moment_layers=layers, moments_only=True,
+                                  progress_desc=f"moments {k}/{len(groups)}")
+                writer.add(part.moments, part.moment_of)
+        extra["moment_passes"] = len(groups)
+    for path in parts:
+        path.unlink(missing_ok=True)
     return extra
