@@ -50,7 +50,7 @@ reference: setup
 	$(SQUEEZE) toolchain --build
 
 test: setup reference
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # Every benchmark record in results/bench/, regenerated one benchmark at a time (hours: see
 # `python scripts/bench_all.py --list`); `make bench only=targets,allocate` for some of them.
